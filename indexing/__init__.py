@@ -1,0 +1,28 @@
+"""Corpus indexing: scan -> decode -> embed -> store into FAISS + SQLite, and search.
+
+Public API (see docs/indexing.md): ``index_corpus``, ``open_index``, ``IndexStore``, ``search``,
+``Hit``, ``verify``, ``export_parquet``, ``IndexConfig``, ``IndexSummary``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+_EXPORTS = {
+    "index_corpus": "indexing.pipeline", "IndexSummary": "indexing.pipeline",
+    "open_index": "indexing.store", "IndexStore": "indexing.store",
+    "search": "indexing.search", "Hit": "indexing.search",
+    "verify": "indexing.verify", "VerifyReport": "indexing.verify",
+    "export_parquet": "indexing.export", "IndexConfig": "indexing.config",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so `import indexing.errors` (done by app.cli on every command) stays cheap.
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'indexing' has no attribute {name!r}")
+
+
+__all__ = list(_EXPORTS)

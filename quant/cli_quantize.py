@@ -1,8 +1,206 @@
-"""Subcommands of this package (placeholder until its issue lands)."""
+"""``clipfp8 quantize``, ``clipfp8 audit`` and ``clipfp8 sensitivity``: thin wrappers over
+``quant.ptq.quantize``, ``quant.audit.audit`` and ``quant.sensitivity.sensitivity``.
+
+``--model`` also accepts a path to a JSON open_clip config (``{"embed_dim", "vision_cfg",
+"text_cfg"}`` or the shipped ``{"model_cfg": {...}}`` layout): a model with random weights,
+named after the file stem (used for tests and smoke runs).
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from quant.cli import add_model_args, model_spec_from_args
+from quant.config import ModelSpec
+from quant.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+#: Prompts for the audit batch when no calibration folder is given.
+AUDIT_PROMPTS = ["a photo of a cat.", "a photo of a dog.", "a red car on a street.", "a bowl of fruit."]
+
+
+def model_spec(args: argparse.Namespace) -> ModelSpec:
+    """``--model`` as an open_clip name, ``default``, or a path to a JSON config file."""
+    path = Path(args.model)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise ModelLoadError(f"model config file not found: {path}")
+        try:
+            cfg = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelLoadError(f"model config {path}: not valid JSON ({e})") from e
+        cfg = cfg.get("model_cfg", cfg) if isinstance(cfg, dict) else cfg
+        if not isinstance(cfg, dict):
+            raise ModelLoadError(f"model config {path}: expected a JSON object")
+        try:
+            return ModelSpec(name=path.stem, config=cfg)
+        except ValueError as e:
+            raise ModelLoadError(f"model config {path}: {e}") from e
+    return model_spec_from_args(args)
+
+
+def _device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary sibling and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _progress(it: Iterable[Any], total: int, desc: str) -> Iterable[Any]:
+    from tqdm import tqdm
+
+    return tqdm(it, total=total, desc=desc, unit="batch")
+
+
+def _exclude(patterns: list[str] | None) -> tuple[str, ...] | None:
+    if patterns is None:
+        return None
+    return () if patterns == ["none"] else tuple(patterns)
+
+
+def _calib_set(args: argparse.Namespace, loaded: Any, device: str) -> Any:
+    from quant.calib import CalibConfig, CalibrationSet
+
+    cfg = CalibConfig(args.calib, args.captions, args.num_samples, args.calib_batch_size, args.seed)
+    return CalibrationSet(cfg, loaded.preprocess, loaded.tokenizer, device)
+
+
+def _qcfg(exclude: list[str] | None) -> Any:
+    from quant.ptq import QuantConfig
+
+    ex = _exclude(exclude)
+    return QuantConfig() if ex is None else QuantConfig(exclude=ex)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Load, calibrate (progress bar), quantize, audit and save; print the audit table."""
+    from quant.checkpoint import save_quantized
+    from quant.models import load_model
+    from quant.ptq import quantize
+
+    qcfg = _qcfg(args.exclude)
+    device = _device(args.device)
+    loaded = load_model(model_spec(args))
+    calib = _calib_set(args, loaded, device)
+    loaded.model.to(device)
+    result = quantize(loaded, _progress(calib, len(calib), "calibrating"), qcfg)
+    if calib.skipped:
+        print(f"skipped {len(calib.skipped)} undecodable files (see log)")
+    loaded.model.cpu()
+    save_quantized(loaded, args.output, qcfg, result.report)
+    print(result.report.table())
+    print(f"quantizers enabled: {result.quantizers_enabled} of {result.quantizers_total}; attention modules "
+          f"converted: {result.attention_converted}; calibrated on {result.calib_samples} image-text pairs")
+    print(f"saved to {args.output}")
+    return 0
+
+
+def _audit_batch(args: argparse.Namespace, loaded: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if args.calib is not None:
+        from quant.calib import CalibConfig, CalibrationSet
+
+        images, tokens = next(iter(CalibrationSet(CalibConfig(args.calib, num_samples=8, batch_size=8),
+                                                  loaded.preprocess, loaded.tokenizer)))
+        return images, tokens
+    gen = torch.Generator().manual_seed(0)
+    h, w = loaded.image_size
+    return torch.randn(len(AUDIT_PROMPTS), 3, h, w, generator=gen), loaded.tokenizer(AUDIT_PROMPTS)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Audit a quantized directory; exit 2 (via AuditError) on a silent high-precision gap."""
+    from quant.audit import audit
+    from quant.checkpoint import load_quant_config, load_quantized
+
+    loaded, checksum = load_quantized(args.quantized)
+    qcfg = load_quant_config(args.quantized)
+    loaded.model.to(_device(args.device))
+    report = audit(loaded.model, _audit_batch(args, loaded), qcfg)
+    print(report.table())
+    print(f"checksum: {checksum}")
+    if args.json is not None:
+        write_text_atomic(args.json, report.to_json())
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    """Per-block sensitivity sweep on the calibration pairs; prints a table, optional JSON."""
+    from quant.models import load_model
+    from quant.sensitivity import sensitivity
+
+    device = _device(args.device)
+    loaded = load_model(model_spec(args))
+    calib = _calib_set(args, loaded, device)
+    loaded.model.to(device)
+    eval_batches, n = [], 0
+    for images, tokens in calib:
+        eval_batches.append((images, tokens))
+        n += images.shape[0]
+        if n >= args.eval_samples:
+            break
+    report = sensitivity(loaded, _progress(calib, len(calib), "calibrating"), eval_batches, _qcfg(args.exclude))
+    print(report.table())
+    if args.json is not None:
+        write_text_atomic(args.json, json.dumps(report.to_dict(), indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _add_calib_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--calib", type=Path, required=required, help="folder of calibration images")
+    p.add_argument("--captions", type=Path, default=None,
+                   help="captions file: JSON {file: [captions]} or CSV image,caption (default: prompts from names)")
+    p.add_argument("--num-samples", type=int, default=None, help="calibration pairs (default 8192 GPU / 256 CPU)")
+    p.add_argument("--calib-batch-size", type=int, default=None, help="default 512 GPU / 32 CPU")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--exclude", nargs="+", default=None, metavar="PATTERN",
+                   help="module-name patterns (fnmatch) kept in high precision; replaces the default "
+                        "'visual.conv1'; 'none' quantizes everything")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add this package's subcommands to the ``clipfp8`` parser."""
+    """Add ``quantize``, ``audit`` and ``sensitivity`` to the ``clipfp8`` parser."""
+    p = sub.add_parser("quantize", help="FP8 post-training quantization (ModelOpt) of both towers")
+    _add_calib_args(p)
+    p.add_argument("--output", type=Path, required=True, help="output directory (written atomically)")
+    add_model_args(p)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (calibration device)")
+    p.set_defaults(func=cmd_quantize)
+
+    a = sub.add_parser("audit", help="coverage audit of a quantized model: which GEMMs really run in FP8")
+    a.add_argument("--quantized", type=Path, required=True, help="directory written by `clipfp8 quantize`")
+    a.add_argument("--calib", type=Path, default=None, help="image folder for the audit batch (default: random)")
+    a.add_argument("--json", type=Path, default=None, help="also write the report as JSON")
+    a.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
+    a.set_defaults(func=cmd_audit)
+
+    s = sub.add_parser("sensitivity", help="per-block FP8 sensitivity sweep to choose exclusions")
+    _add_calib_args(s)
+    s.add_argument("--eval-samples", type=int, default=64, help="eval pairs taken from the calibration set")
+    s.add_argument("--json", type=Path, default=None, help="also write the sweep as JSON")
+    add_model_args(s)
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    s.set_defaults(func=cmd_sensitivity)
+
+
+__all__ = ["register", "cmd_quantize", "cmd_audit", "cmd_sensitivity", "model_spec", "write_text_atomic"]

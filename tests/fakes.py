@@ -49,8 +49,14 @@ class FakeEncoder(Encoder):
         rest = images.float().reshape(images.shape[0], -1) @ self._proj
         emb = torch.cat([mean, rest], dim=1)
         if self.noise:
-            g = torch.Generator().manual_seed(int(hashlib.sha256(self.precision.encode()).hexdigest()[:8], 16))
-            emb = emb + self.noise * torch.randn(emb.shape, generator=g)
+            # Seeded per image content (and precision), so an image's noise does not depend on
+            # which batch or position it arrives in.
+            rows = []
+            for img in images:
+                digest = hashlib.sha256(self.precision.encode() + img.float().numpy().tobytes()).hexdigest()
+                g = torch.Generator().manual_seed(int(digest[:8], 16))
+                rows.append(torch.randn(emb.shape[1], generator=g))
+            emb = emb + self.noise * torch.stack(rows)
         return _unit(emb.numpy())
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:

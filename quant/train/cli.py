@@ -1,8 +1,97 @@
-"""Subcommands of this package (placeholder until its issue lands)."""
+"""``clipfp8 train-prep | train | train-ship | train-eval``: thin wrappers over ``quant.train``.
+
+    clipfp8 train-prep --out-dir .carry/pack                 # shards -> compact pack (CPU, ~6 min)
+    clipfp8 train --pack-dir .carry/pack --out-dir run/      # GPU training (see docs/training.md)
+    clipfp8 train --pack-dir .carry/smoke --out-dir /tmp/s --smoke   # a few CPU steps
+    clipfp8 train-ship --run-dir run/                        # -> data/default_model/
+    clipfp8 train-eval --output eval.json                    # fp32 CPU metrics of the shipped model
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def prep(args: argparse.Namespace) -> int:
+    from quant.train.prep import PrepConfig, build_pack
+
+    cfg = PrepConfig(data_root=args.data_root, out_dir=args.out_dir, size=args.size,
+                     jpeg_quality=args.jpeg_quality, max_per_source=args.max_per_source,
+                     with_eval=not args.no_eval)
+    print(json.dumps(build_pack(cfg), indent=2))
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    from quant.train.train import TrainConfig, train as run
+
+    kw = dict(pack_dir=args.pack_dir, out_dir=args.out_dir, device=args.device, seed=args.seed,
+              batch_size=args.batch_size, lr=args.lr, time_budget_s=args.time_budget_s,
+              max_steps=args.max_steps, compile=not args.no_compile)
+    if args.smoke:  # a few tiny CPU steps through exactly the same code path
+        kw.update(device="cpu", batch_size=min(args.batch_size, 48), max_steps=6, compile=False)
+        kw.update(probe_steps=3, warmup_steps=2, log_every=2)
+    summary = run(TrainConfig(**kw), progress=lambda row: log.info("train %s", row))
+    print(json.dumps({k: summary[k] for k in ("timing", "final_loss", "eval_gpu_pack", "device")}, indent=2))
+    return 0
+
+
+def ship(args: argparse.Namespace) -> int:
+    from quant.train.ship import ship_run
+
+    print(json.dumps(ship_run(args.run_dir, args.dest), indent=2))
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from quant.models import load_model
+    from quant.train.evaluate import evaluate_loaded
+
+    res = evaluate_loaded(load_model(), args.eval_root, limit_per_class=args.limit_per_class)
+    text = json.dumps(res, indent=2)
+    if args.output:
+        tmp = args.output.with_suffix(".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(args.output)
+    print(text)
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this package's subcommands to the ``clipfp8`` parser."""
+    from quant.train.train import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser("train-prep", help="build the compact training pack from the shards")
+    p.add_argument("--data-root", type=Path, default=Path("../shared/data"))
+    p.add_argument("--out-dir", type=Path, default=Path(".carry/pack"))
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--max-per-source", type=int, default=None, help="keep only N samples per source (smoke)")
+    p.add_argument("--no-eval", action="store_true", help="skip the compact eval copy")
+    p.set_defaults(func=prep)
+    p = sub.add_parser("train", help="train the default model from a pack (GPU)")
+    p.add_argument("--pack-dir", type=Path, default=d.pack_dir)
+    p.add_argument("--out-dir", type=Path, default=d.out_dir)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--time-budget-s", type=float, default=d.time_budget_s)
+    p.add_argument("--max-steps", type=int, default=d.max_steps)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="6 tiny steps on the CPU")
+    p.set_defaults(func=train)
+    p = sub.add_parser("train-ship", help="install a training run as data/default_model")
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--dest", type=Path, default=None)
+    p.set_defaults(func=ship)
+    p = sub.add_parser("train-eval", help="fp32 zero-shot/retrieval metrics of the shipped model")
+    p.add_argument("--eval-root", type=Path, default=Path("../shared/data/eval"))
+    p.add_argument("--limit-per-class", type=int, default=None)
+    p.add_argument("--output", type=Path, default=None)
+    p.set_defaults(func=evaluate)

@@ -1,0 +1,158 @@
+"""``clipfp8 demo``: quantize the embedded default model, index the bundled samples, serve.
+
+Each step is a function so tests can run it with a tiny model or injected encoders:
+:func:`quantize_step` (cached under the work dir, keyed by the weights checksum),
+:func:`demo_encoders`, :func:`index_step` and :func:`prepare_demo` which chains them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+
+from quant.config import EncoderSpec, ModelSpec
+from quant.encoder import Encoder
+
+log = logging.getLogger(__name__)
+
+SAMPLES_DIR = Path(__file__).resolve().parent.parent / "data" / "samples"
+DEFAULT_WORK_DIR = Path.home() / ".cache" / "clipfp8" / "demo"
+STAMP_FILE = "demo_source.json"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Where the demo works and what it runs. ``calib_samples`` image-caption pairs calibrate FP8."""
+
+    work_dir: Path = DEFAULT_WORK_DIR
+    corpus: Path = SAMPLES_DIR
+    model: ModelSpec = field(default_factory=ModelSpec)
+    device: str = "auto"
+    calib_samples: int = 128
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "work_dir", Path(self.work_dir).expanduser())
+        object.__setattr__(self, "corpus", Path(self.corpus))
+        if self.calib_samples < 1:
+            raise ValueError(f"DemoConfig.calib_samples must be >= 1, got {self.calib_samples}")
+        if self.batch_size < 1:
+            raise ValueError(f"DemoConfig.batch_size must be >= 1, got {self.batch_size}")
+        if not self.corpus.is_dir():
+            raise NotADirectoryError(f"demo corpus {self.corpus} is not a directory")
+
+    @property
+    def quantized_dir(self) -> Path:
+        return self.work_dir / "quantized"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.work_dir / "index"
+
+
+def calib_pairs(corpus: Path, n: int) -> list[tuple[Path, str]]:
+    """Up to n (image, caption) pairs from ``corpus/captions.json`` (or folder names), sorted."""
+    cap_file = corpus / "captions.json"
+    if cap_file.is_file():
+        caps = json.loads(cap_file.read_text(encoding="utf-8"))
+        pairs = [(corpus / f, cs[0]) for f, cs in sorted(caps.items()) if cs and (corpus / f).is_file()]
+    else:
+        pairs = [(p, p.parent.name.replace("_", " ")) for p in sorted(corpus.rglob("*.jpg"))]
+    if not pairs:
+        raise FileNotFoundError(f"no calibration images with captions in {corpus}")
+    step = max(1, len(pairs) // n)  # spread over categories rather than taking the first folder
+    return pairs[::step][:n]
+
+
+def calib_batches(loaded: Any, corpus: Path, n: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(images float32 (B, 3, H, W), tokens int64 (B, L)) batches for ``quant.ptq.quantize``."""
+    pairs = calib_pairs(corpus, n)
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        images = []
+        for path, _ in chunk:
+            with Image.open(path) as im:
+                images.append(loaded.preprocess(im.convert("RGB")))
+        out.append((torch.stack(images), loaded.tokenizer([c for _, c in chunk])))
+    return out
+
+
+def _stamp(loaded: Any, cfg: DemoConfig) -> dict[str, Any]:
+    return {"model_id": loaded.spec.model_id(), "weights": loaded.weights_checksum(),
+            "calib_samples": cfg.calib_samples, "corpus": str(cfg.corpus.resolve())}
+
+
+def quantize_step(cfg: DemoConfig) -> Path:
+    """Quantize ``cfg.model`` to FP8 on the corpus and save it to ``cfg.quantized_dir``.
+
+    Cached: a stamp records the weights checksum and calibration settings; a matching stamp
+    skips the work. The directory is written to a temp sibling and renamed into place.
+    """
+    from quant.checkpoint import save_quantized
+    from quant.models import load_model
+    from quant.ptq import QuantConfig, quantize
+
+    loaded = load_model(cfg.model)
+    stamp = _stamp(loaded, cfg)
+    stamp_file = cfg.quantized_dir / STAMP_FILE
+    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
+        log.info("using the cached FP8 model in %s", cfg.quantized_dir)
+        return cfg.quantized_dir
+    cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    qcfg = QuantConfig()
+    log.info("quantizing %s to FP8 on %d samples from %s", stamp["model_id"], cfg.calib_samples, cfg.corpus)
+    quantize(loaded, calib_batches(loaded, cfg.corpus, cfg.calib_samples, cfg.batch_size), qcfg)
+    tmp = Path(tempfile.mkdtemp(prefix=".quantized-", dir=cfg.work_dir))
+    try:
+        save_quantized(loaded, tmp, qcfg)
+        (tmp / STAMP_FILE).write_text(json.dumps(stamp, indent=1))
+        if cfg.quantized_dir.exists():
+            shutil.rmtree(cfg.quantized_dir)
+        os.replace(tmp, cfg.quantized_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cfg.quantized_dir
+
+
+def demo_encoders(cfg: DemoConfig, quantized: Path,
+                  factory: Callable[[EncoderSpec], Encoder] | None = None) -> dict[str, Encoder]:
+    """{"FP16": fp16 encoder, "FP8": fp8 (capable GPU) or fp8-fake (CPU) encoder}."""
+    from app.backend import cuda_fp8_capable
+
+    if factory is None:
+        from quant.encoder import create_encoder as factory  # type: ignore[no-redef]
+    device = EncoderSpec(device=cfg.device).resolved_device()
+    fp8 = "fp8" if device != "cpu" and cuda_fp8_capable() else "fp8-fake"
+    return {"FP16": factory(EncoderSpec(model=cfg.model, precision="fp16", device=device,
+                                        batch_size=cfg.batch_size)),
+            "FP8": factory(EncoderSpec(model=cfg.model, precision=fp8, device=device,  # type: ignore[arg-type]
+                                       quantized=quantized, batch_size=cfg.batch_size))}
+
+
+def index_step(cfg: DemoConfig, encoders: dict[str, Encoder],
+               progress: Callable[[int, int], None] | None = None) -> Path:
+    """Index (incrementally) ``cfg.corpus`` into ``cfg.index_dir`` with every encoder."""
+    from indexing import index_corpus
+
+    summary = index_corpus(cfg.corpus, cfg.index_dir, list(encoders.values()),
+                           batch_size=cfg.batch_size, workers=2, progress=progress)
+    log.info("demo index: %d indexed, %d unchanged, %d skipped", summary.indexed, summary.unchanged,
+             sum(summary.skipped.values()))
+    return cfg.index_dir
+
+
+def prepare_demo(cfg: DemoConfig, encoders: dict[str, Encoder] | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> tuple[Path, dict[str, Encoder]]:
+    """Steps (a) and (b): quantize (unless ``encoders`` are injected) and index. -> (index dir, encoders)."""
+    if encoders is None:
+        encoders = demo_encoders(cfg, quantize_step(cfg))
+    return index_step(cfg, encoders, progress), encoders

@@ -1,0 +1,16 @@
+"""GPU benchmark of the FP8 runtime (issue 6): FP16 eager / FP16 compiled / FP8 / FP8-exact,
+both towers of an open_clip architecture with random weights, plus text-query + exact-search
+latency and end-to-end JPEG indexing throughput. Prints the Markdown tables; writes JSON + PNG.
+
+    python benchmarks/bench_gpu_runtime.py OUT_DIR [--quick]
+
+(the same as ``python -m quant.runtime.gpu_bench_script``; ``clipfp8 bench`` exposes every knob).
+"""
+from __future__ import annotations
+
+import sys
+
+from quant.runtime.gpu_bench_script import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,31 @@
+"""``python -m indexing CMD ...``: the indexing subcommands alone (no app import), with the same
+error handling as ``clipfp8``. Used by the kill-and-resume tests."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from indexing import cli
+from indexing.errors import IndexingError
+from quant.errors import QuantError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m indexing")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cli.register(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (IndexingError, QuantError, ValueError) as e:
+        print(f"clipfp8 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Indexing configuration as a self-validating dataclass."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_EXTENSIONS: tuple[str, ...] = (
+    ".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif",
+)
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How to index a corpus.
+
+    ``batch_size``: images per ``encode_images`` call. ``workers``: decode threads.
+    ``lookahead``: decoded images allowed in flight ahead of the embedder (bounds memory).
+    ``commit_every``: images processed between commit points (each rewrites the FAISS files).
+    ``commit_fraction``: a commit point also waits until the changes reach this fraction of the
+    index size, so rewriting whole FAISS files costs O(N) over a large run, not O(N^2).
+    ``max_pixels``: larger images are recorded as ``oversized`` (decompression-bomb guard).
+    ``factory``: FAISS factory string ("Flat", "IVF256,Flat", "HNSW32", ...), inner product.
+    ``jpeg_draft``: decode JPEGs at a reduced DCT scale no smaller than the encoders' input
+    (fast for large photos; pixels differ slightly from a full decode, so off by default).
+    ``train_min``: vectors needed before a trainable factory is trained; below it the index
+    stays exact (Flat).
+    """
+
+    batch_size: int = 64
+    workers: int = 4
+    lookahead: int = 0  # 0 -> 4 * batch_size
+    commit_every: int = 1024
+    commit_fraction: float = 0.1
+    max_pixels: int = 64_000_000
+    extensions: tuple[str, ...] = field(default=DEFAULT_EXTENSIONS)
+    factory: str = "Flat"
+    train_min: int = 0  # 0 -> 39 * nlist for IVF, 1 otherwise
+    follow_symlinks: bool = True
+    jpeg_draft: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "workers", "commit_every", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"IndexConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.commit_fraction <= 1.0:
+            raise ValueError(f"IndexConfig.commit_fraction must be in [0, 1], got {self.commit_fraction}")
+        if self.lookahead < 0 or self.train_min < 0:
+            raise ValueError("IndexConfig.lookahead and train_min must be >= 0")
+        exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in self.extensions)
+        if not exts:
+            raise ValueError("IndexConfig.extensions must not be empty")
+        object.__setattr__(self, "extensions", exts)
+        if not self.factory.strip():
+            raise ValueError("IndexConfig.factory must not be empty")
+
+    @property
+    def effective_lookahead(self) -> int:
+        return self.lookahead or 4 * self.batch_size

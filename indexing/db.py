@@ -1,0 +1,121 @@
+"""The metadata database (SQLite, written with sqlite-utils): schema, migrations, queries.
+
+Tables:
+  ``meta``       key/value: ``schema_version``, ``generation`` (bumped by every commit; the FAISS
+                 files of that generation are the ones consistent with the rows), ``corpus_root``.
+  ``images``     one row per file seen: ``id`` (the FAISS id), ``path`` (display text),
+                 ``path_raw`` (relative path as bytes, unique), ``size``, ``mtime_ns``, ``sha256``,
+                 ``width``, ``height``, ``status`` (``ok``/``error``), ``error`` (reason).
+  ``encoders``   one row per encoder: identity (``name``, ``precision``, ``model_id``, ``checksum``,
+                 ``dim``) plus ``factory`` and the actual ``index_type``.
+  ``embeddings`` (image_id, encoder_id): which images have a vector in which encoder's index.
+"""
+from __future__ import annotations
+
+import logging
+import sqlite3
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import sqlite_utils
+
+from indexing.errors import IndexCorruptError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
+DB_NAME = "metadata.sqlite"
+
+
+def _v1(db: sqlite_utils.Database) -> None:
+    db["meta"].create({"key": str, "value": str}, pk="key")
+    db["images"].create({"id": int, "path": str, "path_raw": bytes, "size": int, "mtime_ns": int,
+                         "sha256": str, "width": int, "height": int, "status": str, "error": str},
+                        pk="id")
+    db["images"].create_index(["path_raw"], unique=True)
+    db["encoders"].create({"id": int, "name": str, "precision": str, "model_id": str,
+                           "checksum": str, "dim": int, "factory": str, "index_type": str}, pk="id")
+    db["encoders"].create_index(["name"], unique=True)
+    db["embeddings"].create({"image_id": int, "encoder_id": int}, pk=("image_id", "encoder_id"))
+
+
+def _v2(db: sqlite_utils.Database) -> None:
+    # v2: content-hash lookups (move detection), an indexing timestamp, and per-encoder
+    # generations so a commit rewrites only the FAISS files it changed.
+    db["images"].create_index(["sha256"], if_not_exists=True)
+    db["images"].add_column("indexed_at", float)
+    db["encoders"].add_column("generation", int)
+
+
+#: MIGRATIONS[v] upgrades a database at version v-1 to version v (v1 creates the schema).
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _v1, 2: _v2}
+
+
+def connect(path: Path, create: bool = False) -> sqlite_utils.Database:
+    """Open (and migrate) the database at ``path``. Durable settings: WAL + synchronous=FULL,
+    because the old FAISS generation is deleted right after a commit and must not outlive it."""
+    conn = sqlite3.connect(str(path), timeout=30.0, check_same_thread=False)
+    db = sqlite_utils.Database(conn)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    migrate(db, create=create)
+    return db
+
+
+def schema_version(db: sqlite_utils.Database) -> int:
+    if not db["meta"].exists():
+        return 0
+    rows = list(db.query("SELECT value FROM meta WHERE key='schema_version'"))
+    return int(rows[0]["value"]) if rows else 0
+
+
+def migrate(db: sqlite_utils.Database, create: bool = False, target: int = SCHEMA_VERSION) -> int:
+    """Apply the missing migrations, each in its own transaction; returns the final version."""
+    version = schema_version(db)
+    if version > SCHEMA_VERSION:
+        raise IndexCorruptError(f"index schema version {version} is newer than this code ({SCHEMA_VERSION})")
+    if version == 0 and not create:
+        raise IndexCorruptError("the database has no schema (not an index database)")
+    for v in range(version + 1, target + 1):
+        with db.atomic():
+            MIGRATIONS[v](db)
+            db["meta"].upsert({"key": "schema_version", "value": str(v)}, pk="key")
+        log.debug("migrated index database to schema version %d", v)
+    return max(version, target)
+
+
+def get_meta(db: sqlite_utils.Database, key: str, default: str | None = None) -> str | None:
+    rows = list(db.query("SELECT value FROM meta WHERE key=?", [key]))
+    return rows[0]["value"] if rows else default
+
+
+def set_meta(db: sqlite_utils.Database, key: str, value: Any) -> None:
+    db["meta"].upsert({"key": key, "value": str(value)}, pk="key")
+
+
+def generation(db: sqlite_utils.Database) -> int:
+    return int(get_meta(db, "generation", "0") or 0)
+
+
+def encoder_rows(db: sqlite_utils.Database) -> dict[str, dict[str, Any]]:
+    return {r["name"]: r for r in db.query("SELECT * FROM encoders ORDER BY id")}
+
+
+def image_rows(db: sqlite_utils.Database) -> dict[bytes, dict[str, Any]]:
+    """path_raw -> row, for every image."""
+    return {bytes(r["path_raw"]): r for r in db.query("SELECT * FROM images")}
+
+
+def embedded_ids(db: sqlite_utils.Database, encoder_id: int) -> set[int]:
+    return {r["image_id"] for r in db.query(
+        "SELECT image_id FROM embeddings WHERE encoder_id=?", [encoder_id])}
+
+
+def paths_for_ids(db: sqlite_utils.Database, ids: Iterable[int]) -> dict[int, bytes]:
+    ids = [int(i) for i in ids]
+    out: dict[int, bytes] = {}
+    for i in range(0, len(ids), 500):  # stay under SQLite's bound-parameter limit
+        chunk = ids[i:i + 500]
+        q = f"SELECT id, path_raw FROM images WHERE id IN ({','.join('?' * len(chunk))})"
+        out.update({r["id"]: bytes(r["path_raw"]) for r in db.query(q, chunk)})
+    return out

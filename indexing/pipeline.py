@@ -1,0 +1,286 @@
+"""The indexing run: scan -> plan -> decode (threads) -> embed (all encoders) -> store, with a
+commit point every ``commit_every`` files and per-stage timings.
+
+A run killed at any moment restarts from the last commit point: the database and the FAISS
+files always describe the same committed set (see ``indexing.store``), rows get ids in sorted
+path order, and deletions happen in the final commit, so a resumed run ends exactly where a
+clean run would.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from indexing import _testhooks, db as dbm
+from indexing.config import IndexConfig
+from indexing.decode import DecodeTask, Decoded, Decoder, ImageDecoder, error_reason, imap_bounded
+from indexing.embed import embed_batch
+from indexing.plan import Plan, Task, make_plan
+from indexing.scan import FileEntry, check_corpus, scan_corpus
+from indexing.store import IndexStore, open_for_write
+from indexing.vectors import VectorIndex
+from quant.encoder import Encoder
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class IndexSummary:
+    """What a run did. ``skipped``: bad files found this run by reason; ``errors``: (path, reason).
+    ``stage_seconds``: wall time of scan, plan, embed (and ``embed:<encoder>``), store and
+    decode_wait (the embedder waiting for decoders); summed worker time of decode (and
+    ``decode:read|hash|decode|preprocess``)."""
+
+    indexed: int = 0
+    unchanged: int = 0
+    updated: int = 0
+    moved: int = 0
+    removed: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    total_seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.indexed / self.total_seconds if self.total_seconds > 0 else 0.0
+
+    def format(self) -> str:
+        lines = [f"indexed {self.indexed}, unchanged {self.unchanged}, updated {self.updated}, "
+                 f"moved {self.moved}, removed {self.removed}, skipped {sum(self.skipped.values())}"
+                 f" in {self.total_seconds:.1f}s ({self.images_per_second:.1f} images/s)"]
+        lines += [f"  skipped {n:5d}  {reason}" for reason, n in sorted(self.skipped.items())]
+        lines += [f"  stage {k:<24} {v:8.2f}s" for k, v in self.stage_seconds.items()]
+        return "\n".join(lines)
+
+
+@dataclass
+class _Op:
+    """One image row change; ``id`` None inserts. ``vectors``: encoder name -> (D,) float32."""
+
+    id: int | None
+    row: dict[str, Any]
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    drop_vectors: bool = False
+
+
+def _row(entry: FileEntry, d: Decoded | None = None, error: str | None = None) -> dict[str, Any]:
+    return {"path": entry.rel.decode("utf-8", "backslashreplace"), "path_raw": entry.rel,
+            "size": entry.size, "mtime_ns": entry.mtime_ns,
+            "sha256": d.sha256 if d else None, "width": d.width if d else None,
+            "height": d.height if d else None, "status": "error" if error else "ok",
+            "error": error, "indexed_at": time.time()}
+
+
+def index_corpus(corpus: str | Path, index_dir: str | Path, encoders: Sequence[Encoder],
+                 batch_size: int = 64, workers: int = 4, factory: str = "Flat",
+                 config: IndexConfig | None = None, progress: Progress | None = None,
+                 decoder: Decoder | None = None) -> IndexSummary:
+    """Index (incrementally) every image under ``corpus`` into ``index_dir`` with all
+    ``encoders`` in one pass over the decoded images. ``config``, when given, overrides
+    ``batch_size``/``workers``/``factory``. ``progress(done, total)`` follows the files read.
+    ``decoder`` replaces the Pillow ``ImageDecoder`` (e.g. a future GPU JPEG decoder); it must
+    fill ``Decoded.tensors`` for every encoder name."""
+    root = check_corpus(corpus)
+    cfg = config or IndexConfig(batch_size=batch_size, workers=workers, factory=factory)
+    if not encoders:
+        raise ValueError("index_corpus: give at least one encoder")
+    names = [e.name for e in encoders]
+    if len(set(names)) != len(names):
+        raise ValueError(f"index_corpus: encoder names must be unique, got {names}")
+    for enc in encoders:  # fail on a bad factory string before any work
+        VectorIndex.new(enc.dim, cfg.factory)
+    with open_for_write(index_dir, root) as store:
+        for enc in encoders:
+            store.register_encoder(enc.identity(), cfg.factory)
+        side = max(max(e.image_size) for e in encoders)
+        decoder = decoder or ImageDecoder({e.name: e.preprocess for e in encoders}, cfg.max_pixels,
+                                          (side, side) if cfg.jpeg_draft else None)
+        return _Run(store, list(encoders), cfg, root, progress, decoder).run()
+
+
+class _Run:
+    def __init__(self, store: IndexStore, encoders: list[Encoder], cfg: IndexConfig, root: Path,
+                 progress: Progress | None, decoder: Decoder) -> None:
+        self.store, self.encoders, self.cfg, self.root = store, encoders, cfg, root
+        self.decoder = decoder
+        self.progress = progress
+        self.summary = IndexSummary()
+        self.seconds: Counter[str] = Counter()
+        self.ops: list[_Op] = []
+        # Handled files in task order; an entry without an op still needs embedding. Ops are
+        # emitted in this order so row ids follow the sorted paths (a resumed run matches).
+        self.pending: list[tuple[Task, Decoded, _Op | None]] = []
+        self.to_embed = 0
+        self.plan = Plan()
+        self.enc_ids = {n: r["id"] for n, r in dbm.encoder_rows(store.db).items()}
+        self.commit_at = self._commit_threshold()
+
+    def _commit_threshold(self) -> int:
+        ntotal = max(self.store.vectors(e.name).ntotal for e in self.encoders)
+        return max(self.cfg.commit_every, int(self.cfg.commit_fraction * ntotal))
+
+    @contextlib.contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - t0
+
+    def run(self) -> IndexSummary:
+        t0 = time.perf_counter()
+        with self.timed("scan"):
+            scan = scan_corpus(self.root, self.cfg.extensions, exclude=self.store.index_dir,
+                               follow_symlinks=self.cfg.follow_symlinks)
+        with self.timed("plan"):
+            embedded = {e.name: dbm.embedded_ids(self.store.db, self.enc_ids[e.name]) for e in self.encoders}
+            self.plan = make_plan(scan, dbm.image_rows(self.store.db), embedded)
+        self.summary.unchanged = self.plan.unchanged
+        for rel, reason, row in self.plan.scan_errors:
+            self.ops.append(self._error(FileEntry(rel, 0, 0), row, reason))
+        self._process(self.plan.tasks)
+        self._commit(final=True)
+        s = self.summary
+        s.stage_seconds = dict(self.seconds)
+        s.total_seconds = time.perf_counter() - t0
+        return s
+
+    def _abs(self, entry: FileEntry) -> Path:
+        return Path(os.fsdecode(os.path.join(os.fsencode(str(self.root)), entry.rel)))
+
+    def _process(self, tasks: list[Task]) -> None:
+        jobs = (DecodeTask(t.entry, self._abs(t.entry), t.skip_hashes) for t in tasks)
+        results = imap_bounded(self.decoder, jobs, self.cfg.workers, self.cfg.effective_lookahead)
+        done = 0
+        while True:
+            with self.timed("decode_wait"):
+                d = next(results, None)
+            if d is None:
+                break
+            task = tasks[done]
+            done += 1
+            self.seconds["decode"] += d.seconds
+            for part, sec in d.parts.items():
+                self.seconds[f"decode:{part}"] += sec
+            self._handle(task, d)
+            if self.to_embed >= self.cfg.batch_size or len(self.pending) >= self.cfg.commit_every:
+                self._embed()
+            if len(self.ops) >= self.commit_at:
+                self._commit(final=False)
+            if self.progress is not None:
+                self.progress(done, len(tasks))
+        self._embed()
+
+    def _handle(self, task: Task, d: Decoded) -> None:
+        if d.error is None and d.sha256 in task.skip_hashes:
+            if task.row is not None:  # touched but identical content: metadata only
+                self._queue(task, d, _Op(task.row["id"], {"size": d.entry.size, "mtime_ns": d.entry.mtime_ns}))
+                self.summary.updated += 1
+                return
+            src = self.plan.vanished.pop(d.sha256, None)
+            if src is not None:  # a renamed/moved file: keep its id and vectors
+                self._queue(task, d, _Op(src["id"], {k: v for k, v in _row(d.entry, d).items()
+                                                     if k not in ("width", "height")}))
+                self.summary.moved += 1
+                return
+            d = self.decoder(DecodeTask(d.entry, self._abs(d.entry)))  # source already claimed
+        if d.error is not None:
+            self._queue(task, d, self._error(d.entry, task.row, d.error))
+            return
+        self._queue(task, d, None)
+
+    def _queue(self, task: Task, d: Decoded, op: _Op | None) -> None:
+        self.pending.append((task, d, op))
+        self.to_embed += op is None
+
+    def _error(self, entry: FileEntry, row: dict[str, Any] | None, error: str) -> _Op:
+        had_vectors = row is not None and row["status"] == "ok"
+        reason = error_reason(error)
+        self.summary.skipped[reason] = self.summary.skipped.get(reason, 0) + 1
+        self.summary.errors.append((entry.rel_str, error))
+        log.debug("skipped %s: %s", entry.rel_str, error)
+        return _Op(row["id"] if row else None, _row(entry, error=error), drop_vectors=had_vectors)
+
+    def _embed(self) -> None:
+        """Embed the queued files that need it (one batch per encoder), then emit every queued
+        op in file order."""
+        batch, self.pending, self.to_embed = self.pending, [], 0
+        todo = [(t, d) for t, d, op in batch if op is None]
+        if todo:
+            with self.timed("embed"):
+                res = embed_batch(self.encoders, [d.tensors for _, d in todo], [t.needs for t, _ in todo])
+            for name, sec in res.seconds.items():
+                self.seconds[f"embed:{name}"] += sec
+            made = iter(_Op(t.row["id"] if t.row else None, _row(d.entry, d), v)
+                        for (t, d), v in zip(todo, res.vectors))
+            self.summary.indexed += len(todo)
+        for _, d, op in batch:
+            self.ops.append(op if op is not None else next(made))
+            d.tensors = {}  # free memory before the commit
+        _testhooks.checkpoint("pipeline:batch_embedded")
+
+    def _commit(self, final: bool) -> None:
+        ops, self.ops = self.ops, []
+        doomed = [r["id"] for r in (*self.plan.vanished.values(), *self.plan.vanished_other)] if final else []
+        vecs = {e.name: self.store.vectors(e.name) for e in self.encoders}
+        train = final and any(v.training_due(self.cfg.train_min) for v in vecs.values())
+        if ops or doomed or train:
+            with self.timed("store"):
+                self.store.commit(vecs, lambda db: self._apply(db, ops, doomed, vecs, final))
+        self.summary.removed += len(doomed)
+        self.commit_at = self._commit_threshold()
+
+    def _apply(self, db: Any, ops: list[_Op], doomed: list[int], vecs: dict[str, VectorIndex],
+               final: bool) -> set[str]:
+        """Inside the commit transaction: rows first (inserts get their ids), then the same
+        changes to the in-memory vectors. Returns the encoder names whose vectors changed."""
+        removals: dict[str, list[int]] = {n: list(doomed) for n in vecs}
+        additions: dict[str, list[tuple[int, np.ndarray]]] = {n: [] for n in vecs}
+        next_id = 1 + next(iter(db.query("SELECT COALESCE(MAX(id), 0) m FROM images")))["m"]
+        inserts, booked = [], []
+        for op in ops:
+            if op.id is None:  # explicit ids = SQLite's own choice (max + 1), inserted in bulk
+                op.id, next_id = next_id, next_id + 1
+                inserts.append(dict(op.row, id=op.id))
+            else:
+                db["images"].update(op.id, op.row)
+            for name in vecs if op.drop_vectors else op.vectors:
+                removals[name].append(op.id)
+            for name, v in op.vectors.items():
+                additions[name].append((op.id, v))
+                booked.append({"image_id": op.id, "encoder_id": self.enc_ids[name]})
+            if op.drop_vectors:
+                db.execute("DELETE FROM embeddings WHERE image_id=?", [op.id])
+        db["images"].insert_all(inserts)
+        db["embeddings"].insert_all(booked, ignore=True)
+        _delete_rows(db, doomed)
+        changed: set[str] = set()
+        for name, vec in vecs.items():
+            if removals[name] and vec.remove(np.array(removals[name], np.int64)):
+                changed.add(name)
+            if additions[name]:
+                vec.add(np.array([i for i, _ in additions[name]], np.int64),
+                        np.stack([v for _, v in additions[name]]))
+                changed.add(name)
+            if final and vec.maybe_train(self.cfg.train_min):
+                changed.add(name)
+        return changed
+
+
+def _delete_rows(db: Any, ids: list[int]) -> None:
+    for i in range(0, len(ids), 500):
+        chunk = ids[i:i + 500]
+        marks = ",".join("?" * len(chunk))
+        db.execute(f"DELETE FROM embeddings WHERE image_id IN ({marks})", chunk)
+        db.execute(f"DELETE FROM images WHERE id IN ({marks})", chunk)

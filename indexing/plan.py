@@ -1,0 +1,77 @@
+"""Incremental planning: compare a corpus scan with the database and decide what to do.
+
+* same path, same size and mtime          -> unchanged (embedded only for encoders that lack it)
+* same path, size or mtime differ         -> re-hashed; same hash: metadata update, else re-embed
+* new path whose hash equals a vanished row -> a move (the row keeps its id and vectors)
+* new path otherwise                      -> embed
+* vanished rows not claimed by a move     -> removed, in the run's final commit (moves are only
+  known once every new file was hashed)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from indexing.scan import FileEntry, ScanResult
+
+
+@dataclass
+class Task:
+    """A file to read. ``row`` is its current database row (None when new); ``needs`` the
+    encoder names to embed it with when its content is (re-)embedded."""
+
+    entry: FileEntry
+    row: dict[str, Any] | None
+    needs: set[str]
+    skip_hashes: frozenset[str] = frozenset()
+
+
+@dataclass
+class Plan:
+    tasks: list[Task] = field(default_factory=list)
+    unchanged: int = 0
+    vanished: dict[str, dict[str, Any]] = field(default_factory=dict)  # sha256 -> row (move sources)
+    vanished_other: list[dict[str, Any]] = field(default_factory=list)  # error rows, incomplete rows
+    scan_errors: list[tuple[bytes, str, dict[str, Any] | None]] = field(default_factory=list)
+
+
+def make_plan(scan: ScanResult, rows: dict[bytes, dict[str, Any]], embedded: dict[str, set[int]]) -> Plan:
+    """``rows``: path_raw -> image row; ``embedded``: encoder name -> ids having its vector."""
+    plan = Plan()
+    all_names = set(embedded)
+    seen: set[bytes] = set()
+    for f in scan.files:
+        seen.add(f.rel)
+        row = rows.get(f.rel)
+        if row is None:
+            plan.tasks.append(Task(f, None, set(all_names)))
+            continue
+        missing = {n for n, ids in embedded.items() if row["id"] not in ids}
+        if row["size"] == f.size and row["mtime_ns"] == f.mtime_ns:
+            if row["status"] == "error" or not missing:
+                plan.unchanged += 1
+            else:
+                plan.tasks.append(Task(f, row, missing))
+        else:  # maybe changed: the hash decides; an unchanged hash needs no decode
+            same = frozenset([row["sha256"]]) if row["status"] == "ok" and not missing and row["sha256"] else frozenset()
+            plan.tasks.append(Task(f, row, set(all_names), same))
+    for rel, reason in scan.errors:
+        seen.add(rel)
+        row = rows.get(rel)
+        if row is None or row["status"] != "error" or row["error"] != reason:
+            plan.scan_errors.append((rel, reason, row))
+        else:
+            plan.unchanged += 1
+    for rel, row in rows.items():
+        if rel in seen:
+            continue
+        complete = all(row["id"] in ids for ids in embedded.values())
+        if row["status"] == "ok" and complete and row["sha256"] and row["sha256"] not in plan.vanished:
+            plan.vanished[row["sha256"]] = row
+        else:
+            plan.vanished_other.append(row)
+    moves = frozenset(plan.vanished)
+    for t in plan.tasks:
+        if t.row is None:
+            t.skip_hashes = moves
+    return plan

@@ -1,0 +1,112 @@
+"""Search: a text or image query -> top-k (path, score) from one encoder's index.
+
+Backends, same results: FAISS on the CPU; FAISS on the GPU(s) when faiss-gpu is installed
+(``faiss.get_num_gpus() > 0``); otherwise, when CUDA is present and the index is exact, a
+matrix product on the GPU with torch. Scores are inner products of unit vectors (cosine).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+from PIL import Image
+
+from indexing.decode import open_image
+from indexing.errors import DecodeError, QueryError
+from indexing.store import IndexStore
+from indexing.vectors import VectorIndex
+from quant.encoder import Encoder
+
+log = logging.getLogger(__name__)
+
+RERANK_FACTOR = 10
+QUERY_MAX_PIXELS = 64_000_000
+
+
+@dataclass(frozen=True)
+class Hit:
+    """``path`` is relative to the corpus root (``store.resolve(path)`` gives the file)."""
+
+    id: int
+    path: str
+    score: float
+
+
+def embed_query(encoder: Encoder, query: str | Image.Image | Path) -> np.ndarray:
+    """A text, PIL image or image file -> float32 (1, D) unit vector. Images get the same
+    normalisation as indexed files (first frame, EXIF orientation, alpha on white)."""
+    if isinstance(query, str):
+        if not query.strip():
+            raise QueryError("the text query is empty")
+        return encoder.encode_texts([query])
+    if isinstance(query, Path):
+        try:
+            query = open_image(query.read_bytes(), QUERY_MAX_PIXELS)
+        except (OSError, DecodeError) as e:
+            raise QueryError(f"cannot read query image {query}: {e}") from e
+    if isinstance(query, Image.Image):
+        from indexing.decode import to_rgb
+
+        return encoder.encode_pil([to_rgb(query)])
+    raise QueryError(f"query must be a str, PIL.Image.Image or Path, got {type(query).__name__}")
+
+
+def search(store: IndexStore, encoder: Encoder, query: str | Image.Image | Path, k: int = 10,
+           threshold: float | None = None, rerank: bool = False) -> list[Hit]:
+    """Top-``k`` hits for ``query`` in ``encoder.name``'s index, best first; only those scoring
+    >= ``threshold`` when given. ``rerank``: fetch ``10 * k`` candidates from an approximate
+    index and re-score them exactly from the stored vectors. Raises ``EncoderMismatchError``
+    when ``encoder.identity()`` differs from the one the index was built with."""
+    if k < 1:
+        raise QueryError(f"k must be >= 1, got {k}")
+    store.check_identity(encoder.identity())
+    vec = store.vectors(encoder.name)
+    q = embed_query(encoder, query)
+    fetch = k * RERANK_FACTOR if rerank and not vec.exact else k
+    scores, ids = search_vectors(vec, q, fetch)
+    scores, ids = scores[0], ids[0]
+    keep = ids >= 0
+    scores, ids = scores[keep], ids[keep]
+    if rerank and not vec.exact and len(ids):
+        scores = vec.reconstruct(ids) @ q[0]
+        order = np.argsort(-scores, kind="stable")
+        scores, ids = scores[order], ids[order]
+    scores, ids = scores[:k], ids[:k]
+    if threshold is not None:
+        keep = scores >= threshold
+        scores, ids = scores[keep], ids[keep]
+    paths = store.id_paths(ids)
+    return [Hit(int(i), paths[int(i)], float(s)) for i, s in zip(ids, scores) if int(i) in paths]
+
+
+def search_vectors(vec: VectorIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """queries float32 (Q, D) -> (scores (Q, k'), ids (Q, k')) on the best available backend."""
+    if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
+        try:
+            gpu = _cached(vec, "faiss_gpu", lambda: faiss.index_cpu_to_all_gpus(vec.index))
+            return gpu.search(np.ascontiguousarray(queries, np.float32), max(1, min(k, vec.ntotal)))
+        except RuntimeError as e:  # an index type without a GPU version: CPU
+            log.debug("faiss-gpu search unavailable (%s); using the CPU", e)
+    if vec.exact and torch.cuda.is_available() and vec.ntotal:
+        return _torch_exact(vec, queries, k)
+    return vec.search(queries, k)
+
+
+def _torch_exact(vec: VectorIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    ids, mat = _cached(vec, "torch_gpu", lambda: (vec.ids(), torch.from_numpy(vec.reconstruct(vec.ids())).cuda()))
+    scores = torch.from_numpy(np.ascontiguousarray(queries, np.float32)).cuda() @ mat.T
+    top = torch.topk(scores, min(k, len(ids)), dim=1)
+    return top.values.cpu().numpy(), ids[top.indices.cpu().numpy()]
+
+
+def _cached(vec: VectorIndex, key: str, make: Any) -> Any:
+    """A GPU copy of ``vec``, rebuilt when its size changed (a writer added or removed rows)."""
+    cache = vec.__dict__.setdefault("_gpu_cache", {})
+    if key not in cache or cache[key][0] != vec.ntotal:
+        cache[key] = (vec.ntotal, make())
+    return cache[key][1]

@@ -1,0 +1,303 @@
+"""Evaluation datasets from plain folders, caption files and webdataset shards.
+
+Two kinds, as in LAION's CLIP_benchmark:
+
+* ``classification``: images with one class each; zero-shot metrics.
+  Folder layout ``root/<class>/*.jpg`` with an optional ``root/classes.json`` mapping folder
+  names to class names (e.g. ImageNet wnids -> readable names); without it the folder name is
+  the class name.
+* ``retrieval``: images with one or more captions each; Recall@k both ways.
+  Folder layout: an image folder (``root/images/`` if present, else ``root``) and a captions
+  file in ``root``: ``captions.json`` (``{file: [caption, ...]}`` or ``{file: caption}``) or
+  ``captions.csv`` (header ``image,caption``; one row per caption).
+
+Either kind can also come as webdataset ``.tar``/``.tar.gz``/``.tgz`` shards (one file, or a
+folder of shards): see ``quant.eval.webdataset``.
+
+Every problem raises ``quant.errors.DatasetError`` naming the offending path. Sample order is
+sorted (by class then file, or by file), so results never depend on the file system's order;
+``limit`` picks a seeded random subset of that order.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence, Union
+
+import numpy as np
+
+from quant.errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["auto", "classification", "retrieval"]
+KINDS: tuple[str, ...] = ("auto", "classification", "retrieval")
+IMAGE_EXTS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+SHARD_SUFFIXES: tuple[str, ...] = (".tar", ".tar.gz", ".tgz")
+CAPTION_FILES: tuple[str, ...] = ("captions.json", "captions.csv")
+CLASSES_FILE = "classes.json"
+
+#: An image is a file on disk or the encoded bytes read from a shard.
+ImageRef = Union[Path, bytes]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Which dataset to evaluate and how much of it.
+
+    ``path``: a folder or a shard file. ``kind``: ``auto`` detects it from the layout.
+    ``name``: shown in reports (default: the folder/shard name). ``limit``: evaluate a seeded
+    random subset of at most ``limit`` images (``None`` = all). ``seed``: subset seed.
+    """
+
+    path: Path
+    kind: Kind = "auto"
+    name: str | None = None
+    limit: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+        if self.kind not in KINDS:
+            raise ValueError(f"DatasetSpec.kind must be one of {KINDS}, got {self.kind!r}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"DatasetSpec.limit must be >= 1, got {self.limit}")
+        if self.name is None:
+            object.__setattr__(self, "name", _default_name(self.path))
+
+    @classmethod
+    def parse(cls, text: str, limit: int | None = None, seed: int = 0) -> "DatasetSpec":
+        """``"PATH"`` or ``"PATH:kind"`` (kind = classification/retrieval/auto), as on the CLI."""
+        path, kind = text, "auto"
+        head, sep, tail = text.rpartition(":")
+        if sep and tail in KINDS and head:
+            path, kind = head, tail
+        return cls(Path(path), kind=kind, limit=limit, seed=seed)  # type: ignore[arg-type]
+
+
+@dataclass
+class ClassificationData:
+    """``images``: N refs; ``labels``: int64 (N,) indices into ``classnames`` (C names)."""
+
+    name: str
+    images: list[ImageRef]
+    ids: list[str]
+    labels: np.ndarray
+    classnames: list[str]
+    kind: str = field(default="classification", init=False)
+
+
+@dataclass
+class RetrievalData:
+    """``images``: N refs; ``captions``: N lists (each non-empty) of caption strings."""
+
+    name: str
+    images: list[ImageRef]
+    ids: list[str]
+    captions: list[list[str]]
+    kind: str = field(default="retrieval", init=False)
+
+    def flat_captions(self) -> tuple[list[str], np.ndarray]:
+        """All T captions in order, and int64 (T,) index of each caption's image."""
+        texts = [c for caps in self.captions for c in caps]
+        owner = np.repeat(np.arange(len(self.captions)), [len(c) for c in self.captions])
+        return texts, owner.astype(np.int64)
+
+
+EvalData = Union[ClassificationData, RetrievalData]
+
+
+def _default_name(path: Path) -> str:
+    name = path.name
+    for suffix in SHARD_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name or str(path)
+
+
+def is_shard(path: Path) -> bool:
+    return path.is_file() and path.name.endswith(SHARD_SUFFIXES)
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTS and not path.name.startswith(".")
+
+
+def list_shards(path: Path) -> list[Path]:
+    """The shard files a path names: itself, or the shards directly inside a folder (sorted)."""
+    if is_shard(path):
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if is_shard(p))
+    return []
+
+
+def detect_kind(path: Path) -> str:
+    """``classification`` or ``retrieval`` from a folder's layout (shards: see webdataset)."""
+    if not path.exists():
+        raise DatasetError(f"dataset path does not exist: {path}")
+    if list_shards(path):
+        from quant.eval.webdataset import detect_shard_kind
+
+        return detect_shard_kind(list_shards(path))
+    if not path.is_dir():
+        raise DatasetError(f"dataset path is neither a folder nor a .tar/.tar.gz shard: {path}")
+    if any((path / f).is_file() for f in CAPTION_FILES):
+        return "retrieval"
+    if any(d.is_dir() and any(_is_image(f) for f in d.iterdir()) for d in path.iterdir()):
+        return "classification"
+    raise DatasetError(
+        f"cannot tell the dataset kind of {path}: expected class subfolders of images "
+        f"(classification) or {' / '.join(CAPTION_FILES)} (retrieval)"
+    )
+
+
+def load_dataset(spec: DatasetSpec) -> EvalData:
+    """Load (the seeded subset of) a dataset. Raises ``DatasetError`` naming the path."""
+    kind = detect_kind(spec.path) if spec.kind == "auto" else spec.kind
+    shards = list_shards(spec.path)
+    if shards:
+        from quant.eval.webdataset import load_shards
+
+        data = load_shards(shards, kind, spec.name or spec.path.name)
+    elif not spec.path.is_dir():
+        raise DatasetError(f"dataset path is neither a folder nor a .tar/.tar.gz shard: {spec.path}")
+    elif kind == "classification":
+        data = load_class_folder(spec.path, spec.name or spec.path.name)
+    else:
+        data = load_retrieval_folder(spec.path, spec.name or spec.path.name)
+    data = subsample(data, spec.limit, spec.seed)
+    log.info("dataset %s: %s, %d images", data.name, data.kind, len(data.images))
+    return data
+
+
+def subsample(data: EvalData, limit: int | None, seed: int) -> EvalData:
+    """A seeded random subset of at most ``limit`` images, kept in the dataset's order."""
+    n = len(data.images)
+    if limit is None or limit >= n:
+        return data
+    keep = np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+    images = [data.images[i] for i in keep]
+    ids = [data.ids[i] for i in keep]
+    if isinstance(data, ClassificationData):
+        return ClassificationData(data.name, images, ids, data.labels[keep], data.classnames)
+    return RetrievalData(data.name, images, ids, [data.captions[i] for i in keep])
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{path}: not a readable JSON file ({e})") from e
+
+
+def class_names_from_json(path: Path, keys: Sequence[str]) -> dict[str, str]:
+    """``classes.json``: ``{folder_or_label: name}``, or a list of names indexed by int labels."""
+    raw = read_json(path)
+    if isinstance(raw, list):
+        raw = {str(i): v for i, v in enumerate(raw)}
+    if not isinstance(raw, dict) or not all(isinstance(v, str) and v for v in raw.values()):
+        raise DatasetError(f"{path}: expected an object {{folder: class name}} or a list of names")
+    missing = [k for k in keys if k not in raw]
+    if missing:
+        raise DatasetError(f"{path}: no class name for {missing[:5]} ({len(missing)} missing)")
+    return {k: raw[k] for k in keys}
+
+
+def load_class_folder(root: Path, name: str) -> ClassificationData:
+    """``root/<class>/*.jpg`` (+ optional ``classes.json``) -> ``ClassificationData``."""
+    folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    folders = [d for d in folders if any(_is_image(f) for f in d.iterdir())]
+    if not folders:
+        raise DatasetError(f"{root}: no class subfolder holds an image ({', '.join(sorted(IMAGE_EXTS))})")
+    keys = [d.name for d in folders]
+    names = (class_names_from_json(root / CLASSES_FILE, keys) if (root / CLASSES_FILE).is_file()
+             else {k: k for k in keys})
+    images: list[ImageRef] = []
+    ids, labels = [], []
+    for label, folder in enumerate(folders):
+        for f in sorted(p for p in folder.iterdir() if _is_image(p)):
+            images.append(f)
+            ids.append(f"{folder.name}/{f.name}")
+            labels.append(label)
+    return ClassificationData(name, images, ids, np.asarray(labels, dtype=np.int64),
+                              [names[k] for k in keys])
+
+
+def _captions_from_json(path: Path) -> dict[str, list[str]]:
+    raw = read_json(path)
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{path}: expected an object {{image file: [captions, ...]}}")
+    out: dict[str, list[str]] = {}
+    for key, caps in raw.items():
+        caps = [caps] if isinstance(caps, str) else caps
+        if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and c.strip() for c in caps):
+            raise DatasetError(f"{path}: entry {key!r} must be a non-empty caption or list of captions")
+        out[str(key)] = [c.strip() for c in caps]
+    return out
+
+
+def _captions_from_csv(path: Path) -> dict[str, list[str]]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: not a readable UTF-8 CSV file ({e})") from e
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
+        raise DatasetError(f"{path}: expected a header with the columns 'image,caption', got {reader.fieldnames}")
+    out: dict[str, list[str]] = {}
+    for line, row in enumerate(reader, start=2):
+        image, caption = (row.get("image") or "").strip(), (row.get("caption") or "").strip()
+        if not image or not caption:
+            raise DatasetError(f"{path}:{line}: empty image or caption")
+        out.setdefault(image, []).append(caption)
+    return out
+
+
+def read_captions(root: Path) -> tuple[Path, dict[str, list[str]]]:
+    for fname in CAPTION_FILES:
+        path = root / fname
+        if path.is_file():
+            caps = _captions_from_json(path) if fname.endswith(".json") else _captions_from_csv(path)
+            if not caps:
+                raise DatasetError(f"{path}: holds no captions")
+            return path, caps
+    raise DatasetError(f"{root}: no captions file ({' or '.join(CAPTION_FILES)})")
+
+
+def load_retrieval_folder(root: Path, name: str) -> RetrievalData:
+    """An image folder (``root/images`` or ``root``) + ``captions.json``/``.csv`` -> ``RetrievalData``.
+
+    Every captioned image must exist; images without captions are ignored (logged).
+    """
+    cap_file, caps = read_captions(root)
+    image_dir = root / "images" if (root / "images").is_dir() else root
+    missing = [k for k in caps if not _is_image(image_dir / k)]
+    if missing:
+        raise DatasetError(f"{cap_file}: {len(missing)} captioned images are missing from {image_dir} "
+                           f"(e.g. {missing[:3]})")
+    uncaptioned = sum(1 for p in image_dir.iterdir() if _is_image(p) and p.name not in caps)
+    if uncaptioned:
+        log.warning("%s: %d images have no caption in %s and are skipped", image_dir, uncaptioned, cap_file)
+    keys = sorted(caps)
+    return RetrievalData(name, [image_dir / k for k in keys], keys, [caps[k] for k in keys])
+
+
+def open_image(ref: ImageRef, label: str) -> Any:
+    """Decode an image ref to an RGB PIL image; ``DatasetError`` naming ``label`` if undecodable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as im:
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise DatasetError(f"cannot decode image {label}: {e}") from e
+
+
+__all__ = ["DatasetSpec", "ClassificationData", "RetrievalData", "EvalData", "ImageRef", "KINDS",
+           "detect_kind", "load_dataset", "subsample", "load_class_folder", "load_retrieval_folder",
+           "list_shards", "open_image", "read_json", "class_names_from_json"]

@@ -1,0 +1,305 @@
+"""``clipfp8 bench``: FP16 eager / FP16 compiled / real FP8 (/ TensorRT) on one GPU, one process.
+
+Random weights (speed does not depend on them), FP8 calibrated on random data. For each tower
+and batch size: items/s, latency p50/p99 (CUDA events), peak GPU memory; weight bytes per
+tower; FP8 vs best-FP16 ratios; FP8 vs fake-quant and fp16 cosines; then the text-query and
+exact-search latencies and end-to-end JPEG indexing throughput (``bench_extra``).
+"""
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import logging
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quant.runtime.bench_timing import time_calls
+from quant.runtime.convert import weight_bytes
+from quant.runtime.fast_fp16 import BatchRunner, configure_compile_cache
+
+log = logging.getLogger(__name__)
+
+#: fp8: FP8 GEMMs + FP8 Q/K/V, fused 16-bit SDPA (skips the softmax-output rounding);
+#: fp8-exact: also rounds P to FP8 (explicit attention) -- bit-faithful to the fake-quant model.
+PRECISIONS = ("fp16-eager", "fp16-compiled", "fp8", "fp8-exact")
+TOWERS = ("image", "text")
+#: The targets of issue 6 (H200, ViT-L/14).
+TARGETS = {"image_ratio_b256": 1.65, "text_ratio_b256": 1.45, "text_query_ms": 0.6,
+           "query_search_ms": 2.0, "indexing_fraction": 0.85, "weight_ratio": 0.55}
+
+
+@dataclass
+class BenchConfig:
+    """What to measure. ``cpu_smoke``: tiny model on the CPU, emulated FP8, no compile -- checks the
+    code paths only (its figures mean nothing)."""
+
+    model: str = "ViT-L-14"
+    towers: tuple[str, ...] = TOWERS
+    precisions: tuple[str, ...] = PRECISIONS
+    batch_sizes: tuple[int, ...] = (1, 8, 32, 64, 128, 256, 512, 1024)
+    exact_batch_sizes: tuple[int, ...] = (1, 256)
+    device: str = "cuda"
+    min_time_s: float = 0.6
+    calib_batch: int = 16
+    search_rows: int = 1_000_000
+    jpeg_count: int = 4096
+    jpeg_size: int = 256
+    index_batch: int = 256
+    cpu_smoke: bool = False
+    extras: bool = True
+    seed: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for t in self.towers:
+            if t not in TOWERS:
+                raise ValueError(f"BenchConfig.towers: unknown tower {t!r} (known: {TOWERS})")
+        for p in self.precisions:
+            if p not in PRECISIONS + ("trt",):
+                raise ValueError(f"BenchConfig.precisions: unknown precision {p!r}")
+        if not self.batch_sizes or min(self.batch_sizes) < 1 or max(self.batch_sizes) > 4096:
+            raise ValueError(f"BenchConfig.batch_sizes must lie in 1..4096, got {self.batch_sizes}")
+        if self.cpu_smoke:
+            self.device = "cpu"
+
+
+def _model_config(cfg: BenchConfig) -> dict[str, Any]:
+    if cfg.cpu_smoke:
+        from quant.models import tiny_config
+
+        return tiny_config()
+    import open_clip
+
+    mc = open_clip.get_model_config(cfg.model)
+    if mc is None:
+        raise ValueError(f"BenchConfig.model: unknown open_clip architecture {cfg.model!r}")
+    return mc
+
+
+def tower_inputs(model: nn.Module, tower: str, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Random input for one tower: images (B, 3, H, W) ``dtype`` or tokens int64 (B, ctx)."""
+    g = torch.Generator(device="cpu").manual_seed(batch)
+    if tower == "image":
+        size = model.visual.image_size
+        h, w = (size, size) if isinstance(size, int) else size
+        return torch.randn(batch, 3, h, w, generator=g).to(device, dtype)
+    ctx = int(model.context_length) if hasattr(model, "context_length") else 77
+    vocab = int(getattr(model, "vocab_size", 49408))
+    return torch.randint(1, vocab, (batch, ctx), generator=g).to(device)
+
+
+def build_models(cfg: BenchConfig) -> dict[str, Any]:
+    """fp16 reference, ModelOpt fake-quant and real-FP8 models of ``cfg.model`` on ``cfg.device``."""
+    from quant.models import build_from_config
+    from quant.runtime.calibrate import fp8_quantize
+    from quant.runtime.fp8_encoder import build_fp8_model
+
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    dtype = torch.float32 if cfg.cpu_smoke else torch.float16
+    base = build_from_config(_model_config(cfg)).eval().to(device=device, dtype=dtype)
+    calib_img = [tower_inputs(base, "image", cfg.calib_batch, device, dtype)]
+    calib_txt = [tower_inputs(base, "text", cfg.calib_batch, device, dtype)]
+    # Softmax quantizer on, as quant.ptq's default (quantize_attention=True) calibrates it.
+    fake = fp8_quantize(base, calib_img, calib_txt, softmax=True).eval()
+    mode = "emulate" if cfg.cpu_smoke else "scaled_mm"
+    fp8, report = build_fp8_model(copy.deepcopy(fake), device, dtype=dtype, mode=mode, exact_softmax=False)
+    models = {"fp16": base, "fake": fake, "fp8": fp8, "report": report, "dtype": dtype, "device": device}
+    if "fp8-exact" in cfg.precisions:
+        models["fp8-exact"] = build_fp8_model(copy.deepcopy(fake), device, dtype=dtype, mode=mode, exact_softmax=True)[0]
+    return models
+
+
+def tower_fn(model: nn.Module, tower: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    return model.encode_image if tower == "image" else model.encode_text
+
+
+def make_runners(models: dict[str, Any], cfg: BenchConfig) -> dict[tuple[str, str], BatchRunner]:
+    compile_ok = not cfg.cpu_smoke
+    runners: dict[tuple[str, str], BatchRunner] = {}
+    for tower in cfg.towers:
+        for prec in cfg.precisions:
+            if prec == "trt":
+                runners[(tower, prec)] = _trt_runner(models["fake"], tower, cfg)
+                continue
+            model = models[prec if prec.startswith("fp8") else "fp16"]
+            compiled = prec != "fp16-eager" and compile_ok
+            runners[(tower, prec)] = BatchRunner(tower_fn(model, tower), compile=compiled,
+                                                 graph_buckets=() if prec == "fp16-eager" or cfg.cpu_smoke else (2, 4, 8, 16, 32))
+    return runners
+
+
+def _trt_runner(fake: nn.Module, tower: str, cfg: BenchConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ONNX export of the fake-quant tower + strongly typed TensorRT engine (``trt`` extra)."""
+    import tempfile
+
+    from quant.runtime.export_onnx import export_tower
+    from quant.runtime.trt import EngineConfig, TrtRunner, build_engine
+
+    tmp = Path(tempfile.mkdtemp(prefix="clipfp8_trt_"))
+    export_tower(copy.deepcopy(fake).cpu().float(), tower, tmp / f"{tower}.onnx")
+    engine = build_engine(tmp / f"{tower}.onnx", tmp / f"{tower}.engine",
+                          EngineConfig(opt_batch=256, max_batch=max(cfg.batch_sizes)))
+    return TrtRunner(engine, cfg.device)
+
+
+def numerics(models: dict[str, Any], cfg: BenchConfig, runners: dict) -> dict[str, float]:
+    """Min cosine over 64 random inputs per tower: FP8 vs fake quant, FP8 vs fp16."""
+    out: dict[str, float] = {}
+    with torch.inference_mode():
+        for tower in cfg.towers:
+            x = tower_inputs(models["fp16"], tower, 64, models["device"], models["dtype"])
+            ref16 = tower_fn(models["fp16"], tower)(x).float()
+            fake = tower_fn(models["fake"], tower)(x).float()
+            out[f"{tower}_fake_vs_fp16_min_cos"] = float(F.cosine_similarity(fake, ref16).min())
+            for prec in ("fp8", "fp8-exact"):
+                if prec not in models:
+                    continue
+                # the compiled fp8 runner (checks the compiled path too); fp8-exact eagerly (no extra compile)
+                run = runners.get((tower, prec)) if prec == "fp8" else None
+                run = run or tower_fn(models[prec], tower)
+                got = run(x).float()
+                out[f"{tower}_{prec}_vs_fake_min_cos"] = float(F.cosine_similarity(got, fake).min())
+                out[f"{tower}_{prec}_vs_fp16_min_cos"] = float(F.cosine_similarity(got, ref16).min())
+    return out
+
+
+def measure(runner: BatchRunner, x: torch.Tensor, device: torch.device, cfg: BenchConfig) -> dict[str, float]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode():
+        t = time_calls(lambda: runner(x), device, min_time_s=cfg.min_time_s)
+    n = int(x.shape[0])
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    mean_ms = sum(t.latencies_ms) / t.iters
+    return {"items_per_s": n / (mean_ms / 1e3), "p50_ms": t.p50_ms, "p99_ms": t.p99_ms,
+            "iters": t.iters, "peak_mem_bytes": int(peak)}
+
+
+def tower_weight_bytes(models: dict[str, Any]) -> dict[str, dict[str, int]]:
+    out = {}
+    for key in ("fp16", "fp8"):
+        m = models[key]
+        img = weight_bytes(m.visual)
+        out[key] = {"image": img, "text": weight_bytes(m) - img, "total": weight_bytes(m)}
+    return out
+
+
+def run_table(models: dict[str, Any], runners: dict, cfg: BenchConfig, progress: Callable[[str], None],
+              precisions: tuple[str, ...], rows: list[dict]) -> list[dict]:
+    """Measure every (tower, precision, batch) of ``precisions``, appending to ``rows``."""
+    for tower in cfg.towers:
+        for prec in precisions:
+            if (tower, prec) not in runners:
+                continue
+            for b in (cfg.exact_batch_sizes if prec == "fp8-exact" else cfg.batch_sizes):
+                x = tower_inputs(models["fp16"], tower, b, models["device"], models["dtype"])
+                try:
+                    r = measure(runners[(tower, prec)], x, models["device"], cfg)
+                except torch.cuda.OutOfMemoryError as e:  # a huge batch must not sink the run
+                    r = {"error": f"OOM: {str(e)[:120]}"}
+                    torch.cuda.empty_cache()
+                rows.append({"tower": tower, "precision": prec, "batch": b, **r})
+                progress(f"{tower:5s} {prec:14s} b={b:5d} " + (f"{r['items_per_s']:10.1f} items/s p50 {r['p50_ms']:.3f} ms"
+                                                             if "items_per_s" in r else r["error"]))
+    return rows
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Per (tower, batch): FP8 items/s over the best FP16 (eager or compiled) items/s."""
+    out = []
+    keys = sorted({(r["tower"], r["batch"]) for r in rows})
+    for tower, b in keys:
+        sel = {r["precision"]: r.get("items_per_s") for r in rows if r["tower"] == tower and r["batch"] == b}
+        best16 = max((v for p, v in sel.items() if p.startswith("fp16") and v), default=None)
+        if best16 and sel.get("fp8"):
+            extra = {f"{p}_over_best_fp16": sel[p] / best16 for p in ("fp8-exact", "trt") if sel.get(p)}
+            out.append({"tower": tower, "batch": b, "best_fp16_items_per_s": best16,
+                        "fp8_items_per_s": sel["fp8"], "fp8_over_best_fp16": sel["fp8"] / best16, **extra})
+    return out
+
+
+def meta(cfg: BenchConfig, command: str) -> dict[str, Any]:
+    dev = torch.device(cfg.device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
+    return {"command": command, "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "device": name, "model": cfg.model,
+            "config": {k: v for k, v in asdict(cfg).items() if k != "notes"}}
+
+
+def run_bench(cfg: BenchConfig, command: str = "", progress: Callable[[str], None] = log.info,
+              save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run everything ``cfg`` asks for; returns the JSON-able result. ``save`` is called with the
+    partial result after each stage (so a run cut short still leaves its figures behind).
+    Order: main table, then query/indexing extras, then the slower fp8-exact rows."""
+    save = save or (lambda r: None)
+    if not cfg.cpu_smoke:
+        configure_compile_cache()
+        if not torch.cuda.is_available():
+            raise ValueError("bench needs a CUDA GPU (or --cpu-smoke)")
+    result: dict[str, Any] = {"meta": meta(cfg, command)}
+    models = build_models(cfg)
+    result["conversion"] = models["report"].to_dict()
+    progress(f"converted: {models['report'].summary()}")
+    result["weight_bytes"] = tower_weight_bytes(models)
+    runners = make_runners(models, cfg)
+    result["numerics"] = numerics(models, cfg, runners)
+    progress(f"numerics: {result['numerics']}")
+    rows: list[dict] = []
+    result["rows"] = rows
+
+    def stage() -> None:
+        result["ratios"] = ratios(rows)
+        result["targets"] = evaluate_targets(result)
+        save(result)
+
+    stage()
+    run_table(models, runners, cfg, progress, tuple(p for p in cfg.precisions if p != "fp8-exact"), rows)
+    stage()
+    if cfg.extras:
+        from quant.runtime import bench_extra
+
+        for key, fn in (("query", bench_extra.bench_query), ("indexing", bench_extra.bench_indexing)):
+            try:
+                result[key] = fn(models, runners, cfg, progress)
+            except (RuntimeError, ImportError, OSError) as e:  # keep the rest of the run
+                log.exception("%s benchmark failed", key)
+                result[key] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            stage()
+    if "fp8-exact" in cfg.precisions:
+        run_table(models, runners, cfg, progress, ("fp8-exact",), rows)
+    stage()
+    return result
+
+
+def evaluate_targets(result: dict[str, Any]) -> dict[str, Any]:
+    """Each issue-6 target: the value reached, the goal, and whether it was met."""
+    out: dict[str, Any] = {}
+
+    def put(key: str, value: float | None, goal: float, higher_better: bool) -> None:
+        if value is not None:
+            out[key] = {"value": value, "goal": goal, "met": value >= goal if higher_better else value <= goal}
+
+    for tower in ("image", "text"):
+        r = next((r for r in result.get("ratios", []) if r["tower"] == tower and r["batch"] == 256), None)
+        put(f"{tower}_ratio_b256", r and r["fp8_over_best_fp16"], TARGETS[f"{tower}_ratio_b256"], True)
+    q = result.get("query", {})
+    put("text_query_ms", q.get("fp8_text_query_p50_ms"), TARGETS["text_query_ms"], False)
+    put("query_search_ms", q.get("fp8_query_search_graph_p50_ms"), TARGETS["query_search_ms"], False)
+    ix = result.get("indexing", {})
+    put("indexing_fraction", ix.get("fraction_of_encoder_only"), TARGETS["indexing_fraction"], True)
+    wb = result.get("weight_bytes", {})
+    if wb:
+        for part in ("image", "text", "total"):
+            put(f"weight_ratio_{part}", wb["fp8"][part] / wb["fp16"][part], TARGETS["weight_ratio"], False)
+    return out
+
+
+__all__ = ["BenchConfig", "run_bench", "ratios", "evaluate_targets", "TARGETS", "PRECISIONS"]

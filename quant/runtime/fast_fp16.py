@@ -1,0 +1,175 @@
+"""Fast GPU execution shared by the FP16 baseline and the FP8 runtime.
+
+* ``BatchRunner``: one ``torch.compile`` per tower with a dynamic batch dimension (one compile
+  serves every batch size), plus CUDA graphs captured per small-batch bucket (launch overhead
+  dominates there). Batches of 1 are padded to 2 because dynamo specialises size-1 dims, which
+  would cost a second full compile.
+* ``FastTorchEncoder``: the ``Encoder`` over two runners (image and text towers).
+* ``configure_compile_cache()``: Inductor's on-disk caches, so later processes skip compiling.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from quant.encoder import Encoder, EncoderIdentity
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRAPH_BUCKETS: tuple[int, ...] = (2, 4, 8, 16, 32)
+
+
+def configure_compile_cache(cache_dir: Path | None = None) -> Path:
+    """Point Inductor's FX-graph/autotune caches at a persistent folder (env wins if set)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clipfp8" / "inductor"
+    path = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir or default)))
+    path.mkdir(parents=True, exist_ok=True)
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    return path
+
+
+class BatchRunner:
+    """Run ``fn`` (tensor (B, ...) -> tensor (B, ...)) fast on CUDA.
+
+    ``compile``: wrap ``fn`` in ``torch.compile`` (batch dim dynamic). ``graph_buckets``: batch
+    sizes for which a CUDA graph is captured on first use; a batch n <= max bucket is padded to
+    the next bucket and replayed. Outputs are fresh tensors (safe to keep).
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], *, compile: bool = True,
+                 graph_buckets: Sequence[int] = DEFAULT_GRAPH_BUCKETS, min_batch: int = 2) -> None:
+        self._eager = fn
+        self._fn = torch.compile(fn) if compile else fn
+        self.compiled = compile
+        self.buckets = tuple(sorted(graph_buckets))
+        self.min_batch = min_batch if compile else 1
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._pool = None
+
+    def _call_fn(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled:
+            torch._dynamo.mark_dynamic(x, 0)
+        return self._fn(x)
+
+    def _pad(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        if x.shape[0] >= size:
+            return x
+        pad = x[-1:].expand(size - x.shape[0], *x.shape[1:])
+        return torch.cat([x, pad])
+
+    def _capture(self, x: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        static_in = x.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: compile/autotune and cuBLAS workspaces outside the graph
+                self._call_fn(static_in)
+        torch.cuda.current_stream().wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            static_out = self._call_fn(static_in)
+        return graph, static_in, static_out
+
+    def warmup(self, example: torch.Tensor, sizes: Sequence[int]) -> None:
+        """Compile and capture ahead of time for the given batch sizes (example: one item batch)."""
+        for n in sizes:
+            self(example[:1].expand(n, *example.shape[1:]).contiguous())
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n = int(x.shape[0])
+        size = max(n, self.min_batch)
+        bucket = next((b for b in self.buckets if b >= size), None) if x.is_cuda else None
+        if bucket is None:
+            return self._call_fn(self._pad(x, size))[:n]
+        key = (bucket, tuple(x.shape[1:]), x.dtype, x.device)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(self._pad(x, bucket))
+        graph, static_in, static_out = self._graphs[key]
+        static_in[:n].copy_(x)
+        graph.replay()
+        return static_out[:n].clone()
+
+
+def _normalize(x: torch.Tensor) -> np.ndarray:
+    x = x.float()
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return x.cpu().numpy().astype(np.float32, copy=False)
+
+
+class FastTorchEncoder(Encoder):
+    """An ``Encoder`` over a CUDA model run through two ``BatchRunner`` (image, text), or over
+    the two given ``runners`` (callables (B, ...) -> (B, D), e.g. TensorRT engines).
+
+    ``model`` must already sit on ``device`` in ``dtype`` (fp16). encode_images: float32
+    (N, 3, H, W) -> float32 (N, D) unit rows; encode_texts: N strings -> float32 (N, D).
+    """
+
+    def __init__(self, model: nn.Module, preprocess: Callable[[Any], torch.Tensor],
+                 tokenizer: Callable[[list[str]], torch.Tensor], *, precision: str, device: str,
+                 name: str, model_id: str, checksum: str, dim: int, image_size: tuple[int, int],
+                 batch_size: int = 64, dtype: torch.dtype = torch.float16, compile: bool = True,
+                 runners: tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None = None) -> None:
+        self.model, self.dtype = model.eval(), dtype
+        self._preprocess, self._tokenizer = preprocess, tokenizer
+        self.precision, self.device, self.name, self.dim = precision, device, name, dim
+        self.image_size, self.batch_size = image_size, batch_size
+        self._identity = EncoderIdentity(name, precision, model_id, checksum, dim)
+        if runners is not None:  # e.g. TensorRT engines
+            self.image_runner, self.text_runner = runners
+            return
+        if compile:
+            configure_compile_cache()
+        self.image_runner = BatchRunner(model.encode_image, compile=compile)
+        self.text_runner = BatchRunner(model.encode_text, compile=compile)
+
+    def preprocess(self, image: Any) -> torch.Tensor:
+        return self._preprocess(image)
+
+    def identity(self) -> EncoderIdentity:
+        return self._identity
+
+    def encode_images(self, images: torch.Tensor) -> np.ndarray:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"encode_images expects (N, 3, H, W), got {tuple(images.shape)}")
+        out = [self.image_runner(chunk.to(self.device, self.dtype, non_blocking=True))
+               for chunk in images.split(self.batch_size)]
+        return _normalize(torch.cat(out)) if out else np.zeros((0, self.dim), np.float32)
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = [self.text_runner(self._tokenizer(texts[i:i + self.batch_size]).to(self.device))
+               for i in range(0, len(texts), self.batch_size)]
+        return _normalize(torch.cat(out))
+
+
+def create_fast_fp16_encoder(spec: Any) -> FastTorchEncoder:
+    """The best FP16 encoder for ``spec`` (an ``EncoderSpec``): compiled + CUDA graphs on CUDA."""
+    from quant.errors import UnsupportedPrecisionError
+    from quant.models import load_model
+
+    device = spec.resolved_device()
+    if not device.startswith("cuda"):
+        raise UnsupportedPrecisionError("the compiled FP16 encoder needs a CUDA device (use precision fp32 on the CPU)")
+    loaded = load_model(spec.model)
+    model = loaded.model.to(device=device, dtype=torch.float16)
+    return FastTorchEncoder(model, loaded.preprocess, loaded.tokenizer, precision="fp16", device=device,
+                            name=f"{loaded.spec.name}-fp16", model_id=loaded.spec.model_id(),
+                            checksum=loaded.weights_checksum(), dim=loaded.embed_dim,
+                            image_size=loaded.image_size, batch_size=spec.batch_size)
+
+
+__all__ = ["BatchRunner", "FastTorchEncoder", "configure_compile_cache", "create_fast_fp16_encoder",
+           "DEFAULT_GRAPH_BUCKETS"]

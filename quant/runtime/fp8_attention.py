@@ -1,0 +1,178 @@
+"""Attention for the FP8 runtime.
+
+The quantized model's attention blocks are ``ExplicitAttention`` modules (``quant.attention``):
+q_proj/k_proj/v_proj/out_proj Linears + ``F.scaled_dot_product_attention``, with optional
+ModelOpt quantizers ``q_bmm_quantizer``/``k_bmm_quantizer``/``v_bmm_quantizer``/``softmax_quantizer``.
+``FP8Attention`` runs the four projections as FP8 GEMMs and applies the calibrated Q/K/V FP8
+rounding (fused by torch.compile into the projection epilogue copies), then a 16-bit fused
+SDPA (flash / memory-efficient): torch has no FP8 SDPA kernel, and attention is ~4 % of the
+FLOPs of a ViT-L/14 at 257 tokens, so a 16-bit softmax costs little. The softmax FP8 rounding
+cannot be applied inside a fused kernel; ``exact_softmax=True`` runs the explicit
+QK^T -> softmax -> FP8 round -> PV path instead (bit-faithful to fake quant, slower).
+
+Until ``quant.attention`` is importable, ``ensure_explicit_attention`` uses the compatible
+``ExplicitAttentionCompat`` below (same attribute names, no bmm quantizers).
+"""
+from __future__ import annotations
+
+import logging
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quant.runtime.fp8_linear import FakeQuantFP8
+
+log = logging.getLogger(__name__)
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, E) -> (B, heads, L, E / heads)."""
+    b, l, e = x.shape
+    return x.view(b, l, heads, e // heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, heads, L, d) -> (B, L, heads * d)."""
+    b, h, l, d = x.shape
+    return x.transpose(1, 2).reshape(b, l, h * d)
+
+
+def _float_mask(attn_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype == torch.bool:  # True = masked out, nn.MultiheadAttention's convention
+        return torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill(attn_mask, float("-inf"))
+    return attn_mask.to(dtype)
+
+
+class ExplicitAttentionCompat(nn.Module):
+    """Stand-in for ``quant.attention.ExplicitAttention`` (batch-first, self/cross attention).
+
+    forward(query (B, L, E), key, value, need_weights=False, attn_mask=None) -> ((B, L, E), None),
+    the call signature open_clip uses for ``nn.MultiheadAttention``.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, bias: bool = True) -> None:
+        super().__init__()
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.head_dim = embed_dim // num_heads
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+
+    @classmethod
+    def from_mha(cls, mha: nn.MultiheadAttention) -> "ExplicitAttentionCompat":
+        if not mha.batch_first or not mha._qkv_same_embed_dim:
+            raise ValueError("ExplicitAttentionCompat supports batch-first MHA with equal q/k/v dims only")
+        new = cls(mha.embed_dim, mha.num_heads, bias=mha.in_proj_bias is not None)
+        w = mha.in_proj_weight.detach().chunk(3)
+        b = mha.in_proj_bias.detach().chunk(3) if mha.in_proj_bias is not None else (None,) * 3
+        for proj, wi, bi in zip((new.q_proj, new.k_proj, new.v_proj), w, b):
+            proj.weight.data.copy_(wi)
+            if bi is not None:
+                proj.bias.data.copy_(bi)
+        new.out_proj.weight.data.copy_(mha.out_proj.weight.detach())
+        if mha.out_proj.bias is not None:
+            new.out_proj.bias.data.copy_(mha.out_proj.bias.detach())
+        return new.to(mha.in_proj_weight.dtype)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
+                need_weights: bool = False, attn_mask: torch.Tensor | None = None,
+                **_: object) -> tuple[torch.Tensor, None]:
+        key = query if key is None else key
+        value = key if value is None else value
+        q = _split_heads(self.q_proj(query), self.num_heads)
+        k = _split_heads(self.k_proj(key), self.num_heads)
+        v = _split_heads(self.v_proj(value), self.num_heads)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=_float_mask(attn_mask, q.dtype))
+        return self.out_proj(_merge_heads(out)), None
+
+
+def ensure_explicit_attention(model: nn.Module) -> int:
+    """Replace every batch-first ``nn.MultiheadAttention`` by an explicit-projection module.
+
+    Uses ``quant.attention.convert_attention`` when that module exists (the quantization
+    package's converter), else ``ExplicitAttentionCompat``. Returns the number replaced.
+    """
+    try:
+        from quant.attention import convert_attention
+    except ImportError:
+        convert_attention = None
+    if convert_attention is not None:
+        return int(convert_attention(model))
+    count = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.MultiheadAttention):
+                setattr(module, child_name, ExplicitAttentionCompat.from_mha(child))
+                count += 1
+    return count
+
+
+def _enabled_amax(module: nn.Module, attr: str) -> torch.Tensor | None:
+    """The calibrated amax of quantizer ``attr`` when it exists and is enabled, else None."""
+    q = getattr(module, attr, None)
+    if q is None or not getattr(q, "is_enabled", False):
+        return None
+    amax = getattr(q, "amax", None)
+    return None if amax is None else amax.detach()
+
+
+class FP8Attention(nn.Module):
+    """Attention with FP8 projections (any ``nn.Module`` mapping (..., E) -> (..., E)).
+
+    forward(query (B, L, E), key, value, need_weights=False, attn_mask=None) -> ((B, L, E), None).
+    """
+
+    def __init__(self, num_heads: int, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module,
+                 out_proj: nn.Module, qkv_quant: tuple[nn.Module, nn.Module, nn.Module] | None = None,
+                 softmax_quant: nn.Module | None = None, exact_softmax: bool = False) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = q_proj, k_proj, v_proj, out_proj
+        ident = (nn.Identity(), nn.Identity(), nn.Identity())
+        self.q_quant, self.k_quant, self.v_quant = qkv_quant or ident
+        self.softmax_quant = softmax_quant if exact_softmax else None
+        self.exact_softmax = exact_softmax and softmax_quant is not None
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
+                need_weights: bool = False, attn_mask: torch.Tensor | None = None,
+                **_: object) -> tuple[torch.Tensor, None]:
+        key = query if key is None else key
+        value = key if value is None else value
+        q = _split_heads(self.q_quant(self.q_proj(query)), self.num_heads)
+        k = _split_heads(self.k_quant(self.k_proj(key)), self.num_heads)
+        v = _split_heads(self.v_quant(self.v_proj(value)), self.num_heads)
+        mask = _float_mask(attn_mask, q.dtype)
+        if self.exact_softmax:
+            # Same op order as quant.attention.attend (the fake-quant reference).
+            scores = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+            if mask is not None:
+                scores = scores + mask
+            p = self.softmax_quant(torch.softmax(scores.float(), dim=-1).to(q.dtype))
+            out = torch.matmul(p, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(_merge_heads(out)), None
+
+
+def qkv_quantizers(module: nn.Module) -> tuple[tuple[nn.Module, nn.Module, nn.Module] | None, nn.Module | None, list[str]]:
+    """FP8 Q/K/V and softmax rounding modules from a quantized ExplicitAttention's bmm quantizers.
+
+    Returns ((q, k, v) or None when none is enabled, softmax or None, notes on what is skipped).
+    """
+    notes: list[str] = []
+    amaxes = [_enabled_amax(module, f"{n}_bmm_quantizer") for n in ("q", "k", "v")]
+    qkv = None
+    if any(a is not None for a in amaxes):
+        qkv = tuple(nn.Identity() if a is None else FakeQuantFP8(a) for a in amaxes)
+    sm_amax = _enabled_amax(module, "softmax_quantizer")
+    softmax = None
+    if sm_amax is not None:
+        softmax = FakeQuantFP8(sm_amax)
+        notes.append("softmax FP8 rounding applied only with exact_softmax=True (fused SDPA keeps P in 16 bit)")
+    return qkv, softmax, notes  # type: ignore[return-value]
+
+
+__all__ = ["ExplicitAttentionCompat", "FP8Attention", "ensure_explicit_attention", "qkv_quantizers"]

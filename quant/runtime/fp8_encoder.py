@@ -1,0 +1,78 @@
+"""``create_fp8_encoder``: the calibrated ModelOpt checkpoint run with real FP8 GEMMs on CUDA.
+
+Load (``quant.checkpoint.load_quantized``) -> ``convert_to_fp8`` (FP8 weights, static scales)
+-> fp16 activations on the GPU -> ``torch.compile`` (fuses each activation's FP8 cast into the
+LayerNorm/GELU/residual kernel that produces it) + CUDA graphs for small batches.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from quant.config import EncoderSpec
+from quant.errors import UnsupportedPrecisionError
+from quant.runtime.convert import ConversionReport, cast_for_runtime, convert_to_fp8
+from quant.runtime.fast_fp16 import FastTorchEncoder
+
+log = logging.getLogger(__name__)
+
+MIN_CAPABILITY = (8, 9)
+
+
+def check_fp8_device(device: str) -> torch.device:
+    """The CUDA device for real FP8 GEMMs; raises ``UnsupportedPrecisionError`` otherwise."""
+    if not device.startswith("cuda"):
+        raise UnsupportedPrecisionError(
+            f"precision 'fp8' runs real FP8 GEMMs and needs a CUDA GPU (device {device!r}); "
+            "use precision 'fp8-fake' to simulate FP8 on the CPU")
+    if not torch.cuda.is_available():
+        raise UnsupportedPrecisionError("precision 'fp8' needs CUDA, but torch.cuda.is_available() is False")
+    dev = torch.device(device)
+    cap = torch.cuda.get_device_capability(dev)
+    if cap < MIN_CAPABILITY:
+        raise UnsupportedPrecisionError(
+            f"precision 'fp8' needs compute capability >= 8.9 (Ada/Hopper) for FP8 tensor cores; "
+            f"{torch.cuda.get_device_name(dev)} has {cap[0]}.{cap[1]} (use 'fp16' or 'fp8-fake')")
+    return dev
+
+
+def build_fp8_model(fake_quant_model: nn.Module, device: str | torch.device = "cuda", *,
+                    dtype: torch.dtype = torch.float16, exact_softmax: bool = True,
+                    fast_accum: bool = True, mode: str = "scaled_mm") -> tuple[nn.Module, ConversionReport]:
+    """Convert a ModelOpt fake-quant model in place and move it to ``device``/``dtype``."""
+    report = convert_to_fp8(fake_quant_model, mode=mode, exact_softmax=exact_softmax, fast_accum=fast_accum)
+    leftovers = [n for n, m in fake_quant_model.named_modules() if type(m).__name__ == "TensorQuantizer"
+                 and getattr(m, "is_enabled", False)]
+    if leftovers:
+        report.notes.append(f"{len(leftovers)} ModelOpt quantizers still fake-quantize (e.g. {leftovers[:2]})")
+    model = cast_for_runtime(fake_quant_model, device, dtype).eval()
+    return model, report
+
+
+def create_fp8_encoder(spec: EncoderSpec, *, compile: bool = True) -> FastTorchEncoder:
+    """Real-FP8 ``Encoder`` for ``spec`` (precision ``fp8``, ``quantized`` dir required).
+
+    Raises ``UnsupportedPrecisionError`` without a CUDA GPU of compute capability >= 8.9.
+    """
+    if spec.precision != "fp8":
+        raise UnsupportedPrecisionError(f"create_fp8_encoder serves precision 'fp8', got {spec.precision!r}")
+    device = spec.resolved_device()
+    check_fp8_device(device)
+    from quant.checkpoint import load_quantized
+
+    loaded, checksum = load_quantized(spec.quantized)
+    model, report = build_fp8_model(loaded.model, device)
+    log.info("FP8 runtime for %s: %s", spec.quantized, report.summary())
+    for name, why in report.emulated:
+        log.info("  emulated (dequantized fp16 GEMM): %s (%s)", name, why)
+    enc = FastTorchEncoder(model, loaded.preprocess, loaded.tokenizer, precision="fp8", device=device,
+                           name=f"{loaded.spec.name}-fp8", model_id=loaded.spec.model_id(), checksum=checksum,
+                           dim=loaded.embed_dim, image_size=loaded.image_size, batch_size=spec.batch_size,
+                           compile=compile)
+    enc.conversion_report = report  # type: ignore[attr-defined]
+    return enc
+
+
+__all__ = ["create_fp8_encoder", "build_fp8_model", "check_fp8_device", "MIN_CAPABILITY"]

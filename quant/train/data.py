@@ -1,0 +1,161 @@
+"""Training data for the embedded default model: webdataset shards -> samples -> captions.
+
+A *group* is one caption meaning (a class name, or one Open Clip Art title); every group owns a
+few captions (prompt templates). Images sharing a group are all positives for each other's
+captions, which the multi-positive loss in ``quant.train.train`` relies on.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from quant.errors import QuantError
+
+log = logging.getLogger(__name__)
+
+#: Training sources (folders under ``../shared/data/train``) and what their captions are.
+SOURCES: tuple[str, ...] = ("cifar10-train", "imagenette-train", "openclipart", "imagen")
+
+#: Class-name prompts: the CLIP / CLIP_benchmark family ("a photo of a {}." ...), plus bare names.
+CLASS_TEMPLATES: tuple[str, ...] = (
+    "{}", "a {}.", "a photo of a {}.", "a blurry photo of a {}.", "a black and white photo of a {}.",
+    "a low contrast photo of a {}.", "a high contrast photo of a {}.", "a bad photo of a {}.",
+    "a good photo of a {}.", "a photo of a small {}.", "a photo of a big {}.", "a photo of the {}.",
+    "a blurry photo of the {}.", "a low resolution photo of a {}.", "a close-up photo of a {}.",
+    "a bright photo of a {}.", "a cropped photo of a {}.", "a picture of a {}.", "an image of a {}.",
+    "a photo of my {}.", "a {} in the picture.", "there is a {} in this photo.",
+)
+#: Open Clip Art titles: bare, as a drawing, and with the category folders for context.
+DRAWING_TEMPLATES: tuple[str, ...] = ("{title}", "a drawing of {title}.", "clip art of {title} ({cats}).")
+
+
+class TrainDataError(QuantError):
+    """The training shards or the training pack are missing or malformed."""
+
+
+@dataclass
+class Sample:
+    """One decoded training sample: ``image`` uint8 (H, W, 3) RGB, its group name, its source."""
+
+    source: str
+    group: str
+    image: np.ndarray
+
+
+@dataclass
+class CaptionTable:
+    """Groups and their captions. ``group_captions[g]`` lists caption ids (into ``captions``)."""
+
+    groups: list[str] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+    group_captions: list[list[int]] = field(default_factory=list)
+    _index: dict[str, int] = field(default_factory=dict)
+    _cap_index: dict[str, int] = field(default_factory=dict)
+
+    def add(self, group: str, captions: list[str]) -> int:
+        """Register ``group`` with ``captions`` (deduplicated); returns the group id."""
+        if group in self._index:
+            return self._index[group]
+        ids = []
+        for c in dict.fromkeys(captions):
+            if c not in self._cap_index:
+                self._cap_index[c] = len(self.captions)
+                self.captions.append(c)
+            ids.append(self._cap_index[c])
+        self._index[group] = len(self.groups)
+        self.groups.append(group)
+        self.group_captions.append(ids)
+        return self._index[group]
+
+    def padded(self) -> np.ndarray:
+        """int32 (G, T): each group's caption ids, cycled to the longest group's length T."""
+        t = max(len(ids) for ids in self.group_captions)
+        return np.array([[ids[i % len(ids)] for i in range(t)] for ids in self.group_captions], np.int32)
+
+
+_AUTHORLESS = re.compile(r"[_\s]+")
+
+
+def clean_title(title: str) -> str:
+    """Open Clip Art title from a file name -> readable text ('view_tree' -> 'view tree')."""
+    return _AUTHORLESS.sub(" ", title.replace("-", " ")).strip() or "drawing"
+
+
+def class_captions(name: str) -> list[str]:
+    return [t.format(name) for t in CLASS_TEMPLATES]
+
+
+def drawing_captions(title: str, categories: list[str]) -> list[str]:
+    cats = [c.replace("_", " ") for c in categories if c not in ("unsorted",)][-2:] or ["drawing"]
+    return [t.format(title=title, cats=", ".join(cats)) for t in DRAWING_TEMPLATES]
+
+
+def group_of(source: str, meta: dict, text: str) -> tuple[str, list[str]]:
+    """(group name, captions) for one sample. Class names merge across sources ('dog')."""
+    if source == "openclipart":
+        title = clean_title(meta.get("title", text))
+        return f"drawing:{title}", drawing_captions(title, meta.get("categories", []))
+    name = (meta.get("label") or text).strip()
+    return f"class:{name.lower()}", class_captions(name)
+
+
+def iter_shards(root: Path, source: str) -> Iterator[tuple[bytes, str, dict]]:
+    """(jpeg bytes, caption text, json meta) of every sample in ``root/source/*.tar.gz``."""
+    shards = sorted((root / source).glob("*.tar.gz"))
+    if not shards:
+        raise TrainDataError(f"no .tar.gz shards in {root / source}")
+    for shard in shards:
+        pending: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(shard) as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                key, _, ext = m.name.rpartition(".")
+                f = tar.extractfile(m)
+                entry = pending.setdefault(key, {})
+                entry[ext] = f.read() if f else b""
+                if {"jpg", "txt", "json"} <= entry.keys():
+                    e = pending.pop(key)
+                    yield e["jpg"], e["txt"].decode("utf-8").strip(), json.loads(e["json"])
+        if pending:
+            log.warning("%s: %d incomplete samples skipped", shard, len(pending))
+
+
+def decode_square(jpeg: bytes, size: int | None) -> np.ndarray:
+    """JPEG -> uint8 (S, S, 3): shortest side resized to ``size`` (bicubic) and centre-cropped, the
+    geometry of open_clip's eval transform; ``size=None`` keeps the pixels (CIFAR's 32x32)."""
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    if size is not None:
+        w, h = im.size
+        s = size / min(w, h)
+        nw, nh = max(size, round(w * s)), max(size, round(h * s))
+        im = im.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    return np.asarray(im, dtype=np.uint8)
+
+
+def mosaic(images: np.ndarray, cols: int) -> np.ndarray:
+    """uint8 (N, S, S, 3) -> one uint8 (rows*S, cols*S, 3) grid; missing tiles stay black."""
+    n, s = images.shape[0], images.shape[1]
+    rows = -(-n // cols)
+    grid = np.zeros((rows * cols, s, s, 3), np.uint8)
+    grid[:n] = images
+    return grid.reshape(rows, cols, s, s, 3).transpose(0, 2, 1, 3, 4).reshape(rows * s, cols * s, 3)
+
+
+def unmosaic(grid: np.ndarray, n: int, size: int) -> np.ndarray:
+    """Inverse of ``mosaic``: uint8 (rows*S, cols*S, 3) -> uint8 (n, S, S, 3)."""
+    rows, cols = grid.shape[0] // size, grid.shape[1] // size
+    tiles = grid.reshape(rows, size, cols, size, 3).transpose(0, 2, 1, 3, 4).reshape(-1, size, size, 3)
+    return tiles[:n]

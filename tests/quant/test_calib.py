@@ -1,0 +1,117 @@
+"""Calibration data: folders, captions, prompts, deterministic sampling and clear errors."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from quant.calib import CalibConfig, CalibrationSet, default_sizes, find_images, load_captions, prompt_for
+from quant.errors import CalibrationDataError
+from tests.quant.conftest import make_images
+
+
+def _pre(im) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    return torch.from_numpy(__import__("numpy").asarray(im.resize((8, 8)), dtype="float32")).permute(2, 0, 1)
+
+
+class _Tok:
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        self.seen += texts
+        return torch.tensor([[len(t), hash(t) % 1000] for t in texts], dtype=torch.int64)
+
+
+def test_batches_shapes_and_sizes(image_folder: Path) -> None:
+    tok = _Tok()
+    cs = CalibrationSet(CalibConfig(image_folder, num_samples=10, batch_size=4), _pre, tok)
+    batches = list(cs)
+    assert [b[0].shape[0] for b in batches] == [4, 4, 2] and len(cs) == 3
+    images, tokens = batches[0]
+    assert images.dtype == torch.float32 and images.shape[1:] == (3, 8, 8)
+    assert tokens.dtype == torch.int64 and tokens.shape == (4, 2)
+
+
+def test_default_sizes() -> None:
+    assert default_sizes("cuda:0") == (8192, 512) and default_sizes("cpu") == (256, 32)
+
+
+def test_sampling_is_deterministic(tmp_path: Path) -> None:
+    make_images(tmp_path / "c", {"a": 10, "b": 10}, size=8)
+    pick = lambda seed: [p.name for p, _ in CalibrationSet(  # noqa: E731
+        CalibConfig(tmp_path / "c", num_samples=5, seed=seed), _pre, _Tok()).pairs]
+    assert pick(0) == pick(0)
+    assert pick(0) != pick(1)
+    assert len(pick(2)) == 5
+
+
+def test_prompts_from_folder_and_file_names(tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    make_images(root, {"golden_retriever": 1, "": 1}, size=8)
+    cs = CalibrationSet(CalibConfig(root), _pre, _Tok())
+    caps = sorted(c for _, c in cs.pairs)
+    assert caps == ["a photo of a golden retriever.", "a photo of a img."]
+    assert prompt_for(root / "sea_view-12.jpg", root) == "a photo of a sea view."
+
+
+def test_captions_json_and_csv(tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    paths = make_images(root, {"x": 2}, size=8)
+    js = tmp_path / "caps.json"
+    js.write_text(json.dumps({"x/x_000.png": ["a black cat"], "x_001.png": "a dog"}))
+    cs = CalibrationSet(CalibConfig(root, captions=js), _pre, _Tok())
+    assert dict((p.name, c) for p, c in cs.pairs) == {"x_000.png": "a black cat", "x_001.png": "a dog"}
+    csv_file = tmp_path / "caps.csv"
+    csv_file.write_text("image,caption\nx/x_000.png,first\nx/x_000.png,second\n")
+    assert load_captions(csv_file) == {"x/x_000.png": ["first", "second"]}
+    cs = CalibrationSet(CalibConfig(root, captions=csv_file), _pre, _Tok())
+    assert dict((p.name, c) for p, c in cs.pairs)["x_001.png"] == "a photo of a x."
+    assert len(paths) == 2
+
+
+def test_bad_captions_files(tmp_path: Path, image_folder: Path) -> None:
+    with pytest.raises(CalibrationDataError, match="missing.json"):
+        CalibrationSet(CalibConfig(image_folder, captions=tmp_path / "missing.json"), _pre, _Tok())
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2")
+    with pytest.raises(CalibrationDataError, match="bad.json"):
+        load_captions(bad)
+
+
+def test_missing_empty_and_not_a_folder(tmp_path: Path) -> None:
+    with pytest.raises(CalibrationDataError, match="nope"):
+        find_images(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("hi")
+    with pytest.raises(CalibrationDataError, match="empty"):
+        find_images(tmp_path / "empty")
+    (tmp_path / "file.png").write_bytes(b"x")
+    with pytest.raises(CalibrationDataError, match="not a folder"):
+        find_images(tmp_path / "file.png")
+
+
+def test_undecodable_files_skipped_and_zero_decodable_raises(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    root = tmp_path / "c"
+    make_images(root, {"ok": 3}, size=8)
+    (root / "ok" / "broken.jpg").write_bytes(b"not an image")
+    cs = CalibrationSet(CalibConfig(root, batch_size=8), _pre, _Tok())
+    with caplog.at_level(logging.WARNING, logger="quant.calib"):
+        batches = list(cs)
+    assert sum(b[0].shape[0] for b in batches) == 3
+    assert [p.name for p in cs.skipped] == ["broken.jpg"] and "broken.jpg" in caplog.text
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(2):
+        (bad / f"{i}.png").write_bytes(b"garbage")
+    with pytest.raises(CalibrationDataError, match=r"bad: none of 2"):
+        list(CalibrationSet(CalibConfig(bad), _pre, _Tok()))
+
+
+def test_config_validates(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="num_samples"):
+        CalibConfig(tmp_path, num_samples=0)
