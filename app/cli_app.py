@@ -12,23 +12,24 @@ from pathlib import Path
 from typing import Any, Callable
 
 from quant.cli import add_encoder_args, model_spec_from_args
+from quant.config import ModelSpec
 
 log = logging.getLogger(__name__)
 
 
 def serve(index_dir: Path, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-          args: argparse.Namespace | None = None, open_browser: bool = False) -> int:
-    """Open ``index_dir``, build the encoders it was indexed with and serve the app (blocks)."""
+          model: ModelSpec | None = None, device: str = "auto", quantized: Path | None = None,
+          batch_size: int = 64, open_browser: bool = False) -> int:
+    """Open ``index_dir``, build the encoders it was indexed with and serve the app (blocks).
+
+    FP8 is served only when ``quantized`` (a ``clipfp8 quantize`` directory) is given.
+    """
     from app.backend import open_context
     from app.ui import build_ui, launch
 
     if not Path(index_dir).is_dir():
         raise NotADirectoryError(f"--index-dir {index_dir} is not a directory")
-    kwargs = {}
-    if args is not None:
-        kwargs = {"model": model_spec_from_args(args), "device": args.device, "quantized": args.quantized,
-                  "batch_size": args.batch_size}
-    ctx = open_context(Path(index_dir), **kwargs)
+    ctx = open_context(Path(index_dir), model=model, device=device, quantized=quantized, batch_size=batch_size)
     log.info("serving %s on http://%s:%d (share=%s)", ctx.corpus_root, host, port, share)
     launch(build_ui(ctx), ctx, host=host, port=port, share=share, open_browser=open_browser)
     return 0
@@ -64,7 +65,8 @@ def _tqdm_progress() -> Callable[[int, int], None]:
 
 
 def _serve_cmd(args: argparse.Namespace) -> int:
-    return serve(args.index_dir, host=args.host, port=args.port, share=args.share, args=args)
+    return serve(args.index_dir, host=args.host, port=args.port, share=args.share, model=model_spec_from_args(args),
+                 device=args.device, quantized=args.quantized, batch_size=args.batch_size)
 
 
 def _demo_cmd(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 MAX_UPLOAD = "10mb"
 GALLERY_COLUMNS = 4
+BENCH_KS = (1, 5, 10)
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -125,7 +126,7 @@ def run_search(ctx: AppContext, tracker: LatencyTracker, query: Any, k: float, t
 def _benchmark_outputs(ctx: AppContext, max_queries: float) -> tuple[str, pd.DataFrame]:
     if ctx.truth is None:
         raise ValueError("this corpus has neither captions.json nor class folders to benchmark with")
-    res = benchmark(ctx.index, ctx.encoders, ctx.truth, max_queries=int(max_queries) or None)
+    res = benchmark(ctx.index, ctx.encoders, ctx.truth, ks=BENCH_KS, max_queries=int(max_queries) or None)
     labels = list(res["recall"])
     head = "| precision | " + " | ".join(f"R@{k}" for k in res["ks"]) + " | mean latency ms |"
     rows = [head, "|---" * (len(res["ks"]) + 2) + "|"]
@@ -136,8 +137,9 @@ def _benchmark_outputs(ctx: AppContext, max_queries: float) -> tuple[str, pd.Dat
         rows.append(f"| Δ {labels[1]} − {labels[0]} | "
                     + " | ".join(f"{res['delta'][k] * 100:+.1f} pt" for k in res["ks"]) + " | |")
     md = (f"{res['n_queries']} queries from the corpus's {res['kind']}.\n\n" + "\n".join(rows))
-    frame = pd.DataFrame([{"k": f"R@{k}", "precision": label, "recall": res["recall"][label][k]}
-                          for label in labels for k in res["ks"]])
+    # One bar per (k, precision), in k order: BarPlot stacks bars sharing an x value.
+    frame = pd.DataFrame([{"k": f"R@{k} {label}", "precision": label, "recall": res["recall"][label][k]}
+                          for k in res["ks"] for label in labels])
     return md, frame
 
 
@@ -197,9 +199,10 @@ def _search_tab(ctx: AppContext) -> None:
     outs = [gal_a, gal_b, latency, plot, tracker, paths]
     controls = [k, threshold, precision, mode]
     search_fn = user_errors(lambda tr, q, kk, th, p, m: run_search(ctx, tr, q, kk, th, p, m))
-    go.click(search_fn, [tracker, query] + controls, outs, api_name="search")
-    query.submit(search_fn, [tracker, query] + controls, outs, api_visibility="private")
-    image_go.click(search_fn, [tracker, image] + controls, outs, api_name="search_image")
+    # always_last: a query typed while another runs is answered after it, not dropped.
+    go.click(search_fn, [tracker, query] + controls, outs, api_name="search", trigger_mode="always_last")
+    query.submit(search_fn, [tracker, query] + controls, outs, api_visibility="private", trigger_mode="always_last")
+    image_go.click(search_fn, [tracker, image] + controls, outs, api_name="search_image", trigger_mode="always_last")
     for which, gal in enumerate((gal_a, gal_b)):
         gal.select(user_errors(_select_handler(ctx, which)), [tracker, paths] + controls, [image] + outs,
                    api_visibility="private")
@@ -221,7 +224,9 @@ def _benchmark_tab(ctx: AppContext) -> None:
     max_q = gr.Number(value=0, precision=0, label="Max queries (0 = all)")
     bench_go = gr.Button("Run benchmark", elem_id="bench-btn")
     bench_md = gr.Markdown(elem_id="bench-result")
-    bench_plot = gr.BarPlot(x="k", y="recall", color="precision", title="Recall@k", y_lim=[0, 1], height=250)
+    order = [f"R@{k} {label}" for k in BENCH_KS for label in ctx.encoders]
+    bench_plot = gr.BarPlot(x="k", y="recall", color="precision", title="Recall@k", y_lim=[0, 1], height=250,
+                            sort=order, x_title="")
     bench_go.click(user_errors(lambda mq: _benchmark_outputs(ctx, mq)), [max_q], [bench_md, bench_plot],
                    api_name="benchmark", concurrency_limit=1)
 

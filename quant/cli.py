@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from quant.config import PRECISIONS, EncoderSpec, ModelSpec
+from quant.errors import ModelLoadError
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -18,7 +20,25 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def model_spec_from_args(args: argparse.Namespace) -> ModelSpec:
-    return ModelSpec(name=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
+    """``--model`` as an open_clip name, ``default``, or a path to a JSON open_clip config
+    (``{"embed_dim", "vision_cfg", "text_cfg"}`` or the shipped ``{"model_cfg": {...}}`` layout):
+    a model with random weights named after the file stem (tests and smoke runs)."""
+    path = Path(args.model)
+    if path.suffix != ".json":
+        return ModelSpec(name=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
+    if not path.is_file():
+        raise ModelLoadError(f"model config file not found: {path}")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"model config {path}: not valid JSON ({e})") from e
+    cfg = cfg.get("model_cfg", cfg) if isinstance(cfg, dict) else cfg
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"model config {path}: expected a JSON object")
+    try:
+        return ModelSpec(name=path.stem, config=cfg)
+    except ValueError as e:
+        raise ModelLoadError(f"model config {path}: {e}") from e
 
 
 def add_encoder_args(p: argparse.ArgumentParser, precision_default: str = "fp16") -> None:

@@ -19,7 +19,6 @@ import torch
 
 from quant.cli import add_model_args, model_spec_from_args
 from quant.config import ModelSpec
-from quant.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -29,21 +28,6 @@ AUDIT_PROMPTS = ["a photo of a cat.", "a photo of a dog.", "a red car on a stree
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
     """``--model`` as an open_clip name, ``default``, or a path to a JSON config file."""
-    path = Path(args.model)
-    if path.suffix == ".json":
-        if not path.is_file():
-            raise ModelLoadError(f"model config file not found: {path}")
-        try:
-            cfg = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelLoadError(f"model config {path}: not valid JSON ({e})") from e
-        cfg = cfg.get("model_cfg", cfg) if isinstance(cfg, dict) else cfg
-        if not isinstance(cfg, dict):
-            raise ModelLoadError(f"model config {path}: expected a JSON object")
-        try:
-            return ModelSpec(name=path.stem, config=cfg)
-        except ValueError as e:
-            raise ModelLoadError(f"model config {path}: {e}") from e
     return model_spec_from_args(args)
 
 

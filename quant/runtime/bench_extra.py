@@ -2,7 +2,6 @@
 end-to-end indexing throughput from JPEG files, decoded and resized on the GPU."""
 from __future__ import annotations
 
-import io
 import logging
 import queue
 import tempfile
@@ -83,7 +82,6 @@ def bench_query(models: dict[str, Any], runners: dict, cfg: Any, progress: Calla
                 out[f"{prec.split('-')[0]}_query_search_graph_p99_ms"] = t.p99_ms
     out.update({"db_rows": rows, "dim": dim, "k": 10})
     progress(f"query: {out}")
-    del db
     return out
 
 

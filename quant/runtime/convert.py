@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from quant.runtime.fp8_attention import FP8Attention, qkv_quantizers
-from quant.runtime.fp8_linear import FakeQuantFP8, FP8Embedding, FP8Linear, fp8_scales, quantize_fp8, shape_supports_scaled_mm
+from quant.runtime.fp8_linear import DisabledQuantizer, FakeQuantFP8, FP8Embedding, FP8Linear, fp8_scales, quantize_fp8, shape_supports_scaled_mm
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,23 @@ def _convert_embedding(module: nn.Embedding, name: str, report: ConversionReport
     return FP8Embedding.from_embedding(module, amax)
 
 
+def _convert_layer_norm(module: nn.LayerNorm, name: str, report: ConversionReport) -> nn.Module:
+    new = nn.LayerNorm(module.normalized_shape, eps=module.eps, elementwise_affine=module.elementwise_affine,
+                       bias=module.bias is not None, device=module.weight.device if module.weight is not None else None)
+    new.load_state_dict({k: v for k, v in module.state_dict().items() if "_quantizer" not in k})
+    iq = _quantizer(module, "input_quantizer")
+    if iq is None:
+        return new
+    report.emulated.append((name, "LayerNorm input FP8 rounding kept by fake quant"))
+    return nn.Sequential(FakeQuantFP8(_per_tensor_amax(iq)), new)
+
+
 def _convert_other(module: nn.Module, name: str, report: ConversionReport) -> nn.Module:
     """A quantized non-Linear module (Conv) -> its plain class; FP8 rounding kept by fake quant."""
     if isinstance(module, nn.Embedding):
         return _convert_embedding(module, name, report)
+    if isinstance(module, nn.LayerNorm):
+        return _convert_layer_norm(module, name, report)
     base = next((c for c in type(module).__mro__ if c.__module__.startswith("torch.nn")), None)
     if base is None or not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         report.notes.append(f"{name}: quantized {type(module).__name__} left as is")
@@ -142,6 +155,22 @@ def _convert_attention(module: nn.Module, name: str, report: ConversionReport, m
     report.attention.append(name)
     heads = int(getattr(module, "num_heads"))
     return FP8Attention(heads, *projs, qkv_quant=qkv, softmax_quant=softmax, exact_softmax=exact_softmax)
+
+
+def _standin_attention_quantizers(module: nn.Module, name: str, report: ConversionReport,
+                                  exact_softmax: bool) -> None:
+    """Other quantized attention (e.g. HF ``BertSelfAttention``, whose forward calls
+    ``quant.attention.attend``): swap its ModelOpt TensorQuantizers for plain torch stand-ins
+    (FP8 rounding with the calibrated scale, or identity), so torch.compile sees simple code."""
+    from quant.attention import ATTENTION_QUANTIZERS
+
+    for qname in ATTENTION_QUANTIZERS:
+        if not hasattr(module, qname):
+            continue
+        amax = _per_tensor_amax(_quantizer(module, qname))
+        keep = amax is not None and (qname != "softmax_quantizer" or exact_softmax)
+        setattr(module, qname, FakeQuantFP8(amax) if keep else DisabledQuantizer())
+    report.attention.append(name)
 
 
 def _is_explicit_attention(module: nn.Module) -> bool:
@@ -181,6 +210,8 @@ def _walk(module: nn.Module, prefix: str, report: ConversionReport, mode: str, e
         elif _is_quant_module(child):
             new = _convert_other(child, name, report)
         else:
+            if hasattr(child, "q_bmm_quantizer"):
+                _standin_attention_quantizers(child, name, report, exact_softmax)
             _walk(child, f"{name}.", report, mode, exact_softmax, fast_accum)
             continue
         setattr(module, child_name, new)

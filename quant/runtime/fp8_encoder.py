@@ -51,9 +51,11 @@ def build_fp8_model(fake_quant_model: nn.Module, device: str | torch.device = "c
     return model, report
 
 
-def create_fp8_encoder(spec: EncoderSpec, *, compile: bool = True) -> FastTorchEncoder:
+def create_fp8_encoder(spec: EncoderSpec, *, compile: bool = True, exact_softmax: bool = True) -> FastTorchEncoder:
     """Real-FP8 ``Encoder`` for ``spec`` (precision ``fp8``, ``quantized`` dir required).
 
+    ``exact_softmax``: keep the checkpoint's FP8 rounding of the softmax output (faithful to the
+    fake-quant model, explicit attention); False uses the fused SDPA kernel (faster, skips it).
     Raises ``UnsupportedPrecisionError`` without a CUDA GPU of compute capability >= 8.9.
     """
     if spec.precision != "fp8":
@@ -63,7 +65,7 @@ def create_fp8_encoder(spec: EncoderSpec, *, compile: bool = True) -> FastTorchE
     from quant.checkpoint import load_quantized
 
     loaded, checksum = load_quantized(spec.quantized)
-    model, report = build_fp8_model(loaded.model, device)
+    model, report = build_fp8_model(loaded.model, device, exact_softmax=exact_softmax)
     log.info("FP8 runtime for %s: %s", spec.quantized, report.summary())
     for name, why in report.emulated:
         log.info("  emulated (dequantized fp16 GEMM): %s (%s)", name, why)

@@ -138,7 +138,12 @@ class FP8Embedding(nn.Module):
 
 
 class FakeQuantFP8(nn.Module):
-    """Quantize-dequantize with a static per-tensor scale (used on attention Q/K/V): (...) -> (...)."""
+    """Quantize-dequantize with a static per-tensor scale (used on attention Q/K/V): (...) -> (...).
+
+    ``is_enabled`` mirrors ModelOpt's TensorQuantizer, so it can stand in for one inside
+    attention code that checks it (``quant.attention.attend``)."""
+
+    is_enabled = True
 
     def __init__(self, amax: torch.Tensor) -> None:
         super().__init__()
@@ -150,5 +155,11 @@ class FakeQuantFP8(nn.Module):
         return (quantize_fp8(x, self.qmul_scale).to(torch.float32) * self.scale).to(x.dtype)
 
 
-__all__ = ["FP8Linear", "FP8Embedding", "FakeQuantFP8", "fp8_scale", "fp8_scales", "quantize_fp8", "shape_supports_scaled_mm",
+class DisabledQuantizer(nn.Identity):
+    """Stand-in for a disabled ModelOpt TensorQuantizer: identity, ``is_enabled`` False."""
+
+    is_enabled = False
+
+
+__all__ = ["FP8Linear", "FP8Embedding", "FakeQuantFP8", "DisabledQuantizer", "fp8_scale", "fp8_scales", "quantize_fp8", "shape_supports_scaled_mm",
            "FP8_MAX", "FP8_DTYPE"]

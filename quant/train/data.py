@@ -42,15 +42,6 @@ class TrainDataError(QuantError):
 
 
 @dataclass
-class Sample:
-    """One decoded training sample: ``image`` uint8 (H, W, 3) RGB, its group name, its source."""
-
-    source: str
-    group: str
-    image: np.ndarray
-
-
-@dataclass
 class CaptionTable:
     """Groups and their captions. ``group_captions[g]`` lists caption ids (into ``captions``)."""
 

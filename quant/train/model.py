@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -108,22 +107,3 @@ def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize_rows_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale[:, None].float()
-
-
-def write_default_model(parts_state: dict[str, torch.Tensor], model_cfg: dict[str, Any],
-                        meta: dict[str, Any], out_dir: Path) -> Path:
-    """Write ``open_clip_config.json`` and ``model.safetensors`` (fp16) atomically into ``out_dir``."""
-    import json
-
-    from safetensors.torch import save_file
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / "model.safetensors"
-    tmp = weights.with_suffix(".tmp")
-    save_file({k: v.to(torch.float16).contiguous() for k, v in parts_state.items()}, str(tmp))
-    tmp.replace(weights)
-    cfg_file = out_dir / "open_clip_config.json"
-    tmp = cfg_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"model_cfg": model_cfg, **meta}, indent=2) + "\n")
-    tmp.replace(cfg_file)
-    return weights

