@@ -37,8 +37,7 @@ class StoreIndex:
         self.corpus_root = Path(store.corpus_root).resolve()
 
     def query(self, encoder: Encoder, query: Query, k: int, threshold: float | None) -> Sequence[HitLike]:
-        # indexing.search is both a submodule and a function; import the function explicitly.
-        from indexing.search import search
+        from indexing.query import search
 
         return search(self.store, encoder, query, k=k, threshold=threshold)
 

@@ -54,7 +54,7 @@ def main() -> int:
 
     from indexing.config import IndexConfig
     from indexing.pipeline import index_corpus
-    from indexing.search import search
+    from indexing.query import search
     from indexing.store import open_index
 
     encoder, which = make_encoder(args.precision, args.batch_size)

@@ -10,8 +10,8 @@ from typing import Any
 _EXPORTS = {
     "index_corpus": "indexing.pipeline", "IndexSummary": "indexing.pipeline",
     "open_index": "indexing.store", "IndexStore": "indexing.store",
-    "search": "indexing.search", "Hit": "indexing.search",
-    "verify": "indexing.verify", "VerifyReport": "indexing.verify",
+    "search": "indexing.query", "Hit": "indexing.query",
+    "verify": "indexing.consistency", "VerifyReport": "indexing.consistency",
     "export_parquet": "indexing.export", "IndexConfig": "indexing.config",
 }
 

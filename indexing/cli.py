@@ -68,7 +68,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from indexing.search import search
+    from indexing.query import search
     from indexing.store import open_index
 
     with open_index(args.index_dir) as store:
@@ -81,7 +81,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from indexing.verify import verify
+    from indexing.consistency import verify
 
     encoders = [make_encoder(args, p) for p in args.precision] if args.repair else []
     report = verify(args.index_dir, repair=args.repair, encoders=encoders)

@@ -202,7 +202,8 @@ def _open_clip_cfg(name: str) -> dict[str, Any]:
 
 def _from_checkpoint(spec: ModelSpec) -> LoadedModel:
     path = spec.checkpoint
-    assert path is not None  # guaranteed by the caller's branch
+    if path is None:  # unreachable through load_model; keeps the type checker honest
+        raise ModelLoadError("ModelSpec.checkpoint is not set")
     if path.suffix != ".safetensors":
         raise ModelLoadError(f"checkpoint {path}: only .safetensors files are loaded (no pickle)")
     cfg = _open_clip_cfg(spec.name)

@@ -143,9 +143,10 @@ def test_select_refuses_stale_or_foreign_paths(corpus, encoders, tmp_path):
 
 
 def test_markers_markdown_lists_every_difference(corpus):
-    encs = {"FP16": FakeEncoder(precision="fp16"), "FP8": FakeEncoder(precision="fp8-fake", noise=0.6)}
+    encs = {"FP16": FakeEncoder(precision="fp16"), "FP8": FakeEncoder(precision="fp8-fake", noise=1.0)}
     ctx = _ctx(corpus, encs)
-    res = S.search("white", encs, ctx.index, k=5, mode="side_by_side")
+    results = [S.search(q, encs, ctx.index, k=5, mode="side_by_side") for q in ("white", "red", "blue", "green")]
+    res = min(results, key=lambda r: r.overlap)  # the query where the twins disagree most
     md = ui.markers_markdown(res)
     marked = [(label, it) for label, pr in res.results.items() for it in pr.items if it.marker]
     assert marked, "the noisy twin should produce differences"

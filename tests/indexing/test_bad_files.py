@@ -11,7 +11,7 @@ from PIL import Image, features
 
 from indexing.config import IndexConfig
 from indexing.pipeline import index_corpus
-from indexing.search import search
+from indexing.query import search
 from indexing.store import open_index
 from tests.fakes import FakeEncoder
 from tests.indexing import badfiles as bf

@@ -15,7 +15,7 @@ import pytest
 
 from indexing.config import IndexConfig
 from indexing.pipeline import index_corpus
-from indexing.verify import verify
+from indexing.consistency import verify
 from tests.indexing.conftest import REPO, encoders, index_state, make_corpus
 
 CFG = IndexConfig(batch_size=4, workers=2, commit_every=8)

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from indexing.pipeline import index_corpus
-from indexing.search import search
+from indexing.query import search
 from indexing.store import open_index
 from quant.config import ModelSpec
 from quant.encoder import TorchEncoder

@@ -10,7 +10,7 @@ from PIL import Image
 from indexing.config import IndexConfig
 from indexing.errors import QueryError
 from indexing.pipeline import index_corpus
-from indexing.search import search
+from indexing.query import search
 from indexing.store import open_index
 from tests.fakes import FakeEncoder
 from tests.indexing.conftest import make_corpus

@@ -14,7 +14,7 @@ from indexing.errors import (EncoderMismatchError, IndexLockedError, IndexNotFou
                              StorageError, UnknownEncoderError, IndexCorruptError)
 from indexing.config import IndexConfig
 from indexing.pipeline import index_corpus
-from indexing.search import search
+from indexing.query import search
 from indexing.store import open_for_write, open_index
 from tests.fakes import FakeEncoder
 from tests.indexing.conftest import REPO, encoders, index_state, make_corpus

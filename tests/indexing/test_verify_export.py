@@ -13,7 +13,7 @@ from indexing.export import export_parquet
 from indexing.pipeline import index_corpus
 from indexing.store import open_index
 from indexing.vectors import VectorIndex
-from indexing.verify import verify
+from indexing.consistency import verify
 from tests.fakes import FakeEncoder
 from tests.indexing.conftest import encoders, index_state
 

@@ -175,11 +175,12 @@ def test_fp8_encoder_end_to_end(tmp_path, tiny_loaded):
     ptq.quantize(loaded, [tiny_inputs(8, seed=s) for s in (1, 2)], ptq.QuantConfig())
     ckpt.save_quantized(loaded, tmp_path / "q", ptq.QuantConfig())
     spec = EncoderSpec(model=loaded.spec, precision="fp8", device="cuda", quantized=tmp_path / "q")
-    enc = create_fp8_encoder(spec)
-    assert enc.precision == "fp8" and enc.identity().precision == "fp8"
+    exact = create_fp8_encoder(spec, exact_softmax=True)
+    fast = create_fp8_encoder(spec)  # the default: fused 16-bit softmax
+    assert fast.precision == "fp8" and fast.identity().precision == "fp8"
     imgs, toks = tiny_inputs(6, seed=9)
-    got = torch.from_numpy(enc.encode_images(imgs))
     with torch.inference_mode():
         ref = F.normalize(loaded.model.cuda().half().encode_image(imgs.cuda().half()).float(), dim=-1).cpu()
-    assert F.cosine_similarity(got, ref).min() >= 0.999
-    assert enc.encode_texts(["a photo", "of a cat"]).shape == (2, enc.dim)
+    assert F.cosine_similarity(torch.from_numpy(exact.encode_images(imgs)), ref).min() >= 0.999
+    assert F.cosine_similarity(torch.from_numpy(fast.encode_images(imgs)), ref).mean() >= 0.99
+    assert fast.encode_texts(["a photo", "of a cat"]).shape == (2, fast.dim)
