@@ -20,7 +20,7 @@ from quant.encoder import Encoder
 
 log = logging.getLogger(__name__)
 
-#: Test hook: when set to "1", ``serve`` uses ``tests.fakes.FakeEncoder`` twins instead of models.
+#: Test hook: when set to "1", ``serve`` uses ``quant.testing.FakeEncoder`` twins instead of models.
 FAKE_ENCODER_ENV = "CLIPFP8_TEST_FAKE_ENCODER"
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 REF_PRECISIONS = ("fp16", "bf16", "fp32")
@@ -54,7 +54,7 @@ class StoreIndex:
 
 def fake_encoders() -> dict[str, Encoder]:
     """The FakeEncoder twins used when ``CLIPFP8_TEST_FAKE_ENCODER=1`` (tests only)."""
-    from tests.fakes import FakeEncoder
+    from quant.testing import FakeEncoder
 
     return {"FP16": FakeEncoder(precision="fp16"), "FP8": FakeEncoder(precision="fp8-fake", noise=0.15)}
 

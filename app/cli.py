@@ -34,7 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         rc = args.func(args)
-    except (QuantError, IndexingError, ValueError, FileNotFoundError, NotADirectoryError) as e:
+    except (QuantError, IndexingError, ValueError, OSError) as e:
+        # OSError: permissions, missing files, a port in use, a full disk -- its message names
+        # the file or address; a traceback would add nothing for the user (-v logs it).
+        logging.getLogger("clipfp8").debug("command failed", exc_info=True)
         print(f"clipfp8 {args.command}: error: {e}", file=sys.stderr)
         return ERROR_EXIT
     except KeyboardInterrupt:

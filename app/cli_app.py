@@ -1,7 +1,7 @@
 """``clipfp8 serve`` and ``clipfp8 demo``: thin wrappers over ``app.backend``/``app.demo``/``app.ui``.
 
 Test hook: with ``CLIPFP8_TEST_FAKE_ENCODER=1`` in the environment, ``serve`` uses the
-``tests.fakes.FakeEncoder`` twins of ``app.backend.fake_encoders`` instead of loading models
+``quant.testing.FakeEncoder`` twins of ``app.backend.fake_encoders`` instead of loading models
 (the end-to-end browser test and the load test build their index with the same twins).
 """
 from __future__ import annotations

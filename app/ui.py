@@ -63,6 +63,24 @@ def gallery_items(ctx: AppContext, result: SearchResult, label: str) -> list[tup
     return items
 
 
+def thumbnails(items: list[tuple[str, str]], size: int = 256) -> list[tuple[Image.Image, str]]:
+    """Decoded thumbnails for the gallery. The app hands Gradio pixels, never file paths, so
+    Gradio needs no allowed path at all: nothing under the corpus folder (captions, databases,
+    HTML/SVG files) can be fetched through its file route."""
+    out = []
+    for path, caption in items:
+        try:
+            with Image.open(path) as im:
+                im.draft("RGB", (size, size))  # JPEG: decode at reduced scale, cheaper
+                thumb = im.convert("RGB")
+                thumb.thumbnail((size, size))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            log.warning("cannot show %s: %s", path, e)
+            continue
+        out.append((thumb, caption))
+    return out
+
+
 def latency_markdown(result: SearchResult, tracker: LatencyTracker) -> str:
     rows = ["| precision | text/image encode ms | search ms | total ms | p50 ms | p95 ms | queries |",
             "|---|---:|---:|---:|---:|---:|---:|"]
@@ -115,8 +133,8 @@ def run_search(ctx: AppContext, tracker: LatencyTracker, query: Any, k: float, t
     tracker.record(result)
     labels = result.precisions()
     items = [gallery_items(ctx, result, label) for label in labels]
-    gal_a = gr.Gallery(value=items[0], label=f"{labels[0]} results")
-    gal_b = (gr.Gallery(value=items[1], label=f"{labels[1]} results", visible=True) if side
+    gal_a = gr.Gallery(value=thumbnails(items[0]), label=f"{labels[0]} results")
+    gal_b = (gr.Gallery(value=thumbnails(items[1]), label=f"{labels[1]} results", visible=True) if side
              else gr.Gallery(value=[], visible=False))
     paths = [[p for p, _ in its] for its in items] + ([[]] if not side else [])
     return (gal_a, gal_b, latency_markdown(result, tracker) + "\n\n" + markers_markdown(result),
@@ -268,8 +286,11 @@ def _select(ctx: AppContext, which: int, tracker: LatencyTracker, paths: list[li
 
 def launch(demo: gr.Blocks, ctx: AppContext, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
            open_browser: bool = False, block: bool = True) -> Any:
-    """Serve ``demo``; only the corpus root is an allowed file path; uploads are capped at 10 MB."""
+    """Serve ``demo``: no file path is allowed (results go out as thumbnails), the corpus and index
+    folders are explicitly blocked, uploads are capped at 10 MB, and only our own ``gr.Error``
+    messages reach the browser (other exceptions show a generic error; details go to the log)."""
     demo.queue(default_concurrency_limit=4, max_size=256)
     return demo.launch(server_name=host, server_port=port, share=share, inbrowser=open_browser,
-                       allowed_paths=[str(ctx.corpus_root)], max_file_size=MAX_UPLOAD, show_error=True,
+                       allowed_paths=[], blocked_paths=[str(ctx.corpus_root), str(Path(ctx.index_dir).resolve())],
+                       max_file_size=MAX_UPLOAD, show_error=False,
                        prevent_thread_lock=not block, quiet=True, footer_links=["api"], ssr_mode=False)

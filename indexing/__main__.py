@@ -22,7 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (IndexingError, QuantError, ValueError) as e:
+    except (IndexingError, QuantError, ValueError, OSError) as e:
         print(f"clipfp8 {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,7 +1,7 @@
 """``clipfp8 index|search|verify|stats|export``: thin wrappers over the ``indexing`` functions.
 
 Test hook: with ``CLIPFP8_TEST_FAKE_ENCODER=1`` in the environment, ``--precision`` also accepts
-``fake`` and ``fake-fp8`` (``tests.fakes.FakeEncoder``), so subprocess tests need no model.
+``fake`` and ``fake-fp8`` (``quant.testing.FakeEncoder``), so subprocess tests need no model.
 """
 from __future__ import annotations
 
@@ -29,10 +29,7 @@ def _precisions() -> tuple[str, ...]:
 def make_encoder(args: argparse.Namespace, precision: str) -> Any:
     """The encoder for ``precision`` from the shared model/encoder arguments."""
     if precision in FAKE_PRECISIONS and os.environ.get(FAKE_ENV) == "1":
-        repo = str(Path(__file__).resolve().parents[1])
-        if repo not in sys.path:  # the console script does not put the checkout on sys.path
-            sys.path.append(repo)
-        from tests.fakes import FakeEncoder  # test hook only, see the module docstring
+        from quant.testing import FakeEncoder  # test hook only, see the module docstring
 
         return FakeEncoder() if precision == "fake" else FakeEncoder(precision="fp8-fake", noise=0.05)
     from quant.encoder import create_encoder

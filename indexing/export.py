@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from indexing.atomic import atomic_write_bytes
-from indexing.errors import QueryError
+from indexing.errors import IndexCorruptError, QueryError
 from indexing.store import IndexStore
 
 META_COLUMNS = ("size", "mtime_ns", "sha256", "width", "height")
@@ -29,17 +29,21 @@ def export_parquet(store: IndexStore, encoder_name: str, output: str | Path) -> 
     emb = vec.reconstruct(ids).astype(np.float32) if len(ids) else np.zeros((0, vec.dim), np.float32)
     rows = {r["id"]: r for r in store.db.query("SELECT * FROM images WHERE status='ok'")}
     cols: dict[str, list] = {"id": [], "image_path": [], **{c: [] for c in META_COLUMNS}}
+    orphans = [i for i in ids.tolist() if i not in rows]
+    if orphans:
+        raise IndexCorruptError(f"{store.index_dir}: encoder {encoder_name!r} holds {len(orphans)} vectors with no "
+                                f"indexed image row (e.g. id {orphans[0]}); run `clipfp8 verify --repair`")
     for i in ids.tolist():
         r = rows[i]
         cols["id"].append(i)
         cols["image_path"].append(r["path"])  # display text (non-UTF-8 bytes backslash-escaped)
         for c in META_COLUMNS:
             cols[c].append(r[c])
-    offsets = pa.array(np.arange(0, (len(ids) + 1) * vec.dim, vec.dim, dtype=np.int32))
     table = pa.table({
         "id": pa.array(cols["id"], pa.int64()),
         "image_path": pa.array(cols["image_path"], pa.string()),
-        "embedding": pa.ListArray.from_arrays(offsets, pa.array(emb.reshape(-1), pa.float32())),
+        # Fixed-size lists: no int32 offsets to overflow on large corpora (clip-retrieval reads lists).
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), vec.dim),
         "size": pa.array(cols["size"], pa.int64()), "mtime_ns": pa.array(cols["mtime_ns"], pa.int64()),
         "sha256": pa.array(cols["sha256"], pa.string()), "width": pa.array(cols["width"], pa.int32()),
         "height": pa.array(cols["height"], pa.int32()),

@@ -62,8 +62,14 @@ def make_plan(scan: ScanResult, rows: dict[bytes, dict[str, Any]], embedded: dic
             plan.scan_errors.append((rel, reason, row))
         else:
             plan.unchanged += 1
+    # A folder we cannot read is not a folder that is gone: keep what is stored under it (an
+    # unreadable mount point must not empty the index).
+    hidden = tuple(rel for rel, reason in scan.errors if reason.startswith("unreadable_dir"))
     for rel, row in rows.items():
         if rel in seen:
+            continue
+        if any(d == b"" or rel.startswith(d + b"/") for d in hidden):
+            plan.unchanged += 1
             continue
         complete = all(row["id"] in ids for ids in embedded.values())
         if row["status"] == "ok" and complete and row["sha256"] and row["sha256"] not in plan.vanished:

@@ -52,6 +52,10 @@ def embed_query(encoder: Encoder, query: str | Image.Image | Path) -> np.ndarray
     if isinstance(query, Image.Image):
         from indexing.decode import to_rgb
 
+        if query.width * query.height > QUERY_MAX_PIXELS:
+            raise QueryError(f"query image is {query.width}x{query.height} pixels; the limit is "
+                             f"{QUERY_MAX_PIXELS:,} pixels")
+
         return encoder.encode_pil([to_rgb(query)])
     raise QueryError(f"query must be a str, PIL.Image.Image or Path, got {type(query).__name__}")
 

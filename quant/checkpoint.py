@@ -30,7 +30,7 @@ import torch
 
 from quant.config import ModelSpec
 from quant.errors import ModelLoadError, QuantError
-from quant.models import LoadedModel, load_model, state_checksum
+from quant.models import LoadedModel, load_model, load_safetensors_into, state_checksum
 from quant.ptq import QuantConfig, prepare_model, quiet_stdout
 
 log = logging.getLogger(__name__)
@@ -148,8 +148,27 @@ def _read_json(path: Path) -> Any:
         raise ModelLoadError(f"quantized checkpoint is incomplete: {path} is missing")
     try:
         return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path}: not valid JSON ({e})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise ModelLoadError(f"{path}: not readable JSON ({e})") from e
+
+
+def read_model_spec(directory: Path) -> ModelSpec:
+    """The ``ModelSpec`` a quantized directory was made from (cheap: reads JSON only)."""
+    path = Path(directory) / SPEC
+    try:
+        return ModelSpec.from_dict(_read_json(path))
+    except (ValueError, TypeError, KeyError) as e:
+        raise ModelLoadError(f"{path}: invalid model spec: {e}") from e
+
+
+def check_same_model(directory: Path, expected: ModelSpec) -> None:
+    """Refuse a quantized directory made from another model than ``expected``, so an FP8 encoder
+    is never silently compared with (or indexed next to) the FP16 encoder of a different model."""
+    got = read_model_spec(directory)
+    if got.model_id() != expected.model_id():
+        raise ModelLoadError(
+            f"{Path(directory) / SPEC}: quantized from model {got.model_id()!r}, but the model asked for "
+            f"is {expected.model_id()!r}; pass the same --model/--pretrained/--checkpoint as for `quantize`")
 
 
 def load_quantized(directory: Path) -> tuple[LoadedModel, str]:
@@ -157,13 +176,15 @@ def load_quantized(directory: Path) -> tuple[LoadedModel, str]:
     model, checksum over weights + quant config + amaxes). Raises ``ModelLoadError`` naming the
     file that is missing, corrupt or does not match the model/config."""
     import modelopt.torch.opt as mto
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     directory = Path(directory)
     if not directory.is_dir():
         raise ModelLoadError(f"quantized checkpoint directory not found: {directory}")
     manifest = _read_json(directory / MANIFEST)
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        raise ModelLoadError(f"{directory / MANIFEST}: unsupported format_version "
+                             f"{manifest.get('format_version') if isinstance(manifest, dict) else None!r} "
+                             f"(this version reads {FORMAT_VERSION})")
     try:
         spec = ModelSpec.from_dict(_read_json(directory / SPEC))
         qcfg = QuantConfig.from_dict(_read_json(directory / QCFG))
@@ -180,16 +201,8 @@ def load_quantized(directory: Path) -> tuple[LoadedModel, str]:
     path = directory / WEIGHTS
     if not path.is_file():
         raise ModelLoadError(f"quantized checkpoint is incomplete: {path} is missing")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ModelLoadError(f"{path} is not a readable safetensors file: {e}") from e
-    own = loaded.model.state_dict()
-    bad = sorted(set(own) ^ set(state)) + sorted(k for k in state if k in own and own[k].shape != state[k].shape)
-    if bad:
-        raise ModelLoadError(f"{path} does not match the model/config in {directory}: "
-                             f"{len(bad)} mismatched tensors (e.g. {bad[:3]})")
-    loaded.model.load_state_dict(state, strict=True)
+    # Every tensor (weights and quantizer amaxes) must match in name and shape.
+    load_safetensors_into(loaded.model, path)
     loaded.model.eval()
     checksum = quant_checksum(_weights(loaded.model), qcfg)
     if checksum != manifest.get("checksum"):
@@ -206,5 +219,5 @@ def load_quant_config(directory: Path) -> QuantConfig:
         raise ModelLoadError(f"{Path(directory) / QCFG}: invalid quant config: {e}") from e
 
 
-__all__ = ["save_quantized", "load_quantized", "load_quant_config", "encode_state", "decode_state",
+__all__ = ["save_quantized", "load_quantized", "load_quant_config", "read_model_spec", "check_same_model", "encode_state", "decode_state",
            "quant_checksum"]

@@ -144,6 +144,10 @@ def create_encoder(spec: EncoderSpec) -> Encoder:
     from quant.models import load_model
 
     device = spec.resolved_device()
+    if spec.quantized is not None and spec.precision not in _DTYPES:
+        from quant.checkpoint import check_same_model
+
+        check_same_model(spec.quantized, spec.model)
     if spec.precision in _DTYPES:
         loaded = load_model(spec.model)
         checksum = loaded.weights_checksum()

@@ -6,13 +6,14 @@ loader is called with ``weights_only=True`` for downloaded ones.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -129,8 +130,25 @@ def build_from_config(cfg: dict[str, Any], pretrained_text: bool = False) -> nn.
     kwargs = {k: v for k, v in cfg.items() if k in ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "cast_dtype", "init_logit_scale", "init_logit_bias")}
     if "hf_model_name" in cfg["text_cfg"]:
         kwargs["text_cfg"] = dict(kwargs["text_cfg"], hf_model_pretrained=pretrained_text)
-        return open_clip.CustomTextCLIP(**kwargs)
+        with _quiet_transformers():
+            return open_clip.CustomTextCLIP(**kwargs)
     return open_clip.CLIP(**kwargs)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers prints a load report (the unused BERT pooler of all-MiniLM-L6-v2, which we
+    replace by mean pooling) and a progress bar on every load: noise for our users."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
 
 
 def _from_config(spec: ModelSpec) -> LoadedModel:

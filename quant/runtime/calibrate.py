@@ -54,12 +54,9 @@ def fp8_quantize(model: nn.Module, image_batches: list[torch.Tensor] | None,
     from quant.runtime.fp8_attention import ensure_explicit_attention
 
     avoid_modelopt_cuda_jit()
-    try:  # the quantization package's ModelOpt wrappers (adds the *_bmm_quantizer of attention)
-        from quant.attention import register_quant_attention
-    except ImportError:
-        register_quant_attention = None
-    if register_quant_attention is not None:
-        register_quant_attention()
+    from quant.attention import register_quant_attention
+
+    register_quant_attention()  # ModelOpt wrappers that add the *_bmm/softmax quantizers of attention
     model = copy.deepcopy(model) if copy_model else model
     n = ensure_explicit_attention(model)
     log.info("explicit attention: %d blocks", n)

@@ -9,9 +9,6 @@ SDPA (flash / memory-efficient): torch has no FP8 SDPA kernel, and attention is 
 FLOPs of a ViT-L/14 at 257 tokens, so a 16-bit softmax costs little. The softmax FP8 rounding
 cannot be applied inside a fused kernel; ``exact_softmax=True`` runs the explicit
 QK^T -> softmax -> FP8 round -> PV path instead (bit-faithful to fake quant, slower).
-
-Until ``quant.attention`` is importable, ``ensure_explicit_attention`` uses the compatible
-``ExplicitAttentionCompat`` below (same attribute names, no bmm quantizers).
 """
 from __future__ import annotations
 
@@ -45,69 +42,12 @@ def _float_mask(attn_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Ten
     return attn_mask.to(dtype)
 
 
-class ExplicitAttentionCompat(nn.Module):
-    """Stand-in for ``quant.attention.ExplicitAttention`` (batch-first, self/cross attention).
-
-    forward(query (B, L, E), key, value, need_weights=False, attn_mask=None) -> ((B, L, E), None),
-    the call signature open_clip uses for ``nn.MultiheadAttention``.
-    """
-
-    def __init__(self, embed_dim: int, num_heads: int, bias: bool = True) -> None:
-        super().__init__()
-        self.embed_dim, self.num_heads = embed_dim, num_heads
-        self.head_dim = embed_dim // num_heads
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-
-    @classmethod
-    def from_mha(cls, mha: nn.MultiheadAttention) -> "ExplicitAttentionCompat":
-        if not mha.batch_first or not mha._qkv_same_embed_dim:
-            raise ValueError("ExplicitAttentionCompat supports batch-first MHA with equal q/k/v dims only")
-        new = cls(mha.embed_dim, mha.num_heads, bias=mha.in_proj_bias is not None)
-        w = mha.in_proj_weight.detach().chunk(3)
-        b = mha.in_proj_bias.detach().chunk(3) if mha.in_proj_bias is not None else (None,) * 3
-        for proj, wi, bi in zip((new.q_proj, new.k_proj, new.v_proj), w, b):
-            proj.weight.data.copy_(wi)
-            if bi is not None:
-                proj.bias.data.copy_(bi)
-        new.out_proj.weight.data.copy_(mha.out_proj.weight.detach())
-        if mha.out_proj.bias is not None:
-            new.out_proj.bias.data.copy_(mha.out_proj.bias.detach())
-        return new.to(mha.in_proj_weight.dtype)
-
-    def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
-                need_weights: bool = False, attn_mask: torch.Tensor | None = None,
-                **_: object) -> tuple[torch.Tensor, None]:
-        key = query if key is None else key
-        value = key if value is None else value
-        q = _split_heads(self.q_proj(query), self.num_heads)
-        k = _split_heads(self.k_proj(key), self.num_heads)
-        v = _split_heads(self.v_proj(value), self.num_heads)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=_float_mask(attn_mask, q.dtype))
-        return self.out_proj(_merge_heads(out)), None
-
-
 def ensure_explicit_attention(model: nn.Module) -> int:
-    """Replace every batch-first ``nn.MultiheadAttention`` by an explicit-projection module.
+    """Replace every ``nn.MultiheadAttention`` by ``quant.attention.ExplicitAttention`` (the
+    quantization package's converter). Returns the number replaced."""
+    from quant.attention import convert_attention
 
-    Uses ``quant.attention.convert_attention`` when that module exists (the quantization
-    package's converter), else ``ExplicitAttentionCompat``. Returns the number replaced.
-    """
-    try:
-        from quant.attention import convert_attention
-    except ImportError:
-        convert_attention = None
-    if convert_attention is not None:
-        return int(convert_attention(model))
-    count = 0
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.MultiheadAttention):
-                setattr(module, child_name, ExplicitAttentionCompat.from_mha(child))
-                count += 1
-    return count
+    return int(convert_attention(model))
 
 
 def _enabled_amax(module: nn.Module, attr: str) -> torch.Tensor | None:
@@ -175,4 +115,4 @@ def qkv_quantizers(module: nn.Module) -> tuple[tuple[nn.Module, nn.Module, nn.Mo
     return qkv, softmax, notes  # type: ignore[return-value]
 
 
-__all__ = ["ExplicitAttentionCompat", "FP8Attention", "ensure_explicit_attention", "qkv_quantizers"]
+__all__ = ["FP8Attention", "ensure_explicit_attention", "qkv_quantizers"]

@@ -276,7 +276,8 @@ def train(cfg: TrainConfig, progress: Callable[[dict[str, Any]], None] | None = 
             torch.cuda.synchronize() if cfg.device.startswith("cuda") else None
             per_step = (time.perf_counter() - t_train0) / step
             left = cfg.time_budget_s - (time.perf_counter() - t_start)  # the budget covers load + compile
-            total = max(step + 1, min(cfg.max_steps, step + int(left / per_step)))
+            # Never past max_steps; at least the probe itself (the loop ends at once if no time is left).
+            total = min(cfg.max_steps, max(step, step + int(left / per_step)))
             log.info("probe: %.1f ms/step -> %d steps in the %.0f s budget", per_step * 1e3, total, cfg.time_budget_s)
         if step % cfg.log_every == 0 or step == total:
             mean_loss = float(torch.stack(loss_acc).mean())
@@ -307,10 +308,11 @@ def _finish(parts: TrainableParts, cfg: TrainConfig, model_cfg: dict[str, Any], 
     # weights and log first: a failing quick eval must not lose the run
     save_file(export_state(parts), str(out / "model.safetensors.tmp"))
     (out / "model.safetensors.tmp").replace(out / "model.safetensors")
-    with open(out / "train_log.csv", "w", newline="") as fh:
+    with open(out / "train_log.csv.tmp", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    (out / "train_log.csv.tmp").replace(out / "train_log.csv")
     t0 = time.perf_counter()
     metrics: dict[str, Any] | None = None
     if (cfg.pack_dir / "eval.npz").is_file():
@@ -325,7 +327,8 @@ def _finish(parts: TrainableParts, cfg: TrainConfig, model_cfg: dict[str, Any], 
                "timing": timing, "final_loss": rows[-1]["loss"], "eval_gpu_pack": metrics,
                "device": torch.cuda.get_device_name() if cfg.device.startswith("cuda") else "cpu",
                "torch": torch.__version__}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.json.tmp").write_text(json.dumps(summary, indent=2))
+    (out / "summary.json.tmp").replace(out / "summary.json")  # train-ship reads it: never half-written
     plot_loss(rows, out / "loss.png")
     return summary
 

@@ -62,13 +62,3 @@ class MemIndex:
 
     def resolve(self, rel_path: str) -> Path:
         return safe_resolve(self.corpus_root, rel_path)
-
-
-def indexing_ready() -> bool:
-    """True once the indexing package exports the API the app uses (it is built in parallel)."""
-    try:
-        from indexing import index_corpus, open_index  # noqa: F401
-        from indexing.query import search  # noqa: F401
-    except ImportError:
-        return False
-    return True

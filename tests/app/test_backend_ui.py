@@ -10,7 +10,7 @@ import pytest
 import app.search as S
 from app import backend, ui
 from quant.config import ModelSpec
-from tests.app.helpers import FakeHit, MemIndex, indexing_ready, make_corpus
+from tests.app.helpers import FakeHit, MemIndex, make_corpus
 from tests.fakes import FakeEncoder
 
 
@@ -157,7 +157,6 @@ def test_markers_markdown_lists_every_difference(corpus):
     assert ui.markers_markdown(S.search("white", encs, ctx.index, k=5, precision="FP16")) == ""
 
 
-@pytest.mark.skipif(not indexing_ready(), reason="the indexing API is not available yet")
 def test_open_context_over_a_real_index(tmp_path, monkeypatch):
     from indexing import index_corpus
 

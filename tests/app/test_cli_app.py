@@ -3,10 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 
 from app.cli import build_parser, main
-from tests.app.helpers import indexing_ready, make_corpus
+from tests.app.helpers import make_corpus
 
 
 def test_serve_defaults_to_loopback_without_a_share_link():
@@ -47,7 +46,6 @@ def _capture_launch(monkeypatch) -> dict:
     return seen
 
 
-@pytest.mark.skipif(not indexing_ready(), reason="the indexing API is not available yet")
 def test_serve_launches_loopback_with_only_the_corpus_allowed(tmp_path, monkeypatch):
     from app.backend import FAKE_ENCODER_ENV, fake_encoders
     from indexing import index_corpus
@@ -58,11 +56,12 @@ def test_serve_launches_loopback_with_only_the_corpus_allowed(tmp_path, monkeypa
     seen = _capture_launch(monkeypatch)
     assert main(["serve", "--index-dir", str(tmp_path / "idx"), "--port", "7999"]) == 0
     assert seen["server_name"] == "127.0.0.1" and seen["server_port"] == 7999 and seen["share"] is False
-    assert seen["allowed_paths"] == [str(corpus.resolve())] and seen["max_file_size"] == "10mb"
-    assert seen["inbrowser"] is False and seen["show_error"] is True
+    # Nothing is served from disk: results go out as thumbnails; corpus and index are blocked.
+    assert seen["allowed_paths"] == [] and seen["max_file_size"] == "10mb"
+    assert set(seen["blocked_paths"]) == {str(corpus.resolve()), str((tmp_path / "idx").resolve())}
+    assert seen["inbrowser"] is False and seen["show_error"] is False
 
 
-@pytest.mark.skipif(not indexing_ready(), reason="the indexing API is not available yet")
 def test_demo_prepares_then_serves_without_share(tmp_path, monkeypatch):
     import app.demo
     from app.backend import fake_encoders
@@ -82,4 +81,4 @@ def test_demo_prepares_then_serves_without_share(tmp_path, monkeypatch):
     assert main(["demo", "--no-browser", "--work-dir", str(tmp_path / "w"), "--port", "7998"]) == 0
     assert calls and calls[0].work_dir == tmp_path / "w"
     assert seen["share"] is False and seen["inbrowser"] is False and seen["server_name"] == "127.0.0.1"
-    assert seen["allowed_paths"] == [str(corpus.resolve())]
+    assert seen["allowed_paths"] == [] and str(corpus.resolve()) in seen["blocked_paths"]

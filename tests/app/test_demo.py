@@ -11,19 +11,9 @@ from app import demo as D
 from app.backend import fake_encoders
 from quant.config import ModelSpec
 from quant.models import load_model, tiny_config
-from tests.app.helpers import indexing_ready, make_corpus
+from tests.app.helpers import make_corpus
 
 SAMPLES = Path(__file__).resolve().parents[2] / "data" / "samples"
-
-
-def _has(module: str) -> bool:
-    import importlib
-
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        return False
-    return True
 
 
 def test_bundled_samples_are_small_captioned_jpegs_with_a_licence():
@@ -68,7 +58,6 @@ def test_calib_batches_pair_images_with_their_captions(tmp_path):
     assert batches[0][0].shape[1:] == (3, *loaded.image_size) and batches[0][1].shape[0] == 2
 
 
-@pytest.mark.skipif(not _has("quant.checkpoint"), reason="quant.checkpoint (save_quantized) not available yet")
 def test_quantize_step_is_cached_by_weights_checksum(tmp_path, monkeypatch):
     corpus = make_corpus(tmp_path / "c", per_colour=1)
     cfg = D.DemoConfig(work_dir=tmp_path / "w", corpus=corpus, model=ModelSpec(name="tiny", config=tiny_config()),
@@ -93,7 +82,6 @@ def test_quantize_step_is_cached_by_weights_checksum(tmp_path, monkeypatch):
     assert emb.shape == (2, encs["FP8"].dim) and abs(float((emb ** 2).sum(1).mean()) - 1.0) < 1e-3
 
 
-@pytest.mark.skipif(not indexing_ready(), reason="the indexing API is not available yet")
 def test_prepare_demo_indexes_the_corpus_with_injected_encoders(tmp_path):
     from indexing import open_index
 
@@ -114,7 +102,6 @@ def test_prepare_demo_indexes_the_corpus_with_injected_encoders(tmp_path):
     assert encs["FP16"].calls["images"] == calls
 
 
-@pytest.mark.skipif(not (indexing_ready() and _has("quant.checkpoint")), reason="indexing/checkpoint API not available yet")
 def test_demo_pipeline_with_a_tiny_real_model(tmp_path):
     """quantize -> FP16 + FP8-fake encoders -> index -> app search, all with a tiny open_clip model."""
     import torch

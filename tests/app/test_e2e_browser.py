@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.app.helpers import indexing_ready, make_corpus
+from tests.app.helpers import make_corpus
 
 CHROMIUM = Path("/usr/bin/chromium")
 REPO = Path(__file__).resolve().parents[2]
@@ -22,7 +22,6 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SECRET = "TOP-SECRET-NOT-IN-CORPUS"
 
-pytestmark = pytest.mark.skipif(not indexing_ready(), reason="the indexing API is not available yet")
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +48,12 @@ def _get(url: str) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
-def test_only_corpus_files_are_served(server):
+def test_no_file_is_served_from_disk(server):
     base, corpus, tmp = server["url"], server["corpus"], server["tmp"]
-    status, body = _get(f"{base}/gradio_api/file={corpus / 'red' / 'red_0.png'}")
-    assert status == 200 and body[:4] == b"\x89PNG"  # positive control: corpus files are served
+    # Results go out as thumbnails: not even corpus files (nor the index DB) are reachable by path.
+    for inside in (corpus / "red" / "red_0.png", tmp / "index" / "metadata.sqlite"):
+        status, body = _get(f"{base}/gradio_api/file={inside}")
+        assert status != 200 and body[:4] != b"\x89PNG" and b"SQLite" not in body, inside
     crafted = [str(tmp / "secret.txt"), str(tmp / "cwd" / "secret.txt"), f"{corpus}/../secret.txt",
                f"{corpus}/red/../../secret.txt", "/etc/passwd", "secret.txt",
                urllib.parse.quote(f"{corpus}/../secret.txt", safe="")]

@@ -34,8 +34,7 @@ def encoders() -> list[FakeEncoder]:
 
 def index_state(index_dir: Path) -> dict:
     """Everything a clean run determines: rows (id, path, hash, status) and per encoder the
-    sorted FAISS ids and their vectors. (FakeEncoder's ``noise`` depends on an image's position
-    in its batch, so the noisy encoder's vectors are compared by id only.)"""
+    sorted FAISS ids and their vectors."""
     from indexing.store import open_index
 
     with open_index(index_dir) as store:
@@ -46,7 +45,7 @@ def index_state(index_dir: Path) -> dict:
             vec = store.vectors(name)
             ids = vec.ids()
             order = np.argsort(ids)
-            vectors = vec.reconstruct(ids[order]).round(5).tolist() if name == "fake-fp16" else None
+            vectors = vec.reconstruct(ids[order]).round(5).tolist()
             out[name] = (ids[order].tolist(), vectors)
         return out
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from indexing import search as search_mod
+from indexing import query as search_mod
 from indexing.vectors import VectorIndex
 
 pytestmark = [pytest.mark.gpu,

@@ -84,7 +84,7 @@ def test_parquet_round_trip(corpus: Path, tmp_path: Path) -> None:
             export_parquet(store, "fake-fp16", tmp_path / "x.csv")
     table = pq.read_table(out)
     assert n == table.num_rows == 10  # the bad file has no embedding
-    assert pa.types.is_list(table.schema.field("embedding").type)
+    assert pa.types.is_fixed_size_list(table.schema.field("embedding").type)
     assert table.schema.field("embedding").type.value_type == pa.float32()
     d = table.to_pydict()
     assert d["id"] == sorted(d["id"])

@@ -36,15 +36,19 @@ def test_quantize_end_to_end(quantized_dir: Path, capsys) -> None:  # type: igno
     assert spec["name"] == "tiny" and spec["config"]["vision_cfg"]["width"] == 64
 
 
-def test_quantize_prints_table(workdir: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_quantize_prints_table(workdir: Path, quantized_dir: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     rc = main(["quantize", "--calib", str(workdir / "calib"), "--output", str(workdir / "out2"), "--model",
                str(workdir / "tiny.json"), "--device", "cpu", "--num-samples", "4", "--exclude", "none"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "GEMM-like ops in FP8; attention covered: yes" in out
     assert "visual.conv1" in out and "calibrated on 4 image-text pairs" in out
-    # --exclude none: the patch embedding conv is quantized too
+    # --exclude none: the patch embedding conv is quantized too, and runs in FP8
     assert json.loads((workdir / "out2" / "quant_config.json").read_text())["exclude"] == []
+    audit = json.loads((workdir / "out2" / "audit.json").read_text())
+    default = json.loads((quantized_dir / "audit.json").read_text())  # conv1 excluded there
+    assert audit["gemm_ops"] - audit["fp8_ops"] == 2  # only the two raw-parameter output projections
+    assert default["fp8_ops"] == audit["fp8_ops"] - 1
 
 
 def test_audit_cli(quantized_dir: Path, workdir: Path, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -87,8 +87,8 @@ def test_evaluate_cli_errors_through_clipfp8(tmp_path, tiny_model, colour_classe
 
 def _quantized_dir(path, towers: tuple[str, ...]):
     """A tiny model, seeded like ``tiny_model``, FP8-quantized and saved to ``path``."""
-    ptq = pytest.importorskip("quant.ptq")
-    checkpoint = pytest.importorskip("quant.checkpoint")
+    from quant import checkpoint, ptq
+
     torch.manual_seed(0)
     config = quant.models.tiny_config(embed_dim=16, image_size=32)
     loaded = quant.models.load_model(ModelSpec(name="tiny", config=config))
@@ -104,9 +104,12 @@ def test_evaluate_cli_fp8_fake_several_quantized_dirs(tmp_path, tiny_model, colo
     q_all = _quantized_dir(tmp_path / "q-all", ("image", "text"))
     q_text = _quantized_dir(tmp_path / "q-textonly", ("text",))
     out = tmp_path / "out"
+    # The same model as the quantized dirs ("config:tiny"): a mismatch is refused (test below).
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(quant.models.tiny_config(embed_dim=16, image_size=32)))
     assert run(["evaluate", "--dataset", str(colour_captions), "--precision", "fp32", "fp8-fake",
-                "--quantized", str(q_all), str(q_text), "--device", "cpu", "--output", str(out),
-                "--no-progress"]) == 0
+                "--model", str(cfg), "--quantized", str(q_all), str(q_text), "--device", "cpu",
+                "--output", str(out), "--no-progress"]) == 0
     d = json.loads((out / "results.json").read_text())
     assert [e["label"] for e in d["encoders"]] == ["fp32", "fp8-fake:q-all", "fp8-fake:q-textonly"]
     agree = d["datasets"][0]["agreement"]
@@ -116,3 +119,15 @@ def test_evaluate_cli_fp8_fake_several_quantized_dirs(tmp_path, tiny_model, colo
     assert text_only["image_cosine"] > 0.99999 and full["text_cosine"] < 1.0
     manifest = json.loads((q_all / "manifest.json").read_text())
     assert d["encoders"][1]["checksum"] == manifest["checksum"] and d["encoders"][1]["precision"] == "fp8-fake"
+
+
+def test_evaluate_refuses_fp8_of_another_model(tmp_path, colour_captions, capsys):
+    """FP8 quantized from one model must not be compared with the FP16 of another (the default)."""
+    from app.cli import main
+
+    q = _quantized_dir(tmp_path / "q", ("image", "text"))
+    rc = main(["evaluate", "--dataset", str(colour_captions), "--precision", "fp8-fake", "--quantized", str(q),
+               "--device", "cpu", "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "config:tiny" in err and "'default'" in err

@@ -224,7 +224,7 @@ def test_top1_agreement():
 def test_retrieval_matches_a_topk_formulation_like_clip_benchmark():
     # CLIP_benchmark's formulation: a boolean positive-pair matrix and torch.topk; a query hits
     # when at least one positive is among its top k. Continuous random scores: no ties.
-    torch = pytest.importorskip("torch")
+    import torch
     rng = np.random.default_rng(7)
     n, owner = 30, np.repeat(np.arange(30), rng.integers(1, 6, size=30))
     images, texts = unit(rng.normal(size=(n, 8))), unit(rng.normal(size=(len(owner), 8)))
