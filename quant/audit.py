@@ -287,9 +287,16 @@ def audit(model: nn.Module, sample_batch: tuple[torch.Tensor, torch.Tensor], qcf
     attn_names = {n for n, m in model.named_modules() if isinstance(m, attention_module_types())}
     records, gaps = [], []
     excluded: dict[str, set[str]] = {}  # description key -> owning modules
+    projections: dict[str, int] = {}
     for op, owner, fp8 in runtime_ops(model, sample_batch):
         is_attn = _owner_flags(owner, attn_names)
         status, key = ("fp8", None) if fp8 else _classify(owner, op, is_attn, qcfg)
+        if status == "projection":
+            # The raw-parameter output projection is ONE matmul per tower forward; any further
+            # high-precision GEMM in the same forward body is a gap, not a projection.
+            projections[owner] = projections.get(owner, 0) + 1
+            if projections[owner] > 1:
+                status, key = "gap", None
         if key is not None:
             excluded.setdefault(key, set()).add(owner)
         records.append(OpRecord(op, owner, _tower(owner), is_attn, fp8, status))

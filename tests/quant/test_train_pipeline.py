@@ -1,0 +1,253 @@
+"""End to end on a tiny synthetic data root: shards -> pack -> CPU smoke training -> ship.
+
+Everything is written under tmp_path; data/default_model is never touched (``ship_run`` always
+gets an explicit ``dest``).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import quant.models
+from quant.errors import ModelLoadError
+from quant.train.data import SOURCES, TrainDataError
+from quant.train.model import default_model_cfg
+from quant.train.prep import PrepConfig, build_pack, load_pack
+from quant.train.ship import ship_run
+from quant.train.train import TrainConfig, train
+
+#: A small image tower (same architecture family as the shipped one) so the CPU steps are quick.
+TINY_VISION = {"image_size": 64, "patch_size": 16, "width": 64, "layers": 2, "head_width": 32, "mlp_ratio": 2.0}
+PER_SOURCE = 8
+#: (label/title, categories) per source; CIFAR images are 32x32, the others larger and not square.
+SAMPLES = {"cifar10-train": ["cat", "dog"], "imagenette-train": ["church", "golf ball"],
+           "openclipart": ["red_apple", "blue-car"], "imagen": ["dog", "tree"]}
+PROBE = 3
+
+
+def _jpeg(rng: np.random.Generator, size: tuple[int, int]) -> bytes:
+    from PIL import Image
+
+    arr = np.broadcast_to(rng.integers(0, 256, 3, dtype=np.uint8), (size[1], size[0], 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def make_data_root(root: Path, per_source: int = PER_SOURCE, shards: int = 2) -> Path:
+    """root/train/<source>/shard-XXXX.tar.gz, each sample KEY.jpg + KEY.txt + KEY.json."""
+    rng = np.random.default_rng(0)
+    for source, names in SAMPLES.items():
+        folder = root / "train" / source
+        folder.mkdir(parents=True)
+        per_shard = -(-per_source // shards)
+        for s in range(shards):
+            with tarfile.open(folder / f"shard-{s:04d}.tar.gz", "w:gz") as tar:
+                for i in range(s * per_shard, min(per_source, (s + 1) * per_shard)):
+                    name = names[i % len(names)]
+                    size = (32, 32) if source == "cifar10-train" else (80, 72)
+                    meta = ({"title": name, "categories": ["food", "unsorted"]} if source == "openclipart"
+                            else {"label": name})
+                    key = f"{source}-{i:05d}"
+                    _add(tar, f"{key}.jpg", _jpeg(rng, size))
+                    _add(tar, f"{key}.txt", name.encode())
+                    _add(tar, f"{key}.json", json.dumps(meta).encode())
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("train_pipeline")
+    root = make_data_root(tmp / "data")
+    pack_dir, run_dir, ship_dir = tmp / "pack", tmp / "run", tmp / "ship"
+    prep = build_pack(PrepConfig(data_root=root, out_dir=pack_dir, max_per_source=PER_SOURCE, with_eval=False,
+                                 model_cfg=default_model_cfg(TINY_VISION, embed_dim=32)))
+    # the CLI's --smoke settings, with max_steps == probe_steps (the probe must not add a step)
+    cfg = TrainConfig(pack_dir=pack_dir, out_dir=run_dir, device="cpu", batch_size=16, max_steps=PROBE,
+                      probe_steps=PROBE, warmup_steps=1, log_every=2, compile=False, bf16=False,
+                      time_budget_s=600.0)
+    rows: list[dict] = []
+    torch.manual_seed(0)
+    summary = train(cfg, progress=rows.append)
+    shipped = ship_run(run_dir, dest=ship_dir)
+    return {"tmp": tmp, "root": root, "pack_dir": pack_dir, "run_dir": run_dir, "ship_dir": ship_dir,
+            "prep": prep, "summary": summary, "rows": rows, "shipped": shipped, "cfg": cfg}
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_pack_round_trips(pipeline: dict) -> None:
+    prep = pipeline["prep"]
+    assert prep["per_source"] == {s: PER_SOURCE for s in SOURCES}
+    assert prep["n32"] == PER_SOURCE and prep["n64"] == 3 * PER_SOURCE
+    assert "eval" not in prep and not (pipeline["pack_dir"] / "eval.npz").exists()
+    pack = load_pack(pipeline["pack_dir"])
+    assert pack["img32"].shape == (PER_SOURCE, 3, 32, 32) and pack["img32"].dtype == np.uint8
+    assert pack["img64"].shape == (3 * PER_SOURCE, 3, 64, 64)
+    assert len(pack["group32"]) == PER_SOURCE and len(pack["group64"]) == 3 * PER_SOURCE
+    # "dog" merges across cifar10-train and imagen: 7 groups, not 8
+    assert pack["meta"]["n_groups"] == prep["n_groups"] == 7 == pack["group_captions"].shape[0]
+    assert pack["feats"].shape == (prep["n_captions"], 384) and pack["feats"].dtype == np.int8
+    # solid-colour tiles survive the JPEG mosaic (approximately; the edges bleed into neighbours)
+    for arr in (pack["img32"], pack["img64"]):
+        s = arr.shape[-1]
+        assert float(arr[:, :, s // 4:-s // 4, s // 4:-s // 4].astype(np.float32).std(axis=(2, 3)).max()) < 6.0
+
+
+def test_smoke_training_writes_a_finite_run_within_max_steps(pipeline: dict) -> None:
+    run, summary, cfg = pipeline["run_dir"], pipeline["summary"], pipeline["cfg"]
+    for name in ("model.safetensors", "summary.json", "train_log.csv", "loss.png"):
+        assert (run / name).is_file(), name
+    assert math.isfinite(summary["final_loss"]) and summary["final_loss"] > 0
+    assert json.loads((run / "summary.json").read_text())["final_loss"] == summary["final_loss"]
+    assert summary["timing"]["steps"] <= cfg.max_steps == cfg.probe_steps
+    assert summary["timing"]["samples_seen"] == summary["timing"]["steps"] * cfg.batch_size
+    with open(run / "train_log.csv", newline="") as fh:
+        log_rows = list(csv.DictReader(fh))
+    steps = [int(r["step"]) for r in log_rows]
+    assert steps == sorted(steps) and max(steps) <= cfg.max_steps and steps[-1] == summary["timing"]["steps"]
+    assert all(math.isfinite(float(r["loss"])) for r in log_rows)
+    assert all(r["total"] <= cfg.max_steps for r in pipeline["rows"])
+
+
+def test_shipped_folder_loads_and_gives_unit_norm_embeddings(pipeline: dict, monkeypatch) -> None:
+    ship_dir, shipped = pipeline["ship_dir"], pipeline["shipped"]
+    assert sorted(p.name for p in ship_dir.iterdir()) == ["model.safetensors", "open_clip_config.json",
+                                                         "training_log.csv", "training_loss.png"]
+    assert (ship_dir / "model.safetensors").read_bytes() == (pipeline["run_dir"] / "model.safetensors").read_bytes()
+    assert shipped["dest"] == str(ship_dir) and shipped["embed_dim"] == 32 and shipped["image_size"] == [64, 64]
+    assert not [p for p in ship_dir.parent.iterdir() if p.name.startswith(".ship.")]  # no staging left over
+    monkeypatch.setattr(quant.models, "DEFAULT_MODEL_DIR", ship_dir)
+    loaded = quant.models.load_model()
+    assert loaded.weights_checksum() == shipped["weights_checksum"]
+    from PIL import Image
+
+    images = torch.stack([loaded.preprocess(Image.new("RGB", (70, 64), c)) for c in ("red", "navy")])
+    with torch.no_grad():
+        img = loaded.model.encode_image(images, normalize=True)
+        txt = loaded.model.encode_text(loaded.tokenizer(["a photo of a dog.", "clip art of red apple."]),
+                                       normalize=True)
+    for emb in (img, txt):
+        assert emb.shape == (2, 32) and torch.isfinite(emb).all()
+        torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2), atol=1e-4, rtol=0)
+
+
+def _existing_dest(pipeline: dict, tmp_path: Path) -> Path:
+    dest = tmp_path / "model"
+    shutil.copytree(pipeline["ship_dir"], dest)
+    (dest / "MODEL_CARD.md").write_text("# the old card\n")
+    return dest
+
+
+def _run_copy(pipeline: dict, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(pipeline["run_dir"], run)
+    return run
+
+
+@pytest.mark.parametrize("breakage", ["missing_key", "not_json", "missing_file"])
+def test_ship_with_broken_summary_leaves_dest_untouched(pipeline: dict, tmp_path: Path, breakage: str) -> None:
+    dest, run = _existing_dest(pipeline, tmp_path), _run_copy(pipeline, tmp_path)
+    before = _snapshot(dest)
+    summary_file = run / "summary.json"
+    if breakage == "missing_key":
+        summary = json.loads(summary_file.read_text())
+        del summary["timing"]
+        summary_file.write_text(json.dumps(summary))
+        match = r"summary\.json: missing key 'timing'"
+    elif breakage == "not_json":
+        summary_file.write_text('{"model_cfg": ')
+        match = r"summary\.json: not valid JSON"
+    else:
+        summary_file.unlink()
+        match = r"training run file not found: .*summary\.json"
+    with pytest.raises(TrainDataError, match=match) as exc:
+        ship_run(run, dest=dest)
+    assert str(run) in str(exc.value)
+    assert _snapshot(dest) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "run"]  # nothing staged left over
+
+
+def test_ship_that_does_not_load_leaves_dest_untouched(pipeline: dict, tmp_path: Path) -> None:
+    dest, run = _existing_dest(pipeline, tmp_path), _run_copy(pipeline, tmp_path)
+    before = _snapshot(dest)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["model_cfg"]["embed_dim"] = 48  # the weights say 32
+    (run / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ModelLoadError) as exc:
+        ship_run(run, dest=dest)
+    assert str(run) in str(exc.value) and "model.safetensors" in str(exc.value)
+    assert _snapshot(dest) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "run"]
+
+
+def test_ship_replaces_dest_and_keeps_files_it_does_not_own(pipeline: dict, tmp_path: Path) -> None:
+    dest = _existing_dest(pipeline, tmp_path)
+    (dest / "model.safetensors").write_bytes(b"old weights")
+    (dest / "training_loss.png").unlink()  # the new run brings its own
+    out = ship_run(pipeline["run_dir"], dest=dest)
+    assert out["sha256"] == pipeline["shipped"]["sha256"]
+    assert (dest / "MODEL_CARD.md").read_text() == "# the old card\n"
+    assert _snapshot(dest) == dict(_snapshot(pipeline["ship_dir"]), **{"MODEL_CARD.md": b"# the old card\n"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_ship_restores_the_old_folder_when_the_swap_fails(pipeline: dict, tmp_path: Path, monkeypatch) -> None:
+    dest = _existing_dest(pipeline, tmp_path)
+    before = _snapshot(dest)
+    real_rename = Path.rename
+
+    def rename(self: Path, target):
+        if Path(target) == dest and self.name.startswith(".model.ship-"):
+            raise OSError("simulated failure while swapping in the new folder")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="simulated"):
+        ship_run(pipeline["run_dir"], dest=dest)
+    assert _snapshot(dest) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_load_pack_errors_name_the_path(pipeline: dict, tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(TrainDataError, match=r"training pack file not found: .*nowhere.*pack\.json"):
+        load_pack(missing)
+    pack = tmp_path / "pack"
+    shutil.copytree(pipeline["pack_dir"], pack)
+    meta = json.loads((pack / "pack.json").read_text())
+    del meta["n64"]
+    (pack / "pack.json").write_text(json.dumps(meta))
+    with pytest.raises(TrainDataError, match=r"pack\.json: missing key 'n64'") as exc:
+        load_pack(pack)
+    assert str(pack) in str(exc.value)
+    shutil.copyfile(pipeline["pack_dir"] / "pack.json", pack / "pack.json")
+    with np.load(pack / "pack.npz") as z:
+        arrays = {k: z[k] for k in z.files if k != "feats"}
+    np.savez(pack / "pack.npz", **arrays)
+    with pytest.raises(TrainDataError, match=r"pack\.npz: missing array 'feats'"):
+        load_pack(pack)
+    shutil.copyfile(pipeline["pack_dir"] / "pack.npz", pack / "pack.npz")
+    (pack / "images64.jpg").unlink()
+    with pytest.raises(TrainDataError, match=r"training pack file not found: .*images64\.jpg"):
+        load_pack(pack)
+    (pack / "pack.npz").unlink()
+    with pytest.raises(TrainDataError, match=r"training pack file not found: .*pack\.npz"):
+        load_pack(pack)
