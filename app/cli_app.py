@@ -19,10 +19,11 @@ log = logging.getLogger(__name__)
 
 def serve(index_dir: Path, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
           model: ModelSpec | None = None, device: str = "auto", quantized: Path | None = None,
-          batch_size: int = 64, open_browser: bool = False) -> int:
+          batch_size: int = 64, open_browser: bool = False, allow_reindex: bool = False) -> int:
     """Open ``index_dir``, build the encoders it was indexed with and serve the app (blocks).
 
-    FP8 is served only when ``quantized`` (a ``clipfp8 quantize`` directory) is given.
+    FP8 is served only when ``quantized`` (a ``clipfp8 quantize`` directory) is given;
+    ``allow_reindex`` adds the page's incremental-indexing button (off by default).
     """
     from app.backend import open_context
     from app.ui import build_ui, launch
@@ -31,7 +32,7 @@ def serve(index_dir: Path, host: str = "127.0.0.1", port: int = 7860, share: boo
         raise NotADirectoryError(f"--index-dir {index_dir} is not a directory")
     ctx = open_context(Path(index_dir), model=model, device=device, quantized=quantized, batch_size=batch_size)
     log.info("serving %s on http://%s:%d (share=%s)", ctx.corpus_root, host, port, share)
-    launch(build_ui(ctx), ctx, host=host, port=port, share=share, open_browser=open_browser)
+    launch(build_ui(ctx, allow_reindex=allow_reindex), ctx, host=host, port=port, share=share, open_browser=open_browser)
     return 0
 
 
@@ -45,7 +46,8 @@ def demo(work_dir: Path, port: int = 7860, no_browser: bool = False, host: str =
     cfg = DemoConfig(work_dir=work_dir, device=device)
     index_dir, encoders = prepare_demo(cfg, progress=_tqdm_progress())
     ctx = open_context(index_dir, encoders=encoders)
-    launch(build_ui(ctx), ctx, host=host, port=port, share=False, open_browser=not no_browser)
+    # The demo is a local, loopback-only session over the bundled samples: re-indexing is on.
+    launch(build_ui(ctx, allow_reindex=True), ctx, host=host, port=port, share=False, open_browser=not no_browser)
     return 0
 
 
@@ -66,7 +68,8 @@ def _tqdm_progress() -> Callable[[int, int], None]:
 
 def _serve_cmd(args: argparse.Namespace) -> int:
     return serve(args.index_dir, host=args.host, port=args.port, share=args.share, model=model_spec_from_args(args),
-                 device=args.device, quantized=args.quantized, batch_size=args.batch_size)
+                 device=args.device, quantized=args.quantized, batch_size=args.batch_size,
+                 allow_reindex=args.allow_reindex)
 
 
 def _demo_cmd(args: argparse.Namespace) -> int:
@@ -80,6 +83,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
+    p.add_argument("--allow-reindex", action="store_true",
+                   help="add the page's 'Run incremental indexing' button (off: callable by anyone reaching the server)")
     add_encoder_args(p)
     p.set_defaults(func=_serve_cmd)
 

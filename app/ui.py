@@ -177,8 +177,11 @@ def _reindex(ctx: AppContext, progress: gr.Progress) -> tuple[str, dict[str, Any
     return md, ctx.stats, header_markdown(ctx)
 
 
-def build_ui(ctx: AppContext) -> gr.Blocks:
-    """The whole app; ``ctx`` is shared by every session, the latency series is per session."""
+def build_ui(ctx: AppContext, allow_reindex: bool = False) -> gr.Blocks:
+    """The whole app; ``ctx`` is shared by every session, the latency series is per session.
+
+    ``allow_reindex``: show the "Run incremental indexing" button. Off by default: a hidden
+    Gradio endpoint is still callable over HTTP by anyone who can reach the server."""
     with gr.Blocks(title="FP8 CLIP image search") as demo:
         header = gr.Markdown(header_markdown(ctx), elem_id="header")
         with gr.Tabs():
@@ -187,7 +190,7 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
             with gr.Tab("Benchmark", id="benchmark"):
                 _benchmark_tab(ctx)
             with gr.Tab("Index", id="index"):
-                _index_tab(ctx, header)
+                _index_tab(ctx, header, allow_reindex)
     return demo
 
 
@@ -249,11 +252,16 @@ def _benchmark_tab(ctx: AppContext) -> None:
                    api_name="benchmark", concurrency_limit=1)
 
 
-def _index_tab(ctx: AppContext, header: gr.Markdown) -> None:
+def _index_tab(ctx: AppContext, header: gr.Markdown, allow_reindex: bool) -> None:
     stats = gr.JSON(value=ctx.stats, label="Index statistics")
+    if not allow_reindex:
+        # No event handler at all: nothing to call over HTTP.
+        gr.Markdown("Re-indexing from the page is off. Run `clipfp8 index` (incremental), or start "
+                    "`clipfp8 serve --allow-reindex` on a machine only you can reach.", elem_id="reindex-off")
+        return
     reindex_go = gr.Button("Run incremental indexing", elem_id="reindex-btn")
     reindex_md = gr.Markdown(elem_id="reindex-result")
-    # Not an API endpoint: re-indexing is an operator action from the page only.
+    # Hidden from the API docs, but callable by anyone who reaches the server: opt-in only.
     reindex_go.click(user_errors(lambda progress=gr.Progress(): _reindex(ctx, progress)), None,
                      [reindex_md, stats, header], api_visibility="private", concurrency_limit=1)
 

@@ -175,3 +175,25 @@ def test_open_context_over_a_real_index(tmp_path, monkeypatch):
         with pytest.raises(S.PathOutsideCorpusError):
             ctx.index.resolve(rel)
     assert ctx.index.resolve("red/red_0.png") == (corpus / "red" / "red_0.png").resolve()
+
+
+def test_reindex_button_and_handler_exist_only_when_allowed(tmp_path, monkeypatch):
+    """A hidden Gradio endpoint is still callable over HTTP: without --allow-reindex there is no
+    re-indexing handler at all."""
+    from indexing import index_corpus
+
+    corpus = make_corpus(tmp_path / "c", per_colour=1)
+    index_corpus(corpus, tmp_path / "idx", list(backend.fake_encoders().values()), workers=1)
+    monkeypatch.setenv(backend.FAKE_ENCODER_ENV, "1")
+    ctx = backend.open_context(tmp_path / "idx")
+
+    def elem_ids(blocks) -> set[str]:
+        return {b.elem_id for b in blocks.blocks.values() if getattr(b, "elem_id", None)}
+
+    def handlers(blocks) -> int:
+        return len(blocks.fns)
+
+    off, on = ui.build_ui(ctx), ui.build_ui(ctx, allow_reindex=True)
+    assert "reindex-btn" not in elem_ids(off) and "reindex-off" in elem_ids(off)
+    assert "reindex-btn" in elem_ids(on)
+    assert handlers(on) == handlers(off) + 1

@@ -36,7 +36,8 @@ def server(tmp_path_factory):
     for secret in (tmp / "secret.txt", tmp / "cwd" / "secret.txt"):
         secret.parent.mkdir(exist_ok=True)
         secret.write_text(SECRET)
-    with serve_subprocess(tmp / "index", cwd=tmp / "cwd", log_file=tmp / "serve.log") as url:
+    with serve_subprocess(tmp / "index", extra_args=["--allow-reindex"], cwd=tmp / "cwd",
+                          log_file=tmp / "serve.log") as url:
         yield {"url": url, "corpus": corpus.resolve(), "tmp": tmp}
 
 
