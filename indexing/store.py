@@ -28,7 +28,7 @@ import numpy as np
 import sqlite_utils
 
 from indexing import _testhooks, db as dbm
-from indexing.atomic import atomic_write_bytes
+from indexing.atomic import atomic_write_bytes, fsync_dir
 from indexing.errors import (EncoderMismatchError, IndexCorruptError, IndexLockedError,
                              IndexNotFoundError, QueryError, StorageError,
                              UnknownEncoderError)
@@ -247,6 +247,7 @@ def open_for_write(index_dir: str | Path, corpus_root: Path | None = None) -> In
         raise IndexNotFoundError(f"index directory {index_dir} exists and is not a directory")
     index_dir.mkdir(parents=True, exist_ok=True)
     fd = _lock(index_dir)
+    db: sqlite_utils.Database | None = None
     try:
         db = dbm.connect(index_dir / dbm.DB_NAME, create=True)
         store = IndexStore(index_dir, db, fd)
@@ -258,11 +259,17 @@ def open_for_write(index_dir: str | Path, corpus_root: Path | None = None) -> In
             if not recorded:
                 with db.atomic():
                     dbm.set_meta(db, "corpus_root", str(corpus_root))
-        (index_dir / VECTORS_DIR).mkdir(exist_ok=True)
+        if not (index_dir / VECTORS_DIR).is_dir():
+            (index_dir / VECTORS_DIR).mkdir()
+            # The new folder (and database file) entries must be durable before any commit
+            # points at files inside them.
+            fsync_dir(index_dir)
         removed = store.remove_stale_files()
         if removed:
             log.info("removed %d stale file(s) left by an interrupted run", removed)
         return store
     except BaseException:
+        if db is not None:
+            db.conn.close()
         os.close(fd)
         raise
