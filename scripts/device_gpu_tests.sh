@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
-# Run the GPU-marked tests on the lent H200 (see docs/benchmarks.md). Wheels for what the device
-# image lacks are carried in .carry/wheels (ignored by git).
+# Run the GPU-marked tests on a CUDA machine (used on the lent H200, see docs/benchmarks.md).
+# On a machine with the project installed (scripts/setup.sh), `.venv/bin/python -m pytest -m gpu` is
+# enough. This script is for a bare GPU image with torch but without the project's other packages:
+# put their Python 3.12 wheels in .carry/wheels first (ignored by git), e.g.
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#     -d .carry/wheels nvidia-modelopt==0.47.0 open_clip_torch==3.3.0 ftfy wcwidth omegaconf \
+#     antlr4-python3-runtime==4.9.3 pulp pydantic pydantic-core annotated-types typing-inspection \
+#     faiss-cpu sqlite-utils sqlite-fts4 click-default-group
+# (antlr4-python3-runtime 4.9.3 is an sdist on PyPI: build its wheel with `pip wheel` first).
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .carry/wheels/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
