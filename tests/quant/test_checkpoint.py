@@ -48,7 +48,9 @@ def test_create_encoder_fp8_fake(quantized_tiny, saved) -> None:  # type: ignore
     from quant.encoder import create_encoder
 
     loaded, _, _ = quantized_tiny
-    enc = create_encoder(EncoderSpec(precision="fp8-fake", quantized=saved, device="cpu"))
+    with pytest.raises(ModelLoadError, match="quantized from model 'config:tiny'"):
+        create_encoder(EncoderSpec(precision="fp8-fake", quantized=saved, device="cpu"))  # default model
+    enc = create_encoder(EncoderSpec(model=loaded.spec, precision="fp8-fake", quantized=saved, device="cpu"))
     _, checksum = load_quantized(saved)
     assert enc.identity().checksum == checksum and enc.precision == "fp8-fake"
     images, _ = sample_batch(loaded, 4, seed=4)
