@@ -41,6 +41,21 @@ class TrainDataError(QuantError):
     """The training shards or the training pack are missing or malformed."""
 
 
+def read_json_object(path: Path, required: tuple[str, ...], hint: str) -> dict:
+    """The JSON object in ``path`` holding every key of ``required``; ``TrainDataError`` naming the
+    file (and the missing key, followed by ``hint``) otherwise."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise TrainDataError(f"{path}: not readable JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise TrainDataError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    for key in required:
+        if key not in obj:
+            raise TrainDataError(f"{path}: missing key {key!r} ({hint})")
+    return obj
+
+
 @dataclass
 class CaptionTable:
     """Groups and their captions. ``group_captions[g]`` lists caption ids (into ``captions``)."""

@@ -164,22 +164,14 @@ def load_pack(pack_dir: Path) -> dict[str, Any]:
     ``pack.json``/``pack.npz`` lacks a key."""
     from PIL import Image
 
-    from quant.train.data import unmosaic
+    from quant.train.data import read_json_object, unmosaic
 
     pack_dir = Path(pack_dir)
     meta_file, npz_file = pack_dir / "pack.json", pack_dir / "pack.npz"
     for f in (meta_file, npz_file):
         if not f.is_file():
             raise TrainDataError(f"training pack file not found: {f} (build it with `clipfp8 train-prep`)")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TrainDataError(f"{meta_file}: not valid JSON ({e})") from e
-    if not isinstance(meta, dict):
-        raise TrainDataError(f"{meta_file}: expected a JSON object, got {type(meta).__name__}")
-    for key in PACK_META_KEYS:
-        if key not in meta:
-            raise TrainDataError(f"{meta_file}: missing key {key!r} (rebuild the pack with `clipfp8 train-prep`)")
+    meta = read_json_object(meta_file, tuple(PACK_META_KEYS), "rebuild the pack with `clipfp8 train-prep`")
     try:
         with np.load(npz_file) as z:
             arrays = {k: z[k] for k in z.files}

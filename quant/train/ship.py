@@ -18,7 +18,7 @@ from typing import Any
 
 from quant.errors import ModelLoadError
 from quant.models import DEFAULT_MODEL_DIR, LoadedModel
-from quant.train.data import TrainDataError
+from quant.train.data import TrainDataError, read_json_object
 
 
 def sha256_file(path: Path) -> str:
@@ -46,15 +46,7 @@ def read_run_summary(run_dir: Path) -> dict[str, Any]:
         if not f.is_file():
             raise TrainDataError(f"training run file not found: {f}")
     summary_file = run_dir / "summary.json"
-    try:
-        summary = json.loads(summary_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TrainDataError(f"{summary_file}: not valid JSON ({e})") from e
-    if not isinstance(summary, dict):
-        raise TrainDataError(f"{summary_file}: expected a JSON object, got {type(summary).__name__}")
-    for key in SUMMARY_KEYS:
-        if key not in summary:
-            raise TrainDataError(f"{summary_file}: missing key {key!r} (is this a finished training run?)")
+    summary = read_json_object(summary_file, tuple(SUMMARY_KEYS), "is this a finished training run?")
     model_cfg = summary["model_cfg"]
     if not isinstance(model_cfg, dict) or not all(k in model_cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
         raise TrainDataError(f"{summary_file}: key 'model_cfg' is not an open_clip config "

@@ -174,7 +174,7 @@ def test_ship_with_broken_summary_leaves_dest_untouched(pipeline: dict, tmp_path
         match = r"summary\.json: missing key 'timing'"
     elif breakage == "not_json":
         summary_file.write_text('{"model_cfg": ')
-        match = r"summary\.json: not valid JSON"
+        match = r"summary\.json: not readable JSON"
     else:
         summary_file.unlink()
         match = r"training run file not found: .*summary\.json"
