@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 import sys
 import tarfile
@@ -20,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+
+from quant.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +116,9 @@ def build_samples(shard_dir: Path, out_dir: Path, cfg: SampleConfig = SampleConf
             (out_dir / cat).mkdir(exist_ok=True)
             (out_dir / rel).write_bytes(_encode(data, cfg))
             captions[rel] = [caption]
-    _write_atomic(out_dir / "captions.json", json.dumps(captions, indent=1, sort_keys=True) + "\n")
-    _write_atomic(out_dir / "LICENSE.md", LICENSE_TEXT)
+    atomic_write_text(out_dir / "captions.json", json.dumps(captions, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(out_dir / "LICENSE.md", LICENSE_TEXT)
     return captions
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":  # pragma: no cover - maintainer tool

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -19,6 +17,7 @@ import torch
 
 from quant.cli import add_model_args, model_spec_from_args
 from quant.config import ModelSpec
+from quant.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +35,9 @@ def _device(device: str) -> str:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary sibling and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``--json`` output: atomic, creating the parent folder."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
 
 
 def _progress(it: Iterable[Any], total: int, desc: str) -> Iterable[Any]:

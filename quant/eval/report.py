@@ -10,11 +10,11 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from quant.fileio import atomic_write_text
 
 #: Metrics shown as fractions (cosines, correlations) rather than percentages.
 _PLAIN = ("image_cosine", "text_cosine", "score_spearman")
@@ -153,17 +153,4 @@ def _json_safe(x: Any) -> Any:
     return x
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file next to ``path`` and rename it over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-__all__ = ["DatasetResult", "EvalReport", "atomic_write_text", "CSV_FIELDS"]
+__all__ = ["DatasetResult", "EvalReport", "CSV_FIELDS"]

@@ -3,18 +3,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from quant.fileio import atomic_write_text
 
 
 def write_json_atomic(obj: Any, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1, default=str))
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

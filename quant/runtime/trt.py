@@ -12,8 +12,6 @@ size allows, the Q/DQ'd attention pattern into its FP8 MHA kernel.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import torch
 
 from quant.config import EncoderSpec
 from quant.errors import UnsupportedPrecisionError
+from quant.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +60,7 @@ class EngineConfig:
 
 def _write_atomic(data: bytes, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)
 
 
 def build_engine(onnx_path: Path, engine_path: Path, cfg: EngineConfig = EngineConfig()) -> Path:

@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from quant.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,7 @@ def evaluate(args: argparse.Namespace) -> int:
     res = evaluate_loaded(load_model(), args.eval_root, limit_per_class=args.limit_per_class)
     text = json.dumps(res, indent=2)
     if args.output:
-        tmp = args.output.with_suffix(".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(args.output)
+        atomic_write_text(args.output, text + "\n")
     print(text)
     return 0
 

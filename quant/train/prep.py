@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from quant.fileio import atomic_write_bytes
 from quant.train.data import SOURCES, CaptionTable, TrainDataError, decode_square, group_of, iter_shards, mosaic
 from quant.train.model import default_model_cfg, quantize_rows_int8, text_features
 
@@ -71,9 +72,7 @@ def _save_jpeg(grid: np.ndarray, path: Path, quality: int) -> int:
 
     buf = io.BytesIO()
     Image.fromarray(grid).save(buf, "JPEG", quality=quality, subsampling=2)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
+    atomic_write_bytes(path, buf.getvalue())
     return len(buf.getvalue())
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from quant.errors import ModelLoadError
+from quant.fileio import atomic_write_text
 from quant.models import DEFAULT_MODEL_DIR, LoadedModel
 from quant.train.data import TrainDataError, read_json_object
 
@@ -236,7 +237,5 @@ Trained on research-only sets (CIFAR-10, Imagenette/ImageNet, ImageNet detection
 domain Open Clip Art; the weights inherit those terms (research use).
 """
     out = Path(dest) / "MODEL_CARD.md"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    atomic_write_text(out, text)
     return out

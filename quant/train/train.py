@@ -12,6 +12,7 @@ cosine schedule is laid over it (same seed + same device -> same run).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from quant.fileio import atomic_write_text
 from quant.train.model import TrainableParts, export_state
 
 log = logging.getLogger(__name__)
@@ -308,11 +310,11 @@ def _finish(parts: TrainableParts, cfg: TrainConfig, model_cfg: dict[str, Any], 
     # weights and log first: a failing quick eval must not lose the run
     save_file(export_state(parts), str(out / "model.safetensors.tmp"))
     (out / "model.safetensors.tmp").replace(out / "model.safetensors")
-    with open(out / "train_log.csv.tmp", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    (out / "train_log.csv.tmp").replace(out / "train_log.csv")
+    log_csv = io.StringIO()
+    w = csv.DictWriter(log_csv, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out / "train_log.csv", log_csv.getvalue())
     t0 = time.perf_counter()
     metrics: dict[str, Any] | None = None
     if (cfg.pack_dir / "eval.npz").is_file():
@@ -327,8 +329,7 @@ def _finish(parts: TrainableParts, cfg: TrainConfig, model_cfg: dict[str, Any], 
                "timing": timing, "final_loss": rows[-1]["loss"], "eval_gpu_pack": metrics,
                "device": torch.cuda.get_device_name() if cfg.device.startswith("cuda") else "cpu",
                "torch": torch.__version__}
-    (out / "summary.json.tmp").write_text(json.dumps(summary, indent=2))
-    (out / "summary.json.tmp").replace(out / "summary.json")  # train-ship reads it: never half-written
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))  # train-ship reads it
     plot_loss(rows, out / "loss.png")
     return summary
 

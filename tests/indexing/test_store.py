@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 
-from indexing import atomic, db as dbm
+from indexing import db as dbm
+from quant import fileio
 from indexing.errors import (EncoderMismatchError, IndexLockedError, IndexNotFoundError,
                              StorageError, UnknownEncoderError, IndexCorruptError)
 from indexing.config import IndexConfig
@@ -44,20 +45,20 @@ def test_enospc_during_commit_leaves_the_previous_commit_intact(tmp_path: Path,
     before = index_state(idx)
     make_corpus(corpus / "more", 6, start_seed=50)
     calls = {"n": 0}
-    real = atomic._write_all
+    real = fileio._write_all
 
     def full_disk(fd: int, data: memoryview) -> None:
         calls["n"] += 1
         real(fd, data[: len(data) // 2])  # a partial write, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(atomic, "_write_all", full_disk)
+    monkeypatch.setattr(fileio, "_write_all", full_disk)
     with pytest.raises(StorageError, match="disk full"):
         index_corpus(corpus, idx, encoders(), workers=1)
     assert calls["n"] == 1
     assert index_state(idx) == before                      # DB and FAISS at the old commit
     assert not [p for p in (idx / "vectors").iterdir() if p.name.startswith(".")]  # no temp left
-    monkeypatch.setattr(atomic, "_write_all", real)
+    monkeypatch.setattr(fileio, "_write_all", real)
     s = index_corpus(corpus, idx, encoders(), workers=1)   # space again: the run completes
     assert s.indexed == 6 and len(index_state(idx)["rows"]) == 12
 
