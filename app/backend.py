@@ -15,14 +15,13 @@ from typing import Any, Callable, Sequence
 
 from app.search import (GroundTruth, HitLike, PathOutsideCorpusError, Query, captions_ground_truth,
                         labels_ground_truth, safe_resolve)
-from quant.config import EncoderSpec, ModelSpec
+from quant.config import IMAGE_EXTS, EncoderSpec, ModelSpec
 from quant.encoder import Encoder
 
 log = logging.getLogger(__name__)
 
 #: Test hook: when set to "1", ``serve`` uses ``quant.testing.FakeEncoder`` twins instead of models.
 FAKE_ENCODER_ENV = "CLIPFP8_TEST_FAKE_ENCODER"
-IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 REF_PRECISIONS = ("fp16", "bf16", "fp32")
 FP8_PRECISIONS = ("fp8", "trt-fp8", "fp8-fake")
 CPU_FP8_NOTE = ("No GPU found: FP8 runs as **simulated quantization on the CPU** (ModelOpt fake-quant) — "

@@ -19,11 +19,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from quant.config import IMAGE_EXTS
 from quant.errors import CalibrationDataError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 PROMPT = "a photo of a {name}."
 
 

@@ -15,6 +15,9 @@ PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "fp8-fake", "fp8", "trt-f
 
 DEFAULT_MODEL_NAME = "default"
 
+#: Image file suffixes read from calibration, evaluation and benchmark folders (lower case).
+IMAGE_EXTS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
 
 @dataclass(frozen=True)
 class ModelSpec:

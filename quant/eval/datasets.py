@@ -30,13 +30,13 @@ from typing import Any, Literal, Sequence, Union
 
 import numpy as np
 
+from quant.config import IMAGE_EXTS
 from quant.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
 Kind = Literal["auto", "classification", "retrieval"]
 KINDS: tuple[str, ...] = ("auto", "classification", "retrieval")
-IMAGE_EXTS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 SHARD_SUFFIXES: tuple[str, ...] = (".tar", ".tar.gz", ".tgz")
 CAPTION_FILES: tuple[str, ...] = ("captions.json", "captions.csv")
 CLASSES_FILE = "classes.json"
