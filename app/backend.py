@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from app.search import (GroundTruth, HitLike, PathOutsideCorpusError, Query, captions_ground_truth,
+from clipfp8.app.search import (GroundTruth, HitLike, PathOutsideCorpusError, Query, captions_ground_truth,
                         labels_ground_truth, safe_resolve)
-from quant.config import IMAGE_EXTS, EncoderSpec, ModelSpec
-from quant.encoder import Encoder
+from clipfp8.quant.core.config import IMAGE_EXTS, EncoderSpec, ModelSpec
+from clipfp8.quant.core.encoder import Encoder
 
 log = logging.getLogger(__name__)
 
-#: Test hook: when set to "1", ``serve`` uses ``quant.testing.FakeEncoder`` twins instead of models.
+#: Test hook: when set to "1", ``serve`` uses ``quant.core.testing.FakeEncoder`` twins instead of models.
 FAKE_ENCODER_ENV = "CLIPFP8_TEST_FAKE_ENCODER"
 REF_PRECISIONS = ("fp16", "bf16", "fp32")
 FP8_PRECISIONS = ("fp8", "trt-fp8", "fp8-fake")
@@ -36,13 +36,13 @@ class StoreIndex:
         self.corpus_root = Path(store.corpus_root).resolve()
 
     def query(self, encoder: Encoder, query: Query, k: int, threshold: float | None) -> Sequence[HitLike]:
-        from indexing.query import search
+        from clipfp8.indexing.query import search
 
         return search(self.store, encoder, query, k=k, threshold=threshold)
 
     def resolve(self, rel_path: str) -> Path:
         """The index's own resolve, then our own check: both must agree it is inside the corpus."""
-        from indexing.errors import QueryError
+        from clipfp8.indexing.errors import QueryError
 
         try:
             self.store.resolve(rel_path)
@@ -53,7 +53,7 @@ class StoreIndex:
 
 def fake_encoders() -> dict[str, Encoder]:
     """The FakeEncoder twins used when ``CLIPFP8_TEST_FAKE_ENCODER=1`` (tests only)."""
-    from quant.testing import FakeEncoder
+    from clipfp8.quant.core.testing import FakeEncoder
 
     return {"FP16": FakeEncoder(precision="fp16"), "FP8": FakeEncoder(precision="fp8-fake", noise=0.15)}
 
@@ -82,7 +82,7 @@ def encoders_for_index(stats: dict[str, Any], model: ModelSpec, device: str, qua
     """Build the encoders whose embeddings the index holds: {"FP16": ..., "FP8": ...} (FP8 only
     when ``quantized`` is given). ``stats`` is ``IndexStore.stats()``."""
     if factory is None:
-        from quant.encoder import create_encoder as factory  # type: ignore[no-redef]
+        from clipfp8.quant.core.encoder import create_encoder as factory  # type: ignore[no-redef]
     indexed = [e["precision"] for e in stats.get("encoders", {}).values()]
     ref, fp8 = pick_precisions(indexed, device != "cpu" and cuda_fp8_capable())
     if ref is None:
@@ -132,7 +132,7 @@ class AppContext:
 
     def reopen(self) -> None:
         """Re-open the index after (re)indexing so searches see the new generation."""
-        from indexing import open_index
+        from clipfp8.indexing import open_index
 
         store = open_index(self.index_dir)
         # Swap, don't close the old handle: a search in another session may still be using it;
@@ -143,7 +143,7 @@ class AppContext:
 def open_context(index_dir: Path, encoders: dict[str, Encoder] | None = None, model: ModelSpec | None = None,
                  device: str = "auto", quantized: Path | None = None, batch_size: int = 64) -> AppContext:
     """Open ``index_dir`` and build the encoders it needs (or use the given ones)."""
-    from indexing import open_index
+    from clipfp8.indexing import open_index
 
     store = open_index(index_dir)
     stats = store.stats()

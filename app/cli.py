@@ -12,9 +12,9 @@ ERROR_EXIT = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from app import cli_app
-    from indexing import cli as indexing_cli
-    from quant import cli as quant_cli
+    from clipfp8.app import cli_app
+    from clipfp8.indexing import cli as indexing_cli
+    from clipfp8.quant import cli as quant_cli
 
     parser = argparse.ArgumentParser(prog="clipfp8", description="FP8 CLIP image search")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -29,8 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    from indexing.errors import IndexingError
-    from quant.errors import QuantError
+    from clipfp8.indexing.errors import IndexingError
+    from clipfp8.quant.core.errors import QuantError
 
     try:
         rc = args.func(args)

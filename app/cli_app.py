@@ -1,7 +1,7 @@
 """``clipfp8 serve`` and ``clipfp8 demo``: thin wrappers over ``app.backend``/``app.demo``/``app.ui``.
 
 Test hook: with ``CLIPFP8_TEST_FAKE_ENCODER=1`` in the environment, ``serve`` uses the
-``quant.testing.FakeEncoder`` twins of ``app.backend.fake_encoders`` instead of loading models
+``quant.core.testing.FakeEncoder`` twins of ``app.backend.fake_encoders`` instead of loading models
 (the end-to-end browser test and the load test build their index with the same twins).
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from quant.cli import add_encoder_args, model_spec_from_args
-from quant.config import ModelSpec
+from clipfp8.quant.cli import add_encoder_args, model_spec_from_args
+from clipfp8.quant.core.config import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +25,8 @@ def serve(index_dir: Path, host: str = "127.0.0.1", port: int = 7860, share: boo
     FP8 is served only when ``quantized`` (a ``clipfp8 quantize`` directory) is given;
     ``allow_reindex`` adds the page's incremental-indexing button (off by default).
     """
-    from app.backend import open_context
-    from app.ui import build_ui, launch
+    from clipfp8.app.backend import open_context
+    from clipfp8.app.ui import build_ui, launch
 
     if not Path(index_dir).is_dir():
         raise NotADirectoryError(f"--index-dir {index_dir} is not a directory")
@@ -39,9 +39,9 @@ def serve(index_dir: Path, host: str = "127.0.0.1", port: int = 7860, share: boo
 def demo(work_dir: Path, port: int = 7860, no_browser: bool = False, host: str = "127.0.0.1",
          device: str = "auto") -> int:
     """Quantize the default model on the bundled samples, index them in FP16 and FP8, serve."""
-    from app.backend import open_context
-    from app.demo import DemoConfig, prepare_demo
-    from app.ui import build_ui, launch
+    from clipfp8.app.backend import open_context
+    from clipfp8.app.demo import DemoConfig, prepare_demo
+    from clipfp8.app.ui import build_ui, launch
 
     cfg = DemoConfig(work_dir=work_dir, device=device)
     index_dir, encoders = prepare_demo(cfg, progress=_tqdm_progress())

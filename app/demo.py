@@ -18,12 +18,13 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
-from quant.config import EncoderSpec, ModelSpec
-from quant.encoder import Encoder
+from clipfp8.quant.core.config import EncoderSpec, ModelSpec
+from clipfp8.quant.core.encoder import Encoder
+from clipfp8.quant.core.resources import samples_dir
 
 log = logging.getLogger(__name__)
 
-SAMPLES_DIR = Path(__file__).resolve().parent.parent / "data" / "samples"
+SAMPLES_DIR = samples_dir()
 DEFAULT_WORK_DIR = Path.home() / ".cache" / "clipfp8" / "demo"
 STAMP_FILE = "demo_source.json"
 
@@ -97,9 +98,9 @@ def quantize_step(cfg: DemoConfig) -> Path:
     Cached: a stamp records the weights checksum and calibration settings; a matching stamp
     skips the work. The directory is written to a temp sibling and renamed into place.
     """
-    from quant.checkpoint import save_quantized
-    from quant.models import load_model
-    from quant.ptq import QuantConfig, quantize
+    from clipfp8.quant.checkpoint import save_quantized
+    from clipfp8.quant.core.models import load_model
+    from clipfp8.quant.ptq import QuantConfig, quantize
 
     loaded = load_model(cfg.model)
     stamp = _stamp(loaded, cfg)
@@ -126,10 +127,10 @@ def quantize_step(cfg: DemoConfig) -> Path:
 def demo_encoders(cfg: DemoConfig, quantized: Path,
                   factory: Callable[[EncoderSpec], Encoder] | None = None) -> dict[str, Encoder]:
     """{"FP16": fp16 encoder, "FP8": fp8 (capable GPU) or fp8-fake (CPU) encoder}."""
-    from app.backend import cuda_fp8_capable
+    from clipfp8.app.backend import cuda_fp8_capable
 
     if factory is None:
-        from quant.encoder import create_encoder as factory  # type: ignore[no-redef]
+        from clipfp8.quant.core.encoder import create_encoder as factory  # type: ignore[no-redef]
     device = EncoderSpec(device=cfg.device).resolved_device()
     fp8 = "fp8" if device != "cpu" and cuda_fp8_capable() else "fp8-fake"
     return {"FP16": factory(EncoderSpec(model=cfg.model, precision="fp16", device=device,
@@ -141,7 +142,7 @@ def demo_encoders(cfg: DemoConfig, quantized: Path,
 def index_step(cfg: DemoConfig, encoders: dict[str, Encoder],
                progress: Callable[[int, int], None] | None = None) -> Path:
     """Index (incrementally) ``cfg.corpus`` into ``cfg.index_dir`` with every encoder."""
-    from indexing import index_corpus
+    from clipfp8.indexing import index_corpus
 
     summary = index_corpus(cfg.corpus, cfg.index_dir, list(encoders.values()),
                            batch_size=cfg.batch_size, workers=2, progress=progress)

@@ -4,7 +4,7 @@ Open Clip Art drawings are public domain (Debian package ``openclipart-png``), t
 images the project may ship. The selection is deterministic (hash-ordered, spread evenly over a
 fixed list of categories) so re-running the builder reproduces the same corpus byte for byte.
 
-Run once by a maintainer: ``python -m app.samples ../shared/data/train/openclipart data/samples``.
+Run once by a maintainer: ``python -m clipfp8.app.samples ../shared/data/train/openclipart data/samples``.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from quant.fileio import atomic_write_text
+from clipfp8.quant.core.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ LICENSE_TEXT = """# Licence of the bundled sample images
 The drawings in this folder come from the Open Clip Art Library, as packaged by Debian
 (`openclipart-png`, version 1:0.18+dfsg-19). Open Clip Art Library artwork is dedicated to the
 **public domain**; no rights are reserved. They were flattened onto white, resized (longest side
-128 px) and re-encoded as JPEG (quality 85) by `python -m app.samples`.
+128 px) and re-encoded as JPEG (quality 85) by `python -m clipfp8.app.samples`.
 
 `captions.json` maps each file (relative to this folder) to a one-element list holding the
 drawing's title, derived from its original file name.

@@ -1,7 +1,7 @@
 """The pure core of the app: run one query through one or two precisions and compare them.
 
 Nothing here knows Gradio. The UI calls :func:`search` and renders its :class:`SearchResult`;
-tests drive it with ``quant.testing.FakeEncoder`` and an in-memory index. The index is anything
+tests drive it with ``quant.core.testing.FakeEncoder`` and an in-memory index. The index is anything
 satisfying :class:`SearchIndex` (``app.backend.StoreIndex`` adapts ``indexing.IndexStore``).
 
 Latency is split into *encode* (time inside the encoder: text tokenise+forward or image
@@ -21,7 +21,7 @@ from typing import Any, Iterator, Literal, Mapping, Protocol, Sequence
 import numpy as np
 import torch
 
-from quant.encoder import Encoder, EncoderIdentity
+from clipfp8.quant.core.encoder import Encoder, EncoderIdentity
 
 log = logging.getLogger(__name__)
 

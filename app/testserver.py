@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from app.backend import FAKE_ENCODER_ENV
+from clipfp8.app.backend import FAKE_ENCODER_ENV
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,7 +54,7 @@ def serve_subprocess(index_dir: Path, fake: bool = True, extra_args: Sequence[st
                GRADIO_ANALYTICS_ENABLED="False")
     if fake:
         env[FAKE_ENCODER_ENV] = "1"
-    cmd = [sys.executable, "-m", "app.cli", "serve", "--index-dir", str(index_dir), "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "clipfp8.app.cli", "serve", "--index-dir", str(index_dir), "--host", "127.0.0.1",
            "--port", str(port), *extra_args]
     out = open(log_file, "wb") if log_file else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, env=env, cwd=cwd or REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)

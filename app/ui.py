@@ -14,8 +14,8 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
-from app.backend import AppContext
-from app.search import LatencyTracker, PathOutsideCorpusError, SearchResult, benchmark, search
+from clipfp8.app.backend import AppContext
+from clipfp8.app.search import LatencyTracker, PathOutsideCorpusError, SearchResult, benchmark, search
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,8 @@ BENCH_KS = (1, 5, 10)
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn expected failures into short gr.Error messages and log (not show) unexpected ones."""
-    from indexing.errors import IndexingError
-    from quant.errors import QuantError
+    from clipfp8.indexing.errors import IndexingError
+    from clipfp8.quant.core.errors import QuantError
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -162,7 +162,7 @@ def _benchmark_outputs(ctx: AppContext, max_queries: float) -> tuple[str, pd.Dat
 
 
 def _reindex(ctx: AppContext, progress: gr.Progress) -> tuple[str, dict[str, Any], str]:
-    from indexing import index_corpus
+    from clipfp8.indexing import index_corpus
 
     progress(0.0, desc="scanning")
 

@@ -53,7 +53,7 @@ def main() -> int:
     if args.candidate:
         visual, size, text_fn = _candidate_visual(args), args.image_size, None
     else:
-        from quant.models import load_model
+        from clipfp8.quant.core.models import load_model
 
         loaded = load_model()
         visual, size = loaded.model.visual, loaded.image_size[0]

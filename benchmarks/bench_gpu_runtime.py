@@ -4,13 +4,13 @@ latency and end-to-end JPEG indexing throughput. Prints the Markdown tables; wri
 
     python benchmarks/bench_gpu_runtime.py OUT_DIR [--quick]
 
-(the same as ``python -m quant.runtime.gpu_bench_script``; ``clipfp8 bench`` exposes every knob).
+(the same as ``python -m clipfp8.quant.runtime.gpu_bench_script``; ``clipfp8 bench`` exposes every knob).
 """
 from __future__ import annotations
 
 import sys
 
-from quant.runtime.gpu_bench_script import main
+from clipfp8.quant.runtime.gpu_bench_script import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

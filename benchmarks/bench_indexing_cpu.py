@@ -22,10 +22,10 @@ DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "eval" / "flickr8k-1k" / "ima
 
 
 def make_encoder(precision: str, batch_size: int):  # type: ignore[no-untyped-def]
-    from quant.config import EncoderSpec, ModelSpec
-    from quant.encoder import create_encoder
-    from quant.errors import QuantError
-    from quant.models import tiny_config
+    from clipfp8.quant.core.config import EncoderSpec, ModelSpec
+    from clipfp8.quant.core.encoder import create_encoder
+    from clipfp8.quant.core.errors import QuantError
+    from clipfp8.quant.core.models import tiny_config
 
     try:
         return create_encoder(EncoderSpec(precision=precision, device="cpu", batch_size=batch_size)), "default"
@@ -52,10 +52,10 @@ def main() -> int:
         return 1
     import torch
 
-    from indexing.config import IndexConfig
-    from indexing.pipeline import index_corpus
-    from indexing.query import search
-    from indexing.store import open_index
+    from clipfp8.indexing.config import IndexConfig
+    from clipfp8.indexing.pipeline import index_corpus
+    from clipfp8.indexing.query import search
+    from clipfp8.indexing.store import open_index
 
     encoder, which = make_encoder(args.precision, args.batch_size)
     files = sorted(args.images.iterdir())[: args.limit]

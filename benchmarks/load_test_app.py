@@ -27,14 +27,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from app.testserver import serve_subprocess  # noqa: E402
+from clipfp8.app.testserver import serve_subprocess  # noqa: E402
 
 QUERIES = ["a red car", "cat", "house", "apple", "a person", "bicycle", "guitar", "tree", "a map", "telephone"]
 
 
 def build_fake_index(corpus: Path, index_dir: Path) -> None:
-    from app.backend import fake_encoders
-    from indexing import index_corpus
+    from clipfp8.app.backend import fake_encoders
+    from clipfp8.indexing import index_corpus
 
     index_corpus(corpus, index_dir, list(fake_encoders().values()), workers=2)
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 _EXPORTS = {
-    "index_corpus": "indexing.pipeline", "IndexSummary": "indexing.pipeline",
-    "open_index": "indexing.store", "IndexStore": "indexing.store",
-    "search": "indexing.query", "Hit": "indexing.query",
-    "verify": "indexing.consistency", "VerifyReport": "indexing.consistency",
-    "export_parquet": "indexing.export", "IndexConfig": "indexing.config",
+    "index_corpus": "clipfp8.indexing.pipeline", "IndexSummary": "clipfp8.indexing.pipeline",
+    "open_index": "clipfp8.indexing.store", "IndexStore": "clipfp8.indexing.store",
+    "search": "clipfp8.indexing.query", "Hit": "clipfp8.indexing.query",
+    "verify": "clipfp8.indexing.consistency", "VerifyReport": "clipfp8.indexing.consistency",
+    "export_parquet": "clipfp8.indexing.export", "IndexConfig": "clipfp8.indexing.config",
 }
 
 

@@ -1,4 +1,4 @@
-"""``python -m indexing CMD ...``: the indexing subcommands alone (no app import), with the same
+"""``python -m clipfp8.indexing CMD ...``: the indexing subcommands alone (no app import), with the same
 error handling as ``clipfp8``. Used by the kill-and-resume tests."""
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import logging
 import sys
 from typing import Sequence
 
-from indexing import cli
-from indexing.errors import IndexingError
-from quant.errors import QuantError
+from clipfp8.indexing import cli
+from clipfp8.indexing.errors import IndexingError
+from clipfp8.quant.core.errors import QuantError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m indexing")
+    parser = argparse.ArgumentParser(prog="python -m clipfp8.indexing")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     cli.register(sub)

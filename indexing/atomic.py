@@ -1,12 +1,12 @@
-"""Atomic, durable index writes (``quant.fileio``), with errors as ``StorageError`` naming the file."""
+"""Atomic, durable index writes (``quant.core.fileio``), with errors as ``StorageError`` naming the file."""
 from __future__ import annotations
 
 import errno
 from pathlib import Path
 
-from indexing.errors import StorageError
-from quant import fileio
-from quant.fileio import fsync_dir
+from clipfp8.indexing.errors import StorageError
+from clipfp8.quant.core import fileio
+from clipfp8.quant.core.fileio import fsync_dir
 
 
 def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:

@@ -1,7 +1,7 @@
 """``clipfp8 index|search|verify|stats|export``: thin wrappers over the ``indexing`` functions.
 
 Test hook: with ``CLIPFP8_TEST_FAKE_ENCODER=1`` in the environment, ``--precision`` also accepts
-``fake`` and ``fake-fp8`` (``quant.testing.FakeEncoder``), so subprocess tests need no model.
+``fake`` and ``fake-fp8`` (``quant.core.testing.FakeEncoder``), so subprocess tests need no model.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from quant.cli import add_encoder_args, encoder_spec_from_args
-from quant.config import PRECISIONS
+from clipfp8.quant.cli import add_encoder_args, encoder_spec_from_args
+from clipfp8.quant.core.config import PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +29,10 @@ def _precisions() -> tuple[str, ...]:
 def make_encoder(args: argparse.Namespace, precision: str) -> Any:
     """The encoder for ``precision`` from the shared model/encoder arguments."""
     if precision in FAKE_PRECISIONS and os.environ.get(FAKE_ENV) == "1":
-        from quant.testing import FakeEncoder  # test hook only, see the module docstring
+        from clipfp8.quant.core.testing import FakeEncoder  # test hook only, see the module docstring
 
         return FakeEncoder() if precision == "fake" else FakeEncoder(precision="fp8-fake", noise=0.05)
-    from quant.encoder import create_encoder
+    from clipfp8.quant.core.encoder import create_encoder
 
     return create_encoder(encoder_spec_from_args(args, precision))
 
@@ -40,9 +40,9 @@ def make_encoder(args: argparse.Namespace, precision: str) -> Any:
 def cmd_index(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from indexing.config import DEFAULT_EXTENSIONS, IndexConfig
-    from indexing.pipeline import index_corpus
-    from indexing.scan import check_corpus
+    from clipfp8.indexing.config import DEFAULT_EXTENSIONS, IndexConfig
+    from clipfp8.indexing.pipeline import index_corpus
+    from clipfp8.indexing.scan import check_corpus
 
     check_corpus(args.corpus)  # fail before loading any model
     cfg = IndexConfig(batch_size=args.batch_size, workers=args.workers, factory=args.factory,
@@ -65,8 +65,8 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from indexing.query import search
-    from indexing.store import open_index
+    from clipfp8.indexing.query import search
+    from clipfp8.indexing.store import open_index
 
     with open_index(args.index_dir) as store:
         encoder = make_encoder(args, args.precision)
@@ -78,7 +78,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from indexing.consistency import verify
+    from clipfp8.indexing.consistency import verify
 
     encoders = [make_encoder(args, p) for p in args.precision] if args.repair else []
     report = verify(args.index_dir, repair=args.repair, encoders=encoders)
@@ -87,7 +87,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from indexing.store import open_index
+    from clipfp8.indexing.store import open_index
 
     with open_index(args.index_dir) as store:
         print(json.dumps(store.stats(), indent=2))
@@ -95,8 +95,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from indexing.export import export_parquet
-    from indexing.store import open_index
+    from clipfp8.indexing.export import export_parquet
+    from clipfp8.indexing.store import open_index
 
     with open_index(args.index_dir) as store:
         name = stored_encoder_name(store.stats()["encoders"], args.precision, args.model)
@@ -107,7 +107,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def stored_encoder_name(encoders: dict[str, dict[str, Any]], precision: str, model: str | None) -> str:
     """The index's encoder with ``precision`` (and, when several, whose name starts with ``model``)."""
-    from indexing.errors import UnknownEncoderError
+    from clipfp8.indexing.errors import UnknownEncoderError
 
     names = [n for n, e in encoders.items() if e["precision"] == precision or n.endswith(f"-{precision}")]
     if len(names) > 1 and model:

@@ -18,11 +18,11 @@ from typing import Any, Sequence
 import faiss
 import numpy as np
 
-from indexing import db as dbm
-from indexing.errors import IndexCorruptError
-from indexing.store import IndexStore, open_for_write, open_index
-from indexing.vectors import VectorIndex
-from quant.encoder import Encoder
+from clipfp8.indexing import db as dbm
+from clipfp8.indexing.errors import IndexCorruptError
+from clipfp8.indexing.store import IndexStore, open_for_write, open_index
+from clipfp8.indexing.vectors import VectorIndex
+from clipfp8.quant.core.encoder import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def verify(index_dir: str | Path, repair: bool = False, encoders: Sequence[Encod
         root = store.corpus_root
     reembedded = 0
     if encoders:
-        from indexing.pipeline import index_corpus
+        from clipfp8.indexing.pipeline import index_corpus
 
         reembedded = index_corpus(root, index_dir, encoders).indexed
     with open_index(index_dir) as store:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 
 import sqlite_utils
 
-from indexing.errors import IndexCorruptError
+from clipfp8.indexing.errors import IndexCorruptError
 
 log = logging.getLogger(__name__)
 

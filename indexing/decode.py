@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from indexing.errors import DecodeError
-from indexing.scan import FileEntry
+from clipfp8.indexing.errors import DecodeError
+from clipfp8.indexing.scan import FileEntry
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from quant.encoder import Encoder
+from clipfp8.quant.core.encoder import Encoder
 
 
 @dataclass

@@ -7,9 +7,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from indexing.atomic import atomic_write_bytes
-from indexing.errors import IndexCorruptError, QueryError
-from indexing.store import IndexStore
+from clipfp8.indexing.atomic import atomic_write_bytes
+from clipfp8.indexing.errors import IndexCorruptError, QueryError
+from clipfp8.indexing.store import IndexStore
 
 META_COLUMNS = ("size", "mtime_ns", "sha256", "width", "height")
 

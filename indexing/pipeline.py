@@ -19,15 +19,15 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from indexing import _testhooks, db as dbm
-from indexing.config import IndexConfig
-from indexing.decode import DecodeTask, Decoded, Decoder, ImageDecoder, error_reason, imap_bounded
-from indexing.embed import embed_batch
-from indexing.plan import Plan, Task, make_plan
-from indexing.scan import FileEntry, check_corpus, scan_corpus
-from indexing.store import IndexStore, open_for_write
-from indexing.vectors import VectorIndex
-from quant.encoder import Encoder
+from clipfp8.indexing import _testhooks, db as dbm
+from clipfp8.indexing.config import IndexConfig
+from clipfp8.indexing.decode import DecodeTask, Decoded, Decoder, ImageDecoder, error_reason, imap_bounded
+from clipfp8.indexing.embed import embed_batch
+from clipfp8.indexing.plan import Plan, Task, make_plan
+from clipfp8.indexing.scan import FileEntry, check_corpus, scan_corpus
+from clipfp8.indexing.store import IndexStore, open_for_write
+from clipfp8.indexing.vectors import VectorIndex
+from clipfp8.quant.core.encoder import Encoder
 
 log = logging.getLogger(__name__)
 

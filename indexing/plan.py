@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from indexing.scan import FileEntry, ScanResult
+from clipfp8.indexing.scan import FileEntry, ScanResult
 
 
 @dataclass

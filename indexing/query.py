@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from indexing.decode import open_image
-from indexing.errors import DecodeError, QueryError
-from indexing.store import IndexStore
-from indexing.vectors import VectorIndex
-from quant.encoder import Encoder
+from clipfp8.indexing.decode import open_image
+from clipfp8.indexing.errors import DecodeError, QueryError
+from clipfp8.indexing.store import IndexStore
+from clipfp8.indexing.vectors import VectorIndex
+from clipfp8.quant.core.encoder import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def embed_query(encoder: Encoder, query: str | Image.Image | Path) -> np.ndarray
         except (OSError, DecodeError) as e:
             raise QueryError(f"cannot read query image {query}: {e}") from e
     if isinstance(query, Image.Image):
-        from indexing.decode import to_rgb
+        from clipfp8.indexing.decode import to_rgb
 
         if query.width * query.height > QUERY_MAX_PIXELS:
             raise QueryError(f"query image is {query.width}x{query.height} pixels; the limit is "

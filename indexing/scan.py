@@ -12,7 +12,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from indexing.errors import CorpusError
+from clipfp8.indexing.errors import CorpusError
 
 log = logging.getLogger(__name__)
 

@@ -27,13 +27,13 @@ from typing import Any, Callable
 import numpy as np
 import sqlite_utils
 
-from indexing import _testhooks, db as dbm
-from indexing.atomic import atomic_write_bytes, fsync_dir
-from indexing.errors import (EncoderMismatchError, IndexCorruptError, IndexLockedError,
+from clipfp8.indexing import _testhooks, db as dbm
+from clipfp8.indexing.atomic import atomic_write_bytes, fsync_dir
+from clipfp8.indexing.errors import (EncoderMismatchError, IndexCorruptError, IndexLockedError,
                              IndexNotFoundError, QueryError, StorageError,
                              UnknownEncoderError)
-from indexing.vectors import VectorIndex
-from quant.encoder import EncoderIdentity
+from clipfp8.indexing.vectors import VectorIndex
+from clipfp8.quant.core.encoder import EncoderIdentity
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import struct
 import faiss
 import numpy as np
 
-from indexing.errors import IndexConfigError, IndexCorruptError, QueryError
+from clipfp8.indexing.errors import IndexConfigError, IndexCorruptError, QueryError
 
 log = logging.getLogger(__name__)
 

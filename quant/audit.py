@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from quant.attention import attention_module_types
-from quant.errors import AuditError
+from clipfp8.quant.attention import attention_module_types
+from clipfp8.quant.core.errors import AuditError
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def audit(model: nn.Module, sample_batch: tuple[torch.Tensor, torch.Tensor], qcf
     exclusions. Raises ``AuditError`` when a tower or the attention path runs GEMMs in high
     precision without being excluded, or when an enabled quantizer is uncalibrated.
     """
-    from quant.ptq import QuantConfig
+    from clipfp8.quant.ptq import QuantConfig
 
     qcfg = qcfg or QuantConfig()
     quantizers = static_audit(model, strict=False)

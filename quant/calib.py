@@ -19,8 +19,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from quant.config import IMAGE_EXTS
-from quant.errors import CalibrationDataError
+from clipfp8.quant.core.config import IMAGE_EXTS
+from clipfp8.quant.core.errors import CalibrationDataError
 
 log = logging.getLogger(__name__)
 

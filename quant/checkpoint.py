@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from quant.config import ModelSpec
-from quant.errors import ModelLoadError, QuantError
-from quant.models import LoadedModel, load_model, load_safetensors_into, state_checksum
-from quant.ptq import QuantConfig, prepare_model, quiet_stdout
+from clipfp8.quant.core.config import ModelSpec
+from clipfp8.quant.core.errors import ModelLoadError, QuantError
+from clipfp8.quant.core.models import LoadedModel, load_model, load_safetensors_into, state_checksum
+from clipfp8.quant.ptq import QuantConfig, prepare_model, quiet_stdout
 
 log = logging.getLogger(__name__)
 

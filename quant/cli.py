@@ -5,8 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
-from quant.config import PRECISIONS, EncoderSpec, ModelSpec
-from quant.errors import ModelLoadError
+from clipfp8.quant.core.config import PRECISIONS, EncoderSpec, ModelSpec
+from clipfp8.quant.core.errors import ModelLoadError
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -57,10 +57,10 @@ def encoder_spec_from_args(args: argparse.Namespace, precision: str) -> EncoderS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from quant import cli_quantize
-    from quant.eval import cli as eval_cli
-    from quant.runtime import cli as runtime_cli
-    from quant.train import cli as train_cli
+    from clipfp8.quant import cli_quantize
+    from clipfp8.quant.eval import cli as eval_cli
+    from clipfp8.quant.runtime import cli as runtime_cli
+    from clipfp8.quant.train import cli as train_cli
 
     for module in (cli_quantize, eval_cli, runtime_cli, train_cli):
         module.register(sub)

@@ -15,9 +15,9 @@ from typing import Any, Iterable
 
 import torch
 
-from quant.cli import add_model_args, model_spec_from_args
-from quant.config import ModelSpec
-from quant.fileio import atomic_write_text
+from clipfp8.quant.cli import add_model_args, model_spec_from_args
+from clipfp8.quant.core.config import ModelSpec
+from clipfp8.quant.core.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +53,14 @@ def _exclude(patterns: list[str] | None) -> tuple[str, ...] | None:
 
 
 def _calib_set(args: argparse.Namespace, loaded: Any, device: str) -> Any:
-    from quant.calib import CalibConfig, CalibrationSet
+    from clipfp8.quant.calib import CalibConfig, CalibrationSet
 
     cfg = CalibConfig(args.calib, args.captions, args.num_samples, args.calib_batch_size, args.seed)
     return CalibrationSet(cfg, loaded.preprocess, loaded.tokenizer, device)
 
 
 def _qcfg(exclude: list[str] | None) -> Any:
-    from quant.ptq import QuantConfig
+    from clipfp8.quant.ptq import QuantConfig
 
     ex = _exclude(exclude)
     return QuantConfig() if ex is None else QuantConfig(exclude=ex)
@@ -68,9 +68,9 @@ def _qcfg(exclude: list[str] | None) -> Any:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Load, calibrate (progress bar), quantize, audit and save; print the audit table."""
-    from quant.checkpoint import save_quantized
-    from quant.models import load_model
-    from quant.ptq import quantize
+    from clipfp8.quant.checkpoint import save_quantized
+    from clipfp8.quant.core.models import load_model
+    from clipfp8.quant.ptq import quantize
 
     qcfg = _qcfg(args.exclude)
     device = _device(args.device)
@@ -91,7 +91,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def _audit_batch(args: argparse.Namespace, loaded: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if args.calib is not None:
-        from quant.calib import CalibConfig, CalibrationSet
+        from clipfp8.quant.calib import CalibConfig, CalibrationSet
 
         images, tokens = next(iter(CalibrationSet(CalibConfig(args.calib, num_samples=8, batch_size=8),
                                                   loaded.preprocess, loaded.tokenizer)))
@@ -103,8 +103,8 @@ def _audit_batch(args: argparse.Namespace, loaded: Any) -> tuple[torch.Tensor, t
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """Audit a quantized directory; exit 2 (via AuditError) on a silent high-precision gap."""
-    from quant.audit import audit
-    from quant.checkpoint import load_quant_config, load_quantized
+    from clipfp8.quant.audit import audit
+    from clipfp8.quant.checkpoint import load_quant_config, load_quantized
 
     loaded, checksum = load_quantized(args.quantized)
     qcfg = load_quant_config(args.quantized)
@@ -120,8 +120,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
     """Per-block sensitivity sweep on the calibration pairs; prints a table, optional JSON."""
-    from quant.models import load_model
-    from quant.sensitivity import sensitivity
+    from clipfp8.quant.core.models import load_model
+    from clipfp8.quant.sensitivity import sensitivity
 
     device = _device(args.device)
     loaded = load_model(model_spec(args))

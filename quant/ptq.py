@@ -19,9 +19,9 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
-from quant.attention import ATTENTION_QUANTIZERS, convert_attention, register_quant_attention
-from quant.errors import CalibrationDataError, QuantError
-from quant.models import LoadedModel
+from clipfp8.quant.attention import ATTENTION_QUANTIZERS, convert_attention, register_quant_attention
+from clipfp8.quant.core.errors import CalibrationDataError, QuantError
+from clipfp8.quant.core.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -166,11 +166,11 @@ def quantize(loaded: LoadedModel, calib: Iterable[CalibBatch], qcfg: QuantConfig
 
     ``calib`` yields (images float32 (B, 3, H, W), tokens int64 (B, L)) pairs; the first batch
     is also the audit batch. Raises ``CalibrationDataError`` when ``calib`` is empty and
-    ``quant.errors.AuditError`` when the audit finds a silent high-precision gap.
+    ``quant.core.errors.AuditError`` when the audit finds a silent high-precision gap.
     """
     import modelopt.torch.quantization as mtq
 
-    from quant.audit import audit, quantizer_counts
+    from clipfp8.quant.audit import audit, quantizer_counts
 
     qcfg = qcfg or QuantConfig()
     model = loaded.model.float().eval()

@@ -17,8 +17,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from quant.models import LoadedModel
-from quant.ptq import CalibBatch, QuantConfig, quantize
+from clipfp8.quant.core.models import LoadedModel
+from clipfp8.quant.ptq import CalibBatch, QuantConfig, quantize
 
 log = logging.getLogger(__name__)
 

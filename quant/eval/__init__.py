@@ -3,10 +3,10 @@
 ``evaluate(encoders, datasets, batch_size)`` embeds each dataset once per encoder and returns an
 ``EvalReport`` (metrics per encoder, deltas and agreement vs the first encoder).
 """
-from quant.eval.datasets import ClassificationData, DatasetSpec, RetrievalData, load_dataset
-from quant.eval.report import DatasetResult, EvalReport
-from quant.eval.run import evaluate
-from quant.eval.templates import CIFAR10_TEMPLATES, DEFAULT_TEMPLATES, load_templates
+from clipfp8.quant.eval.datasets import ClassificationData, DatasetSpec, RetrievalData, load_dataset
+from clipfp8.quant.eval.report import DatasetResult, EvalReport
+from clipfp8.quant.eval.run import evaluate
+from clipfp8.quant.eval.templates import CIFAR10_TEMPLATES, DEFAULT_TEMPLATES, load_templates
 
 __all__ = ["evaluate", "EvalReport", "DatasetResult", "DatasetSpec", "ClassificationData", "RetrievalData",
            "load_dataset", "load_templates", "CIFAR10_TEMPLATES", "DEFAULT_TEMPLATES"]

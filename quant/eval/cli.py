@@ -16,8 +16,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from quant.config import PRECISIONS
-from quant.errors import DatasetError
+from clipfp8.quant.core.config import PRECISIONS
+from clipfp8.quant.core.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,9 @@ def preset_datasets(preset: str, root: Path = SHARED_EVAL_DIR) -> list[str]:
 
 def build_encoders(args: argparse.Namespace) -> tuple[list[Any], list[str]]:
     """Encoders and their column labels from ``--precision``/``--quantized`` and the model args."""
-    from quant.cli import encoder_spec_from_args
-    from quant.encoder import create_encoder
-    from quant.eval.run import make_unique
+    from clipfp8.quant.cli import encoder_spec_from_args
+    from clipfp8.quant.core.encoder import create_encoder
+    from clipfp8.quant.eval.run import make_unique
 
     quantized: list[Path] = list(args.quantized or [])
     precisions = args.precision or (["fp16", "fp8-fake"] if quantized else ["fp16"])
@@ -70,9 +70,9 @@ def _tqdm_progress(iterable: Iterable[Any], desc: str = "", total: int | None = 
 
 def evaluate_command(args: argparse.Namespace) -> int:
     """Build encoders and datasets from ``args``, run ``evaluate``, print the table, write files."""
-    from quant.eval.datasets import DatasetSpec
-    from quant.eval.run import evaluate
-    from quant.eval.templates import load_templates
+    from clipfp8.quant.eval.datasets import DatasetSpec
+    from clipfp8.quant.eval.run import evaluate
+    from clipfp8.quant.eval.templates import load_templates
 
     dataset_args = list(args.dataset or [])
     if args.preset:
@@ -96,7 +96,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``evaluate`` to the ``clipfp8`` parser."""
-    from quant.cli import add_model_args
+    from clipfp8.quant.cli import add_model_args
 
     p = sub.add_parser("evaluate", help="zero-shot and retrieval metrics, FP8 vs FP16 side by side",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -14,7 +14,7 @@ Two kinds, as in LAION's CLIP_benchmark:
 Either kind can also come as webdataset ``.tar``/``.tar.gz``/``.tgz`` shards (one file, or a
 folder of shards): see ``quant.eval.webdataset``.
 
-Every problem raises ``quant.errors.DatasetError`` naming the offending path. Sample order is
+Every problem raises ``quant.core.errors.DatasetError`` naming the offending path. Sample order is
 sorted (by class then file, or by file), so results never depend on the file system's order;
 ``limit`` picks a seeded random subset of that order.
 """
@@ -30,8 +30,8 @@ from typing import Any, Literal, Sequence, Union
 
 import numpy as np
 
-from quant.config import IMAGE_EXTS
-from quant.errors import DatasetError
+from clipfp8.quant.core.config import IMAGE_EXTS
+from clipfp8.quant.core.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def detect_kind(path: Path) -> str:
     if not path.exists():
         raise DatasetError(f"dataset path does not exist: {path}")
     if list_shards(path):
-        from quant.eval.webdataset import detect_shard_kind
+        from clipfp8.quant.eval.webdataset import detect_shard_kind
 
         return detect_shard_kind(list_shards(path))
     if not path.is_dir():
@@ -161,7 +161,7 @@ def load_dataset(spec: DatasetSpec) -> EvalData:
     kind = detect_kind(spec.path) if spec.kind == "auto" else spec.kind
     shards = list_shards(spec.path)
     if shards:
-        from quant.eval.webdataset import load_shards
+        from clipfp8.quant.eval.webdataset import load_shards
 
         data = load_shards(shards, kind, spec.name or spec.path.name)
     elif not spec.path.is_dir():

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quant.fileio import atomic_write_text
+from clipfp8.quant.core.fileio import atomic_write_text
 
 #: Metrics shown as fractions (cosines, correlations) rather than percentages.
 _PLAIN = ("image_cosine", "text_cosine", "score_spearman")

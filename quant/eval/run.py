@@ -17,12 +17,12 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 import numpy as np
 import torch
 
-from quant.encoder import Encoder
-from quant.eval import metrics as M
-from quant.eval.datasets import (ClassificationData, DatasetSpec, EvalData, RetrievalData, load_dataset,
+from clipfp8.quant.core.encoder import Encoder
+from clipfp8.quant.eval import metrics as M
+from clipfp8.quant.eval.datasets import (ClassificationData, DatasetSpec, EvalData, RetrievalData, load_dataset,
                                  open_image)
-from quant.eval.report import DatasetResult, EvalReport
-from quant.eval.templates import DEFAULT_TEMPLATES, fill, validate_templates
+from clipfp8.quant.eval.report import DatasetResult, EvalReport
+from clipfp8.quant.eval.templates import DEFAULT_TEMPLATES, fill, validate_templates
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from quant.errors import DatasetError
+from clipfp8.quant.core.errors import DatasetError
 
 CIFAR10_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}.",

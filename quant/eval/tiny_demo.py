@@ -1,7 +1,7 @@
 """Smoke-run the evaluation without a trained model: a tiny RANDOM open_clip model
-(``quant.models.tiny_config``) at fp32 (baseline), bf16 and fp8-fake on ``--preset shared``.
+(``quant.core.models.tiny_config``) at fp32 (baseline), bf16 and fp8-fake on ``--preset shared``.
 
-    python -m quant.eval.tiny_demo --limit 1000 --output /tmp/eval-tiny
+    python -m clipfp8.quant.eval.tiny_demo --limit 1000 --output /tmp/eval-tiny
 
 fp8-fake comes from ``quant.ptq.quantize`` calibrated on 128 samples of the Imagenette training
 shards; it is left out (with a log message) when the quantization package is unavailable. The
@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 
-from quant.config import ModelSpec
-from quant.encoder import TorchEncoder
-from quant.eval.cli import SHARED_EVAL_DIR, preset_datasets
-from quant.eval.datasets import DatasetSpec, open_image
-from quant.eval.run import evaluate
-from quant.eval.webdataset import iter_samples
-from quant.models import LoadedModel, load_model, tiny_config
+from clipfp8.quant.core.config import ModelSpec
+from clipfp8.quant.core.encoder import TorchEncoder
+from clipfp8.quant.eval.cli import SHARED_EVAL_DIR, preset_datasets
+from clipfp8.quant.eval.datasets import DatasetSpec, open_image
+from clipfp8.quant.eval.run import evaluate
+from clipfp8.quant.eval.webdataset import iter_samples
+from clipfp8.quant.core.models import LoadedModel, load_model, tiny_config
 
 log = logging.getLogger(__name__)
 CALIB_SHARDS = SHARED_EVAL_DIR.parent / "train" / "imagenette-train"
@@ -56,7 +56,7 @@ def tiny_encoders(seed: int = 0) -> tuple[list[TorchEncoder], list[str]]:
     loaded = load_model(ModelSpec(name="tiny", config=tiny_config()))
     encoders, labels = [_encoder(loaded, "fp32"), _encoder(loaded, "bf16")], ["fp32", "bf16"]
     try:
-        from quant.ptq import QuantConfig, quantize
+        from clipfp8.quant.ptq import QuantConfig, quantize
 
         qloaded = copy.deepcopy(loaded)
         result = quantize(qloaded, _calibration(loaded), QuantConfig())
@@ -68,7 +68,7 @@ def tiny_encoders(seed: int = 0) -> tuple[list[TorchEncoder], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m quant.eval.tiny_demo", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m clipfp8.quant.eval.tiny_demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--limit", type=int, default=1000)
     p.add_argument("--output", type=Path, default=None)

@@ -22,9 +22,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from quant.errors import DatasetError
+from clipfp8.quant.core.errors import DatasetError
 
-from quant.eval.datasets import (CLASSES_FILE, IMAGE_EXTS, ClassificationData, EvalData, ImageRef,
+from clipfp8.quant.eval.datasets import (CLASSES_FILE, IMAGE_EXTS, ClassificationData, EvalData, ImageRef,
                                  RetrievalData, class_names_from_json)
 
 log = logging.getLogger(__name__)

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.runtime.bench_timing import time_calls
-from quant.runtime.convert import weight_bytes
-from quant.runtime.fast_fp16 import BatchRunner, configure_compile_cache
+from clipfp8.quant.runtime.bench_timing import time_calls
+from clipfp8.quant.runtime.convert import weight_bytes
+from clipfp8.quant.runtime.fast_fp16 import BatchRunner, configure_compile_cache
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class BenchConfig:
 
 def _model_config(cfg: BenchConfig) -> dict[str, Any]:
     if cfg.cpu_smoke:
-        from quant.models import tiny_config
+        from clipfp8.quant.core.models import tiny_config
 
         return tiny_config()
     import open_clip
@@ -96,9 +96,9 @@ def tower_inputs(model: nn.Module, tower: str, batch: int, device: torch.device,
 
 def build_models(cfg: BenchConfig) -> dict[str, Any]:
     """fp16 reference, ModelOpt fake-quant and real-FP8 models of ``cfg.model`` on ``cfg.device``."""
-    from quant.models import build_from_config
-    from quant.runtime.calibrate import fp8_quantize
-    from quant.runtime.fp8_encoder import build_fp8_model
+    from clipfp8.quant.core.models import build_from_config
+    from clipfp8.quant.runtime.calibrate import fp8_quantize
+    from clipfp8.quant.runtime.fp8_encoder import build_fp8_model
 
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
@@ -139,8 +139,8 @@ def _trt_runner(fake: nn.Module, tower: str, cfg: BenchConfig) -> Callable[[torc
     """ONNX export of the fake-quant tower + strongly typed TensorRT engine (``trt`` extra)."""
     import tempfile
 
-    from quant.runtime.export_onnx import export_tower
-    from quant.runtime.trt import EngineConfig, TrtRunner, build_engine
+    from clipfp8.quant.runtime.export_onnx import export_tower
+    from clipfp8.quant.runtime.trt import EngineConfig, TrtRunner, build_engine
 
     tmp = Path(tempfile.mkdtemp(prefix="clipfp8_trt_"))
     export_tower(copy.deepcopy(fake).cpu().float(), tower, tmp / f"{tower}.onnx")
@@ -264,7 +264,7 @@ def run_bench(cfg: BenchConfig, command: str = "", progress: Callable[[str], Non
     run_table(models, runners, cfg, progress, tuple(p for p in cfg.precisions if p != "fp8-exact"), rows)
     stage()
     if cfg.extras:
-        from quant.runtime import bench_extra
+        from clipfp8.quant.runtime import bench_extra
 
         for key, fn in (("query", bench_extra.bench_query), ("indexing", bench_extra.bench_indexing)):
             try:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from quant.runtime.bench_timing import time_calls
+from clipfp8.quant.runtime.bench_timing import time_calls
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def _query_graph(runner: Any, tokens: torch.Tensor, db: torch.Tensor, k: int) ->
 
 def bench_query(models: dict[str, Any], runners: dict, cfg: Any, progress: Callable[[str], None]) -> dict[str, Any]:
     """Batch-1 text query latency per precision, exact search alone, and both in one CUDA graph."""
-    from quant.runtime.bench import tower_inputs
+    from clipfp8.quant.runtime.bench import tower_inputs
 
     device, out = models["device"], {}
     dim = int(models["fp16"].text_projection.shape[-1]) if getattr(models["fp16"], "text_projection", None) is not None else 768
@@ -171,7 +171,7 @@ class _null:
 
 def bench_indexing(models: dict[str, Any], runners: dict, cfg: Any, progress: Callable[[str], None]) -> dict[str, Any]:
     """JPEG files -> GPU decode -> GPU resize/normalise -> FP8 image tower, vs encoder alone."""
-    from quant.runtime.bench import measure, tower_inputs
+    from clipfp8.quant.runtime.bench import measure, tower_inputs
 
     runner = runners.get(("image", "fp8"))
     if runner is None:

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from quant.fileio import atomic_write_text
+from clipfp8.quant.core.fileio import atomic_write_text
 
 
 def write_json_atomic(obj: Any, path: Path) -> None:

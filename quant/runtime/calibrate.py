@@ -51,10 +51,10 @@ def fp8_quantize(model: nn.Module, image_batches: list[torch.Tensor] | None,
     """
     import modelopt.torch.quantization as mtq
 
-    from quant.runtime.fp8_attention import ensure_explicit_attention
+    from clipfp8.quant.runtime.fp8_attention import ensure_explicit_attention
 
     avoid_modelopt_cuda_jit()
-    from quant.attention import register_quant_attention
+    from clipfp8.quant.attention import register_quant_attention
 
     register_quant_attention()  # ModelOpt wrappers that add the *_bmm/softmax quantizers of attention
     model = copy.deepcopy(model) if copy_model else model

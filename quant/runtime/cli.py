@@ -14,8 +14,8 @@ def bench(model: str = "ViT-L-14", towers: str = "image,text", precisions: str =
           plot: Path | None = None, cpu_smoke: bool = False, no_extras: bool = False,
           search_rows: int = 1_000_000, jpeg_count: int = 4096, min_time_s: float = 0.6) -> int:
     """Run the runtime benchmark and write JSON (+ PNG plot); prints the Markdown table."""
-    from quant.runtime.bench import BenchConfig, run_bench
-    from quant.runtime.bench_report import markdown, plot as plot_png, write_json_atomic
+    from clipfp8.quant.runtime.bench import BenchConfig, run_bench
+    from clipfp8.quant.runtime.bench_report import markdown, plot as plot_png, write_json_atomic
 
     try:
         sizes = tuple(int(b) for b in batch_sizes.split(","))
@@ -23,7 +23,7 @@ def bench(model: str = "ViT-L-14", towers: str = "image,text", precisions: str =
         raise ValueError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from e
     precs = tuple(p for p in precisions.split(",") if p)
     if "trt" in precs:
-        from quant.runtime.trt import require_tensorrt
+        from clipfp8.quant.runtime.trt import require_tensorrt
 
         require_tensorrt()
     cfg = BenchConfig(model=model, towers=tuple(towers.split(",")), precisions=precs, batch_sizes=sizes,
@@ -39,8 +39,8 @@ def bench(model: str = "ViT-L-14", towers: str = "image,text", precisions: str =
 
 def export_onnx(quantized: Path, out_dir: Path, towers: str = "image,text", opset: int = 19) -> int:
     """Export each tower of a quantized checkpoint to ONNX with FP8 Q/DQ (+ preprocess JSON)."""
-    from quant.checkpoint import load_quantized
-    from quant.runtime.export_onnx import export_towers
+    from clipfp8.quant.checkpoint import load_quantized
+    from clipfp8.quant.runtime.export_onnx import export_towers
 
     loaded, _ = load_quantized(quantized)
     for path in export_towers(loaded, out_dir, towers=tuple(towers.split(",")), opset=opset):

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from quant.runtime.fp8_attention import FP8Attention, qkv_quantizers
-from quant.runtime.fp8_linear import DisabledQuantizer, FakeQuantFP8, FP8Embedding, FP8Linear, fp8_scales, quantize_fp8, shape_supports_scaled_mm
+from clipfp8.quant.runtime.fp8_attention import FP8Attention, qkv_quantizers
+from clipfp8.quant.runtime.fp8_linear import DisabledQuantizer, FakeQuantFP8, FP8Embedding, FP8Linear, fp8_scales, quantize_fp8, shape_supports_scaled_mm
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def _standin_attention_quantizers(module: nn.Module, name: str, report: Conversi
     """Other quantized attention (e.g. HF ``BertSelfAttention``, whose forward calls
     ``quant.attention.attend``): swap its ModelOpt TensorQuantizers for plain torch stand-ins
     (FP8 rounding with the calibrated scale, or identity), so torch.compile sees simple code."""
-    from quant.attention import ATTENTION_QUANTIZERS
+    from clipfp8.quant.attention import ATTENTION_QUANTIZERS
 
     for qname in ATTENTION_QUANTIZERS:
         if not hasattr(module, qname):

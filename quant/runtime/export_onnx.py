@@ -174,7 +174,7 @@ def export_tower(model: nn.Module, tower: str, path: Path, *, opset: int = MIN_O
 
     if opset < MIN_OPSET:
         raise ValueError(f"opset must be >= {MIN_OPSET} for FP8 QuantizeLinear, got {opset}")
-    from quant.runtime.calibrate import avoid_modelopt_cuda_jit
+    from clipfp8.quant.runtime.calibrate import avoid_modelopt_cuda_jit
 
     avoid_modelopt_cuda_jit()
     wrapped = _Tower(model, tower).eval().to(dtype=dtype)

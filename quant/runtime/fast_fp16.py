@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from quant.encoder import Encoder, EncoderIdentity
+from clipfp8.quant.core.encoder import Encoder, EncoderIdentity
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +157,8 @@ class FastTorchEncoder(Encoder):
 
 def create_fast_fp16_encoder(spec: Any) -> FastTorchEncoder:
     """The best FP16 encoder for ``spec`` (an ``EncoderSpec``): compiled + CUDA graphs on CUDA."""
-    from quant.errors import UnsupportedPrecisionError
-    from quant.models import load_model
+    from clipfp8.quant.core.errors import UnsupportedPrecisionError
+    from clipfp8.quant.core.models import load_model
 
     device = spec.resolved_device()
     if not device.startswith("cuda"):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.runtime.fp8_linear import FakeQuantFP8
+from clipfp8.quant.runtime.fp8_linear import FakeQuantFP8
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def _float_mask(attn_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Ten
 def ensure_explicit_attention(model: nn.Module) -> int:
     """Replace every ``nn.MultiheadAttention`` by ``quant.attention.ExplicitAttention`` (the
     quantization package's converter). Returns the number replaced."""
-    from quant.attention import convert_attention
+    from clipfp8.quant.attention import convert_attention
 
     return int(convert_attention(model))
 

@@ -11,10 +11,10 @@ import logging
 import torch
 from torch import nn
 
-from quant.config import EncoderSpec
-from quant.errors import UnsupportedPrecisionError
-from quant.runtime.convert import ConversionReport, cast_for_runtime, convert_to_fp8
-from quant.runtime.fast_fp16 import FastTorchEncoder
+from clipfp8.quant.core.config import EncoderSpec
+from clipfp8.quant.core.errors import UnsupportedPrecisionError
+from clipfp8.quant.runtime.convert import ConversionReport, cast_for_runtime, convert_to_fp8
+from clipfp8.quant.runtime.fast_fp16 import FastTorchEncoder
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def create_fp8_encoder(spec: EncoderSpec, *, compile: bool = True, exact_softmax
         raise UnsupportedPrecisionError(f"create_fp8_encoder serves precision 'fp8', got {spec.precision!r}")
     device = spec.resolved_device()
     check_fp8_device(device)
-    from quant.checkpoint import load_quantized
+    from clipfp8.quant.checkpoint import load_quantized
 
     loaded, checksum = load_quantized(spec.quantized)
     model, report = build_fp8_model(loaded.model, device, exact_softmax=exact_softmax)

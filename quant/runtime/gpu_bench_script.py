@@ -1,6 +1,6 @@
 """The device-machine entry point: environment facts, then ``run_bench`` on ViT-L/14.
 
-Usage (on the GPU machine): ``python -m quant.runtime.gpu_bench_script OUT_DIR [--quick]``.
+Usage (on the GPU machine): ``python -m clipfp8.quant.runtime.gpu_bench_script OUT_DIR [--quick]``.
 Writes OUT_DIR/bench.json, OUT_DIR/bench_h200.png and OUT_DIR/bench.md.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 def main(argv: list[str]) -> int:
     import torch
 
-    from quant.runtime.bench import BenchConfig, run_bench
-    from quant.runtime.bench_report import markdown, plot, write_json_atomic
+    from clipfp8.quant.runtime.bench import BenchConfig, run_bench
+    from clipfp8.quant.runtime.bench_report import markdown, plot, write_json_atomic
 
     out = Path(argv[0]) if argv else Path("artifacts")
     quick = "--quick" in argv
@@ -26,7 +26,7 @@ def main(argv: list[str]) -> int:
     cfg = BenchConfig(model="ViT-L-14",
                       batch_sizes=(256, 1, 8, 64, 1024) if quick else (1, 8, 32, 64, 128, 256, 512, 1024),
                       min_time_s=0.4 if quick else 0.6)
-    cmd = "python -m quant.runtime.gpu_bench_script $OUT" + (" --quick" if quick else "")
+    cmd = "python -m clipfp8.quant.runtime.gpu_bench_script $OUT" + (" --quick" if quick else "")
     result = run_bench(cfg, command=cmd, progress=lambda s: print(f"[{time.time() - t0:6.1f}s] {s}", flush=True),
                        save=lambda r: write_json_atomic(r, out / "bench.json"))
     result["meta"]["wall_s"] = time.time() - t0

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from quant.config import EncoderSpec
-from quant.errors import UnsupportedPrecisionError
-from quant.fileio import atomic_write_bytes
+from clipfp8.quant.core.config import EncoderSpec
+from clipfp8.quant.core.errors import UnsupportedPrecisionError
+from clipfp8.quant.core.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +144,13 @@ def engine_paths(quantized: Path, tower: str) -> tuple[Path, Path]:
 def create_trt_encoder(spec: EncoderSpec, cfg: EngineConfig = EngineConfig()) -> Any:
     """``Encoder`` backed by TensorRT engines for both towers (exported and built on first use)."""
     require_tensorrt()
-    from quant.runtime.fp8_encoder import check_fp8_device
+    from clipfp8.quant.runtime.fp8_encoder import check_fp8_device
 
     device = spec.resolved_device()
     check_fp8_device(device)
-    from quant.checkpoint import load_quantized
-    from quant.runtime.export_onnx import export_towers
-    from quant.runtime.fast_fp16 import FastTorchEncoder
+    from clipfp8.quant.checkpoint import load_quantized
+    from clipfp8.quant.runtime.export_onnx import export_towers
+    from clipfp8.quant.runtime.fast_fp16 import FastTorchEncoder
 
     loaded, checksum = load_quantized(spec.quantized)
     paths = {t: engine_paths(spec.quantized, t) for t in ("image", "text")}

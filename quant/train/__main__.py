@@ -1,4 +1,4 @@
-"""``python -m quant.train SUBCOMMAND ...``: the training subcommands without the ``clipfp8``
+"""``python -m clipfp8.quant.train SUBCOMMAND ...``: the training subcommands without the ``clipfp8``
 console script (the GPU machine runs the source tree uninstalled)."""
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import argparse
 import logging
 import sys
 
-from quant.train import cli
+from clipfp8.quant.train import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m quant.train")
+    parser = argparse.ArgumentParser(prog="python -m clipfp8.quant.train")
     sub = parser.add_subparsers(dest="command", required=True)
     cli.register(sub)
     args = parser.parse_args(argv)

@@ -12,13 +12,13 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from quant.fileio import atomic_write_text
+from clipfp8.quant.core.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 
 def prep(args: argparse.Namespace) -> int:
-    from quant.train.prep import PrepConfig, build_pack
+    from clipfp8.quant.train.prep import PrepConfig, build_pack
 
     cfg = PrepConfig(data_root=args.data_root, out_dir=args.out_dir, size=args.size,
                      jpeg_quality=args.jpeg_quality, max_per_source=args.max_per_source,
@@ -28,7 +28,7 @@ def prep(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    from quant.train.train import TrainConfig, train as run
+    from clipfp8.quant.train.train import TrainConfig, train as run
 
     kw = dict(pack_dir=args.pack_dir, out_dir=args.out_dir, device=args.device, seed=args.seed,
               batch_size=args.batch_size, lr=args.lr, time_budget_s=args.time_budget_s,
@@ -42,15 +42,15 @@ def train(args: argparse.Namespace) -> int:
 
 
 def ship(args: argparse.Namespace) -> int:
-    from quant.train.ship import ship_run
+    from clipfp8.quant.train.ship import ship_run
 
     print(json.dumps(ship_run(args.run_dir, args.dest), indent=2))
     return 0
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from quant.models import load_model
-    from quant.train.evaluate import evaluate_loaded
+    from clipfp8.quant.core.models import load_model
+    from clipfp8.quant.train.evaluate import evaluate_loaded
 
     res = evaluate_loaded(load_model(), args.eval_root, limit_per_class=args.limit_per_class)
     text = json.dumps(res, indent=2)
@@ -62,7 +62,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this package's subcommands to the ``clipfp8`` parser."""
-    from quant.train.train import TrainConfig
+    from clipfp8.quant.train.train import TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser("train-prep", help="build the compact training pack from the shards")

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from quant.errors import QuantError
+from clipfp8.quant.core.errors import QuantError
 
 log = logging.getLogger(__name__)
 

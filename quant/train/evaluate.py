@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from quant.errors import DatasetError
+from clipfp8.quant.core.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def _embed_files(encode: Callable[[torch.Tensor], torch.Tensor], preprocess: Cal
 def evaluate_loaded(loaded: Any, eval_root: Path, limit_per_class: int | None = None,
                     flickr_limit: int | None = None, sets: Sequence[str] = ("cifar10-test", "imagenette-val", "flickr8k-1k")
                     ) -> dict[str, Any]:
-    """fp32 metrics of a ``quant.models.LoadedModel`` on the original eval files (CPU)."""
+    """fp32 metrics of a ``quant.core.models.LoadedModel`` on the original eval files (CPU)."""
     model, pre, tok = loaded.model.eval(), loaded.preprocess, loaded.tokenizer
 
     def enc_txt(texts: Sequence[str]) -> torch.Tensor:
@@ -136,9 +136,9 @@ def build_eval_pack(eval_root: Path, out_dir: Path, model_cfg: dict[str, Any], s
     features of every prompt and caption. Subsets: it must fit the 64 MiB transfer."""
     from PIL import Image
 
-    from quant.train.data import decode_square, mosaic
-    from quant.train.model import quantize_rows_int8, text_features
-    from quant.train.prep import _save_jpeg, _save_npz
+    from clipfp8.quant.train.data import decode_square, mosaic
+    from clipfp8.quant.train.model import quantize_rows_int8, text_features
+    from clipfp8.quant.train.prep import _save_jpeg, _save_npz
 
     cf, cl, cc = class_folder(eval_root / "cifar10-test", (n_cifar // 10) if limit is None else limit)
     nf, nl, nc = class_folder(eval_root / "imagenette-val", (n_imagenette // 10) if limit is None else limit)
@@ -162,8 +162,8 @@ def evaluate_pack(parts: Any, pack_dir: Path, to_input: Callable[[torch.Tensor],
     on ``device`` to the normalised float input at the model's resolution."""
     from PIL import Image
 
-    from quant.train.data import unmosaic
-    from quant.train.model import dequantize_rows_int8
+    from clipfp8.quant.train.data import unmosaic
+    from clipfp8.quant.train.model import dequantize_rows_int8
 
     z = np.load(Path(pack_dir) / "eval.npz")
     n_c, n_n, n_f, k_c, k_n, t = (int(v) for v in z["n"])

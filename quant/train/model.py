@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from quant.models import MINILM_PLACEHOLDER
+from clipfp8.quant.core.models import MINILM_PLACEHOLDER
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def text_features(captions: Sequence[str], model_cfg: dict[str, Any], batch_size
     """
     import open_clip
 
-    from quant.models import build_from_config, minilm_path
+    from clipfp8.quant.core.models import build_from_config, minilm_path
 
     model = build_from_config(model_cfg, pretrained_text=True).eval()
     text = model.text

@@ -26,9 +26,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from quant.fileio import atomic_write_bytes
-from quant.train.data import SOURCES, CaptionTable, TrainDataError, decode_square, group_of, iter_shards, mosaic
-from quant.train.model import default_model_cfg, quantize_rows_int8, text_features
+from clipfp8.quant.core.fileio import atomic_write_bytes
+from clipfp8.quant.train.data import SOURCES, CaptionTable, TrainDataError, decode_square, group_of, iter_shards, mosaic
+from clipfp8.quant.train.model import default_model_cfg, quantize_rows_int8, text_features
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def build_pack(cfg: PrepConfig, progress: Progress | None = None) -> dict[str, A
     tmp.write_text(json.dumps(summary))
     tmp.replace(cfg.out_dir / "pack.json")
     if cfg.with_eval:
-        from quant.train.evaluate import build_eval_pack
+        from clipfp8.quant.train.evaluate import build_eval_pack
 
         summary["eval"] = build_eval_pack(cfg.data_root / "eval", cfg.out_dir, cfg.model_cfg,
                                           size=cfg.size, quality=cfg.jpeg_quality64, n_cifar=cfg.eval_cifar,
@@ -163,7 +163,7 @@ def load_pack(pack_dir: Path) -> dict[str, Any]:
     ``pack.json``/``pack.npz`` lacks a key."""
     from PIL import Image
 
-    from quant.train.data import read_json_object, unmosaic
+    from clipfp8.quant.train.data import read_json_object, unmosaic
 
     pack_dir = Path(pack_dir)
     meta_file, npz_file = pack_dir / "pack.json", pack_dir / "pack.npz"
@@ -200,6 +200,6 @@ def load_pack(pack_dir: Path) -> dict[str, Any]:
 
 def feats_tensor(pack: dict[str, Any]) -> torch.Tensor:
     """float32 (C, 384) caption features from the pack's int8 rows."""
-    from quant.train.model import dequantize_rows_int8
+    from clipfp8.quant.train.model import dequantize_rows_int8
 
     return dequantize_rows_int8(torch.from_numpy(pack["feats"]), torch.from_numpy(pack["feat_scale"]))

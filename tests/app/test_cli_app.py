@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from app.cli import build_parser, main
+from clipfp8.app.cli import build_parser, main
 from tests.app.helpers import make_corpus
 
 
@@ -47,8 +47,8 @@ def _capture_launch(monkeypatch) -> dict:
 
 
 def test_serve_launches_loopback_with_only_the_corpus_allowed(tmp_path, monkeypatch):
-    from app.backend import FAKE_ENCODER_ENV, fake_encoders
-    from indexing import index_corpus
+    from clipfp8.app.backend import FAKE_ENCODER_ENV, fake_encoders
+    from clipfp8.indexing import index_corpus
 
     corpus = make_corpus(tmp_path / "c", per_colour=1)
     index_corpus(corpus, tmp_path / "idx", list(fake_encoders().values()), workers=1)
@@ -63,9 +63,9 @@ def test_serve_launches_loopback_with_only_the_corpus_allowed(tmp_path, monkeypa
 
 
 def test_demo_prepares_then_serves_without_share(tmp_path, monkeypatch):
-    import app.demo
-    from app.backend import fake_encoders
-    from indexing import index_corpus
+    import clipfp8.app.demo
+    from clipfp8.app.backend import fake_encoders
+    from clipfp8.indexing import index_corpus
 
     corpus = make_corpus(tmp_path / "c", per_colour=1)
     encs = fake_encoders()

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from app import demo as D
-from app.backend import fake_encoders
-from quant.config import ModelSpec
-from quant.models import load_model, tiny_config
+from clipfp8.app import demo as D
+from clipfp8.app.backend import fake_encoders
+from clipfp8.quant.core.config import ModelSpec
+from clipfp8.quant.core.models import load_model, tiny_config
 from tests.app.helpers import make_corpus
 
 SAMPLES = Path(__file__).resolve().parents[2] / "data" / "samples"
@@ -29,7 +29,7 @@ def test_bundled_samples_are_small_captioned_jpegs_with_a_licence():
 
 
 def test_clean_title_drops_numbers_and_short_names():
-    from app.samples import clean_title
+    from clipfp8.app.samples import clean_title
 
     assert clean_title("home13") == "home"
     assert clean_title("sun02") is None  # 3 letters: too little to be a caption
@@ -67,8 +67,7 @@ def test_quantize_step_is_cached_by_weights_checksum(tmp_path, monkeypatch):
     torch.manual_seed(0)  # the tiny config model has random weights: fix them so the checksum repeats
     out = D.quantize_step(cfg)
     assert out == cfg.quantized_dir and (out / D.STAMP_FILE).is_file()
-    import quant.ptq
-
+    import clipfp8.quant.ptq
     def boom(*a, **k):
         raise AssertionError("re-quantized although the cache matches")
 
@@ -83,7 +82,7 @@ def test_quantize_step_is_cached_by_weights_checksum(tmp_path, monkeypatch):
 
 
 def test_prepare_demo_indexes_the_corpus_with_injected_encoders(tmp_path):
-    from indexing import open_index
+    from clipfp8.indexing import open_index
 
     corpus = make_corpus(tmp_path / "c", per_colour=2)
     cfg = D.DemoConfig(work_dir=tmp_path / "w", corpus=corpus)
@@ -106,8 +105,8 @@ def test_demo_pipeline_with_a_tiny_real_model(tmp_path):
     """quantize -> FP16 + FP8-fake encoders -> index -> app search, all with a tiny open_clip model."""
     import torch
 
-    import app.search as S
-    from app.backend import CPU_FP8_NOTE, open_context
+    import clipfp8.app.search as S
+    from clipfp8.app.backend import CPU_FP8_NOTE, open_context
 
     corpus = make_corpus(tmp_path / "c", per_colour=2)
     cfg = D.DemoConfig(work_dir=tmp_path / "w", corpus=corpus, model=ModelSpec(name="tiny", config=tiny_config()),

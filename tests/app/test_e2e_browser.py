@@ -26,9 +26,9 @@ SECRET = "TOP-SECRET-NOT-IN-CORPUS"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from app.backend import fake_encoders
-    from app.testserver import serve_subprocess
-    from indexing import index_corpus
+    from clipfp8.app.backend import fake_encoders
+    from clipfp8.app.testserver import serve_subprocess
+    from clipfp8.indexing import index_corpus
 
     tmp = tmp_path_factory.mktemp("e2e")
     corpus = make_corpus(tmp / "corpus", per_colour=3)

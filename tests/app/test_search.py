@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import app.search as S
+import clipfp8.app.search as S
 from tests.app.helpers import FakeHit, MemIndex, make_corpus
 from tests.fakes import FakeEncoder
 

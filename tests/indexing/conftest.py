@@ -35,7 +35,7 @@ def encoders() -> list[FakeEncoder]:
 def index_state(index_dir: Path) -> dict:
     """Everything a clean run determines: rows (id, path, hash, status) and per encoder the
     sorted FAISS ids and their vectors."""
-    from indexing.store import open_index
+    from clipfp8.indexing.store import open_index
 
     with open_index(index_dir) as store:
         rows = sorted((r["id"], bytes(r["path_raw"]), r["sha256"], r["status"], r["error"])

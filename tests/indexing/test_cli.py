@@ -1,4 +1,4 @@
-"""The CLI wrappers (``python -m indexing`` = the ``clipfp8`` indexing subcommands), with the
+"""The CLI wrappers (``python -m clipfp8.indexing`` = the ``clipfp8`` indexing subcommands), with the
 fake-encoder test hook."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from indexing.__main__ import main
-from indexing.store import open_for_write
+from clipfp8.indexing.__main__ import main
+from clipfp8.indexing.store import open_for_write
 
 
 @pytest.fixture(autouse=True)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexing.decode import imap_bounded, open_image
-from indexing.errors import DecodeError
+from clipfp8.indexing.decode import imap_bounded, open_image
+from clipfp8.indexing.errors import DecodeError
 from tests.indexing import badfiles as bf
 
 
@@ -118,9 +118,9 @@ def test_jpeg_draft_decodes_smaller_but_reports_the_full_oriented_size(tmp_path:
 
 
 def test_jpeg_draft_in_the_pipeline_records_full_dimensions(tmp_path: Path) -> None:
-    from indexing.config import IndexConfig
-    from indexing.pipeline import index_corpus
-    from indexing.store import open_index
+    from clipfp8.indexing.config import IndexConfig
+    from clipfp8.indexing.pipeline import index_corpus
+    from clipfp8.indexing.store import open_index
     from tests.fakes import FakeEncoder
 
     (tmp_path / "c").mkdir()

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from indexing import query as search_mod
-from indexing.vectors import VectorIndex
+from clipfp8.indexing import query as search_mod
+from clipfp8.indexing.vectors import VectorIndex
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

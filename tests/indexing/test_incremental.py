@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from indexing.pipeline import index_corpus
-from indexing.store import open_index
+from clipfp8.indexing.pipeline import index_corpus
+from clipfp8.indexing.store import open_index
 from tests.fakes import FakeEncoder
 from tests.indexing.conftest import encoders, index_state, make_corpus, write_image
 
@@ -110,7 +110,7 @@ def test_new_encoder_added_later_embeds_existing_images(corpus: Path, tmp_path: 
 
 
 def test_ivf_factory_trains_once_large_enough_and_stays_correct(tmp_path: Path) -> None:
-    from indexing.config import IndexConfig
+    from clipfp8.indexing.config import IndexConfig
 
     corpus = tmp_path / "c"
     make_corpus(corpus, 24)
@@ -127,8 +127,7 @@ def test_ivf_factory_trains_once_large_enough_and_stays_correct(tmp_path: Path) 
 
 def test_unreadable_folder_keeps_its_indexed_images(corpus: Path, tmp_path: Path, monkeypatch) -> None:
     """Nothing already stored is lost when a folder cannot be listed (permissions, a dropped mount)."""
-    import indexing.scan
-
+    import clipfp8.indexing.scan
     idx = tmp_path / "idx"
     index_corpus(corpus, idx, encoders(), workers=1)
     before = _ids_by_path(idx)

@@ -1,4 +1,4 @@
-"""Crash safety: SIGKILL a real ``python -m indexing index`` process at chosen instants (it pauses
+"""Crash safety: SIGKILL a real ``python -m clipfp8.indexing index`` process at chosen instants (it pauses
 at a named checkpoint via the documented test hook, then the test kills it), restart, and check
 the result equals a clean run: same ids, paths, hashes and vectors, no duplicates, no losses."""
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from indexing.config import IndexConfig
-from indexing.pipeline import index_corpus
-from indexing.consistency import verify
+from clipfp8.indexing.config import IndexConfig
+from clipfp8.indexing.pipeline import index_corpus
+from clipfp8.indexing.consistency import verify
 from tests.indexing.conftest import REPO, encoders, index_state, make_corpus
 
 CFG = IndexConfig(batch_size=4, workers=2, commit_every=8)

@@ -6,12 +6,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from indexing.pipeline import index_corpus
-from indexing.query import search
-from indexing.store import open_index
-from quant.config import ModelSpec
-from quant.encoder import TorchEncoder
-from quant.models import load_model, tiny_config
+from clipfp8.indexing.pipeline import index_corpus
+from clipfp8.indexing.query import search
+from clipfp8.indexing.store import open_index
+from clipfp8.quant.core.config import ModelSpec
+from clipfp8.quant.core.encoder import TorchEncoder
+from clipfp8.quant.core.models import load_model, tiny_config
 from tests.indexing.conftest import make_corpus
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from indexing.errors import CorpusError
-from indexing.pipeline import index_corpus
-from indexing.scan import check_corpus, scan_corpus
+from clipfp8.indexing.errors import CorpusError
+from clipfp8.indexing.pipeline import index_corpus
+from clipfp8.indexing.scan import check_corpus, scan_corpus
 from tests.indexing.conftest import encoders, write_image
 
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexing.config import IndexConfig
-from indexing.errors import QueryError
-from indexing.pipeline import index_corpus
-from indexing.query import search
-from indexing.store import open_index
+from clipfp8.indexing.config import IndexConfig
+from clipfp8.indexing.errors import QueryError
+from clipfp8.indexing.pipeline import index_corpus
+from clipfp8.indexing.query import search
+from clipfp8.indexing.store import open_index
 from tests.fakes import FakeEncoder
 from tests.indexing.conftest import make_corpus
 

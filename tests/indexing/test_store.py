@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 
-from indexing import db as dbm
-from quant import fileio
-from indexing.errors import (EncoderMismatchError, IndexLockedError, IndexNotFoundError,
+from clipfp8.indexing import db as dbm
+from clipfp8.quant.core import fileio
+from clipfp8.indexing.errors import (EncoderMismatchError, IndexLockedError, IndexNotFoundError,
                              StorageError, UnknownEncoderError, IndexCorruptError)
-from indexing.config import IndexConfig
-from indexing.pipeline import index_corpus
-from indexing.query import search
-from indexing.store import open_for_write, open_index
+from clipfp8.indexing.config import IndexConfig
+from clipfp8.indexing.pipeline import index_corpus
+from clipfp8.indexing.query import search
+from clipfp8.indexing.store import open_for_write, open_index
 from tests.fakes import FakeEncoder
 from tests.indexing.conftest import REPO, encoders, index_state, make_corpus
 
@@ -122,7 +122,7 @@ def test_reader_sees_new_commits(corpus: Path, tmp_path: Path) -> None:
 
 
 def test_bad_factory_string_fails_before_any_work(corpus: Path, tmp_path: Path) -> None:
-    from indexing.errors import IndexConfigError
+    from clipfp8.indexing.errors import IndexConfigError
 
     with pytest.raises(IndexConfigError, match="NotAnIndex"):
         index_corpus(corpus, tmp_path / "idx", encoders(), factory="NotAnIndex")
@@ -133,7 +133,7 @@ def test_database_full_during_commit_is_a_storage_error(corpus: Path, tmp_path: 
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     import sqlite3
 
-    from indexing.pipeline import _Run
+    from clipfp8.indexing.pipeline import _Run
 
     idx = tmp_path / "idx"
     index_corpus(corpus, idx, encoders(), workers=1)

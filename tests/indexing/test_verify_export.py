@@ -8,12 +8,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from indexing.errors import QueryError
-from indexing.export import export_parquet
-from indexing.pipeline import index_corpus
-from indexing.store import open_index
-from indexing.vectors import VectorIndex
-from indexing.consistency import verify
+from clipfp8.indexing.errors import QueryError
+from clipfp8.indexing.export import export_parquet
+from clipfp8.indexing.pipeline import index_corpus
+from clipfp8.indexing.store import open_index
+from clipfp8.indexing.vectors import VectorIndex
+from clipfp8.indexing.consistency import verify
 from tests.fakes import FakeEncoder
 from tests.indexing.conftest import encoders, index_state
 
@@ -96,7 +96,7 @@ def test_parquet_round_trip(corpus: Path, tmp_path: Path) -> None:
 
 
 def test_verify_on_missing_index(tmp_path: Path) -> None:
-    from indexing.errors import IndexNotFoundError
+    from clipfp8.indexing.errors import IndexNotFoundError
 
     with pytest.raises(IndexNotFoundError):
         verify(tmp_path / "none", repair=True, encoders=[FakeEncoder()])
@@ -104,7 +104,7 @@ def test_verify_on_missing_index(tmp_path: Path) -> None:
 
 
 def test_verify_repairs_an_approximate_index_and_its_exact_copy(tmp_path: Path) -> None:
-    from indexing.config import IndexConfig
+    from clipfp8.indexing.config import IndexConfig
     from tests.indexing.conftest import make_corpus
 
     corpus = tmp_path / "c"

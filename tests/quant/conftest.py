@@ -11,8 +11,8 @@ from typing import Callable
 import pytest
 import torch
 
-from quant.config import ModelSpec
-from quant.models import LoadedModel, load_model, tiny_config
+from clipfp8.quant.core.config import ModelSpec
+from clipfp8.quant.core.models import LoadedModel, load_model, tiny_config
 
 warnings.filterwarnings("ignore", message=".*transformers .* is not tested.*")
 
@@ -74,7 +74,7 @@ def image_folder(tmp_path: Path) -> Path:
 @pytest.fixture(scope="module")
 def quantized_tiny() -> tuple[LoadedModel, object, tuple[torch.Tensor, torch.Tensor]]:
     """(quantized tiny model, QuantResult, its calibration batch) -- shared, do not mutate."""
-    from quant.ptq import QuantConfig, quantize
+    from clipfp8.quant.ptq import QuantConfig, quantize
 
     loaded = tiny_loaded()
     batch = sample_batch(loaded, 16)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.attention import ExplicitAttention, attend, convert_attention, register_quant_attention
+from clipfp8.quant.attention import ExplicitAttention, attend, convert_attention, register_quant_attention
 from tests.quant.conftest import sample_batch, tiny_loaded
 
 TOL = 1e-5

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from quant.audit import audit, runtime_ops, static_audit
-from quant.errors import AuditError
-from quant.ptq import QuantConfig, build_mtq_config, prepare_model, quantize
+from clipfp8.quant.audit import audit, runtime_ops, static_audit
+from clipfp8.quant.core.errors import AuditError
+from clipfp8.quant.ptq import QuantConfig, build_mtq_config, prepare_model, quantize
 from tests.quant.conftest import sample_batch, tiny_loaded
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from quant.calib import CalibConfig, CalibrationSet, default_sizes, find_images, load_captions, prompt_for
-from quant.errors import CalibrationDataError
+from clipfp8.quant.calib import CalibConfig, CalibrationSet, default_sizes, find_images, load_captions, prompt_for
+from clipfp8.quant.core.errors import CalibrationDataError
 from tests.quant.conftest import make_images
 
 
@@ -99,7 +99,7 @@ def test_undecodable_files_skipped_and_zero_decodable_raises(tmp_path: Path, cap
     make_images(root, {"ok": 3}, size=8)
     (root / "ok" / "broken.jpg").write_bytes(b"not an image")
     cs = CalibrationSet(CalibConfig(root, batch_size=8), _pre, _Tok())
-    with caplog.at_level(logging.WARNING, logger="quant.calib"):
+    with caplog.at_level(logging.WARNING, logger="clipfp8.quant.calib"):
         batches = list(cs)
     assert sum(b[0].shape[0] for b in batches) == 3
     assert [p.name for p in cs.skipped] == ["broken.jpg"] and "broken.jpg" in caplog.text

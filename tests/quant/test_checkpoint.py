@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from quant.checkpoint import decode_state, encode_state, load_quantized, save_quantized
-from quant.errors import ModelLoadError, QuantError
-from quant.ptq import QuantConfig
+from clipfp8.quant.checkpoint import decode_state, encode_state, load_quantized, save_quantized
+from clipfp8.quant.core.errors import ModelLoadError, QuantError
+from clipfp8.quant.ptq import QuantConfig
 from tests.quant.conftest import sample_batch
 
 
@@ -44,8 +44,8 @@ def test_save_load_identical_embeddings(quantized_tiny, saved) -> None:  # type:
 
 
 def test_create_encoder_fp8_fake(quantized_tiny, saved) -> None:  # type: ignore[no-untyped-def]
-    from quant.config import EncoderSpec
-    from quant.encoder import create_encoder
+    from clipfp8.quant.core.config import EncoderSpec
+    from clipfp8.quant.core.encoder import create_encoder
 
     loaded, _, _ = quantized_tiny
     with pytest.raises(ModelLoadError, match="quantized from model 'config:tiny'"):

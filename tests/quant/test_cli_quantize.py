@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import main
-from quant.models import tiny_config
+from clipfp8.app.cli import main
+from clipfp8.quant.core.models import tiny_config
 from tests.quant.conftest import make_images
 
 
@@ -121,8 +121,8 @@ def test_audit_cli_fails_on_fp8_default_cfg_trap(tmp_path: Path, capsys) -> None
 
     import modelopt.torch.quantization as mtq
 
-    from quant.checkpoint import save_quantized
-    from quant.ptq import QuantConfig, prepare_model
+    from clipfp8.quant.checkpoint import save_quantized
+    from clipfp8.quant.ptq import QuantConfig, prepare_model
     from tests.quant.conftest import sample_batch, tiny_loaded
 
     loaded = tiny_loaded()

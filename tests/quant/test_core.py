@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from quant.config import EncoderSpec, ModelSpec
-from quant.encoder import TorchEncoder, create_encoder
-from quant.errors import ModelLoadError
-from quant.models import load_model, load_safetensors_into, tiny_config
+from clipfp8.quant.core.config import EncoderSpec, ModelSpec
+from clipfp8.quant.core.encoder import TorchEncoder, create_encoder
+from clipfp8.quant.core.errors import ModelLoadError
+from clipfp8.quant.core.models import load_model, load_safetensors_into, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_create_encoder_fp32_from_config():
 
 
 def test_default_model_missing_is_clear(monkeypatch, tmp_path):
-    import quant.models as qm
+    import clipfp8.quant.core.models as qm
 
     monkeypatch.setattr(qm, "DEFAULT_MODEL_DIR", tmp_path / "nowhere")
     with pytest.raises(ModelLoadError, match="embedded default model is missing"):

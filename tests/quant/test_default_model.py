@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from quant.config import EncoderSpec
-from quant.models import DEFAULT_MODEL_DIR, load_model
-from quant.train.data import CaptionTable, mosaic, unmosaic
-from quant.train.evaluate import EVAL_TEMPLATES, class_folder, retrieval_recall, zero_shot_top1
-from quant.train.model import dequantize_rows_int8, quantize_rows_int8
-from quant.train.ship import sha256_file
-from quant.train.train import augment, multi_positive_loss
+from clipfp8.quant.core.config import EncoderSpec
+from clipfp8.quant.core.models import DEFAULT_MODEL_DIR, load_model
+from clipfp8.quant.train.data import CaptionTable, mosaic, unmosaic
+from clipfp8.quant.train.evaluate import EVAL_TEMPLATES, class_folder, retrieval_recall, zero_shot_top1
+from clipfp8.quant.train.model import dequantize_rows_int8, quantize_rows_int8
+from clipfp8.quant.train.ship import sha256_file
+from clipfp8.quant.train.train import augment, multi_positive_loss
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "data"
@@ -49,7 +49,7 @@ def test_load_model_gives_unit_norm_embeddings_of_config_dim(loaded) -> None:
 
 
 def test_create_encoder_default_spec_works_on_cpu() -> None:
-    from quant.encoder import create_encoder
+    from clipfp8.quant.core.encoder import create_encoder
     from PIL import Image
 
     enc = create_encoder(EncoderSpec())  # the documented zero-argument path (CPU here)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from quant.attention import ATTENTION_QUANTIZERS, ExplicitAttention
-from quant.ptq import QuantConfig, build_mtq_config, quantize
+from clipfp8.quant.attention import ATTENTION_QUANTIZERS, ExplicitAttention
+from clipfp8.quant.ptq import QuantConfig, build_mtq_config, quantize
 from tests.quant.conftest import sample_batch, tiny_loaded
 
 
@@ -129,7 +129,7 @@ def test_attention_quantization_off_is_reported_not_hidden(tiny) -> None:  # typ
 
 
 def test_empty_calibration_raises(tiny) -> None:  # type: ignore[no-untyped-def]
-    from quant.errors import CalibrationDataError
+    from clipfp8.quant.core.errors import CalibrationDataError
 
     with pytest.raises(CalibrationDataError):
         quantize(tiny, [], QuantConfig())
@@ -139,7 +139,7 @@ def test_empty_calibration_raises(tiny) -> None:  # type: ignore[no-untyped-def]
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_quantize_and_audit_on_cuda() -> None:
     """Calibration on the GPU (ModelOpt's CUDA fake-quant kernels); the fp16 model audits clean."""
-    from quant.audit import audit
+    from clipfp8.quant.audit import audit
 
     ref, loaded = tiny_loaded(), tiny_loaded()
     batch = sample_batch(loaded, 16)

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-import quant.models
-from quant.errors import ModelLoadError
-from quant.train.data import SOURCES, TrainDataError
-from quant.train.model import default_model_cfg
-from quant.train.prep import PrepConfig, build_pack, load_pack
-from quant.train.ship import ship_run
-from quant.train.train import TrainConfig, train
+import clipfp8.quant.core.models
+from clipfp8.quant.core.errors import ModelLoadError
+from clipfp8.quant.train.data import SOURCES, TrainDataError
+from clipfp8.quant.train.model import default_model_cfg
+from clipfp8.quant.train.prep import PrepConfig, build_pack, load_pack
+from clipfp8.quant.train.ship import ship_run
+from clipfp8.quant.train.train import TrainConfig, train
 
 #: A small image tower (same architecture family as the shipped one) so the CPU steps are quick.
 TINY_VISION = {"image_size": 64, "patch_size": 16, "width": 64, "layers": 2, "head_width": 32, "mlp_ratio": 2.0}
@@ -134,8 +134,8 @@ def test_shipped_folder_loads_and_gives_unit_norm_embeddings(pipeline: dict, mon
     assert (ship_dir / "model.safetensors").read_bytes() == (pipeline["run_dir"] / "model.safetensors").read_bytes()
     assert shipped["dest"] == str(ship_dir) and shipped["embed_dim"] == 32 and shipped["image_size"] == [64, 64]
     assert not [p for p in ship_dir.parent.iterdir() if p.name.startswith(".ship.")]  # no staging left over
-    monkeypatch.setattr(quant.models, "DEFAULT_MODEL_DIR", ship_dir)
-    loaded = quant.models.load_model()
+    monkeypatch.setattr(quant.core.models, "DEFAULT_MODEL_DIR", ship_dir)
+    loaded = quant.core.models.load_model()
     assert loaded.weights_checksum() == shipped["weights_checksum"]
     from PIL import Image
 

@@ -1,4 +1,4 @@
-"""``clipfp8 evaluate`` end to end on a tiny random open_clip model (quant.models.tiny_config)."""
+"""``clipfp8 evaluate`` end to end on a tiny random open_clip model (quant.core.models.tiny_config)."""
 from __future__ import annotations
 
 import argparse
@@ -7,23 +7,23 @@ import json
 import pytest
 import torch
 
-import quant.models
-from quant.config import ModelSpec
-from quant.eval import cli as eval_cli
+import clipfp8.quant.core.models
+from clipfp8.quant.core.config import ModelSpec
+from clipfp8.quant.eval import cli as eval_cli
 
 
 @pytest.fixture
 def tiny_model(monkeypatch):
     """``load_model`` returns the same tiny random model (seeded) whatever the spec."""
-    real = quant.models.load_model
+    real = quant.core.models.load_model
     built: list[ModelSpec] = []
 
     def fake_load_model(spec=None):
         built.append(spec)
         torch.manual_seed(0)
-        return real(ModelSpec(name="tiny", config=quant.models.tiny_config(embed_dim=16, image_size=32)))
+        return real(ModelSpec(name="tiny", config=quant.core.models.tiny_config(embed_dim=16, image_size=32)))
 
-    monkeypatch.setattr(quant.models, "load_model", fake_load_model)
+    monkeypatch.setattr(quant.core.models, "load_model", fake_load_model)
     return built
 
 
@@ -73,7 +73,7 @@ def test_evaluate_cli_limit_and_templates(tmp_path, tiny_model, colour_classes):
 
 
 def test_evaluate_cli_errors_through_clipfp8(tmp_path, tiny_model, colour_classes, capsys):
-    from app.cli import main
+    from clipfp8.app.cli import main
 
     assert main(["evaluate", "--dataset", str(tmp_path / "nope"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
@@ -87,11 +87,11 @@ def test_evaluate_cli_errors_through_clipfp8(tmp_path, tiny_model, colour_classe
 
 def _quantized_dir(path, towers: tuple[str, ...]):
     """A tiny model, seeded like ``tiny_model``, FP8-quantized and saved to ``path``."""
-    from quant import checkpoint, ptq
+    from clipfp8.quant import checkpoint, ptq
 
     torch.manual_seed(0)
-    config = quant.models.tiny_config(embed_dim=16, image_size=32)
-    loaded = quant.models.load_model(ModelSpec(name="tiny", config=config))
+    config = quant.core.models.tiny_config(embed_dim=16, image_size=32)
+    loaded = quant.core.models.load_model(ModelSpec(name="tiny", config=config))
     gen = torch.Generator().manual_seed(1)
     calib = [(torch.randn(8, 3, 32, 32, generator=gen), loaded.tokenizer([f"a photo of thing {i}" for i in range(8)]))
              for _ in range(2)]
@@ -106,7 +106,7 @@ def test_evaluate_cli_fp8_fake_several_quantized_dirs(tmp_path, tiny_model, colo
     out = tmp_path / "out"
     # The same model as the quantized dirs ("config:tiny"): a mismatch is refused (test below).
     cfg = tmp_path / "tiny.json"
-    cfg.write_text(json.dumps(quant.models.tiny_config(embed_dim=16, image_size=32)))
+    cfg.write_text(json.dumps(quant.core.models.tiny_config(embed_dim=16, image_size=32)))
     assert run(["evaluate", "--dataset", str(colour_captions), "--precision", "fp32", "fp8-fake",
                 "--model", str(cfg), "--quantized", str(q_all), str(q_text), "--device", "cpu",
                 "--output", str(out), "--no-progress"]) == 0
@@ -123,7 +123,7 @@ def test_evaluate_cli_fp8_fake_several_quantized_dirs(tmp_path, tiny_model, colo
 
 def test_evaluate_refuses_fp8_of_another_model(tmp_path, colour_captions, capsys):
     """FP8 quantized from one model must not be compared with the FP16 of another (the default)."""
-    from app.cli import main
+    from clipfp8.app.cli import main
 
     q = _quantized_dir(tmp_path / "q", ("image", "text"))
     rc = main(["evaluate", "--dataset", str(colour_captions), "--precision", "fp8-fake", "--quantized", str(q),

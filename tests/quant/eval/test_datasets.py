@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from quant.errors import DatasetError
-from quant.eval.datasets import (ClassificationData, DatasetSpec, RetrievalData, detect_kind, load_dataset,
+from clipfp8.quant.core.errors import DatasetError
+from clipfp8.quant.eval.datasets import (ClassificationData, DatasetSpec, RetrievalData, detect_kind, load_dataset,
                                  open_image)
-from quant.eval.templates import CIFAR10_TEMPLATES, fill, load_templates
+from clipfp8.quant.eval.templates import CIFAR10_TEMPLATES, fill, load_templates
 
 from tests.quant.eval.conftest import make_class_folder, make_retrieval_folder, make_shard, png_bytes
 

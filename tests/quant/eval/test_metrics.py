@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from quant.eval import metrics as M
+from clipfp8.quant.eval import metrics as M
 
 
 def unit(x: np.ndarray) -> np.ndarray:

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from quant.encoder import Encoder, EncoderIdentity
-from quant.eval import DatasetSpec, EvalReport, evaluate, load_dataset
+from clipfp8.quant.core.encoder import Encoder, EncoderIdentity
+from clipfp8.quant.eval import DatasetSpec, EvalReport, evaluate, load_dataset
 
 from tests.quant.eval.conftest import COLOURS
 
@@ -138,7 +138,7 @@ SHARED = Path(__file__).resolve().parents[3].joinpath("..", "shared", "data", "e
 
 @pytest.mark.skipif(not SHARED.exists(), reason="../shared/data/eval is absent")
 def test_shared_datasets_load_as_documented():
-    from quant.eval.cli import preset_datasets
+    from clipfp8.quant.eval.cli import preset_datasets
 
     specs = [DatasetSpec.parse(s, limit=5) for s in preset_datasets("shared", SHARED)]
     flickr, imagenette, cifar = (load_dataset(s) for s in specs)
@@ -155,7 +155,7 @@ def test_threaded_decoding_gives_the_same_report_and_names_bad_images(tmp_path, 
     assert again.result("colours").metrics["a"]["acc1"] == 1.0  # images still match their labels' order
     assert again.result("colours").metrics["a"] == pytest.approx(base.result("colours").metrics["a"], nan_ok=True)
     (colour_classes / "red" / "001.png").write_bytes(b"truncated")
-    from quant.errors import DatasetError
+    from clipfp8.quant.core.errors import DatasetError
 
     with pytest.raises(DatasetError, match=r"red/001\.png"):
         evaluate([OneHotColourEncoder()], [DatasetSpec(colour_classes)], batch_size=2, workers=workers)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quant.config import ModelSpec
-from quant.models import load_model, tiny_config
+from clipfp8.quant.core.config import ModelSpec
+from clipfp8.quant.core.models import load_model, tiny_config
 
 
 def tiny_inputs(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,7 +24,7 @@ def tiny_loaded():
 def tiny_fake_quant(tiny_loaded):
     """ModelOpt FP8 fake-quant (fp32, CPU) of the tiny model, calibrated on random data; Q/K/V and
     softmax quantizers enabled so the attention path is exercised too."""
-    from quant.runtime.calibrate import fp8_quantize
+    from clipfp8.quant.runtime.calibrate import fp8_quantize
 
     imgs, toks = zip(*(tiny_inputs(8, seed=s) for s in (1, 2)))
     return fp8_quantize(tiny_loaded.model, list(imgs), list(toks), softmax=True).eval()

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from quant.runtime.bench import BenchConfig, evaluate_targets, ratios
-from quant.runtime.bench_report import markdown
+from clipfp8.quant.runtime.bench import BenchConfig, evaluate_targets, ratios
+from clipfp8.quant.runtime.bench_report import markdown
 
 
 def _row(tower, prec, batch, ips):
@@ -45,7 +45,7 @@ def test_config_validation():
 
 
 def test_cpu_smoke_run_writes_json_and_plot(tmp_path):
-    from quant.runtime.cli import bench
+    from clipfp8.quant.runtime.cli import bench
 
     out, png = tmp_path / "b.json", tmp_path / "b.png"
     assert bench(cpu_smoke=True, batch_sizes="2", towers="image", no_extras=True, out=out, plot=png,
@@ -60,7 +60,7 @@ def test_cpu_smoke_run_writes_json_and_plot(tmp_path):
 
 
 def test_cli_registers_commands_and_maps_errors(tmp_path, capsys):
-    from app.cli import build_parser, main
+    from clipfp8.app.cli import build_parser, main
 
     args = build_parser().parse_args(["bench", "--cpu-smoke", "--batch-sizes", "1,2"])
     assert callable(args.func) and args.batch_sizes == "1,2"

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.runtime.convert import cast_for_runtime, convert_to_fp8, weight_bytes
-from quant.runtime.fp8_attention import FP8Attention
-from quant.runtime.fp8_linear import FP8Embedding, FP8Linear, fp8_scale, fp8_scales, quantize_fp8
+from clipfp8.quant.runtime.convert import cast_for_runtime, convert_to_fp8, weight_bytes
+from clipfp8.quant.runtime.fp8_attention import FP8Attention
+from clipfp8.quant.runtime.fp8_linear import FP8Embedding, FP8Linear, fp8_scale, fp8_scales, quantize_fp8
 from tests.quant.runtime.conftest import tiny_inputs
 
 
@@ -84,7 +84,7 @@ def test_embedding_is_stored_fp8_when_quantized(tiny_fake_quant):
 def _quantized_mlp(out_features: int, calibrate: bool = True) -> nn.Module:
     import modelopt.torch.quantization as mtq
 
-    from quant.runtime.calibrate import avoid_modelopt_cuda_jit, runtime_fp8_config
+    from clipfp8.quant.runtime.calibrate import avoid_modelopt_cuda_jit, runtime_fp8_config
 
     avoid_modelopt_cuda_jit()
     torch.manual_seed(0)
@@ -145,8 +145,8 @@ def test_zero_amax_does_not_divide_by_zero():
 
 def test_quant_checkpoint_converts_to_matching_fp8_model(tmp_path, tiny_loaded):
     """The quantization package's real pipeline (ptq -> save -> load) feeds the converter."""
-    from quant import checkpoint as ckpt
-    from quant import ptq
+    from clipfp8.quant import checkpoint as ckpt
+    from clipfp8.quant import ptq
 
     loaded = copy.deepcopy(tiny_loaded)
     ptq.quantize(loaded, [tiny_inputs(8, seed=s) for s in (1, 2)], ptq.QuantConfig())
@@ -161,9 +161,9 @@ def test_quant_checkpoint_converts_to_matching_fp8_model(tmp_path, tiny_loaded):
 
 
 def test_fp8_encoder_refuses_cpu():
-    from quant.config import EncoderSpec
-    from quant.errors import UnsupportedPrecisionError
-    from quant.runtime.fp8_encoder import create_fp8_encoder
+    from clipfp8.quant.core.config import EncoderSpec
+    from clipfp8.quant.core.errors import UnsupportedPrecisionError
+    from clipfp8.quant.runtime.fp8_encoder import create_fp8_encoder
 
     spec = EncoderSpec(precision="fp8", device="cpu", quantized=Path("/nonexistent/q"))
     with pytest.raises(UnsupportedPrecisionError, match="CUDA"):
@@ -172,9 +172,9 @@ def test_fp8_encoder_refuses_cpu():
 
 def test_hf_text_tower_converts_without_modelopt_leftovers():
     """The default model's MiniLM text tower (HF BertSelfAttention, quantized by quant.attention)."""
-    from quant import ptq
-    from quant.config import ModelSpec
-    from quant.models import load_model, tiny_config
+    from clipfp8.quant import ptq
+    from clipfp8.quant.core.config import ModelSpec
+    from clipfp8.quant.core.models import load_model, tiny_config
 
     torch.manual_seed(0)
     loaded = load_model(ModelSpec(name="tiny-hf", config=tiny_config(hf_text=True)))

@@ -10,7 +10,7 @@ import torch
 
 import onnx
 
-from quant.runtime.export_onnx import export_tower, export_towers  # noqa: E402
+from clipfp8.quant.runtime.export_onnx import export_tower, export_towers  # noqa: E402
 from tests.quant.runtime.conftest import tiny_inputs  # noqa: E402
 
 FLOAT8E4M3FN = 17

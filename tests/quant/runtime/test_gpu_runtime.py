@@ -35,10 +35,10 @@ def small_inputs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(scope="module")
 def gpu_models():
     """fp16 reference, fake-quant (fp16, CUDA) and real-FP8 versions of a small CLIP."""
-    from quant.config import ModelSpec
-    from quant.models import load_model
-    from quant.runtime.calibrate import fp8_quantize
-    from quant.runtime.fp8_encoder import build_fp8_model
+    from clipfp8.quant.core.config import ModelSpec
+    from clipfp8.quant.core.models import load_model
+    from clipfp8.quant.runtime.calibrate import fp8_quantize
+    from clipfp8.quant.runtime.fp8_encoder import build_fp8_model
 
     torch.manual_seed(0)
     base = load_model(ModelSpec(name="small", config=SMALL)).model.cuda().half().eval()
@@ -63,7 +63,7 @@ def _outputs(model, n=32, seed=5, dtype=torch.float16):
 
 
 def test_all_linears_run_real_fp8_gemms(gpu_models):
-    from quant.runtime.fp8_linear import FP8Linear
+    from clipfp8.quant.runtime.fp8_linear import FP8Linear
 
     _, _, fp8, report = gpu_models
     linears = [m for m in fp8.modules() if isinstance(m, FP8Linear)]
@@ -108,8 +108,8 @@ def test_single_fp8_gemm_equals_modelopt_fake_quant(fast_accum):
     """One ViT-L-sized Linear: FP8 GEMM vs ModelOpt's fake-quant QuantLinear computed in fp32."""
     import modelopt.torch.quantization as mtq
 
-    from quant.runtime.calibrate import avoid_modelopt_cuda_jit, runtime_fp8_config
-    from quant.runtime.fp8_linear import FP8Linear
+    from clipfp8.quant.runtime.calibrate import avoid_modelopt_cuda_jit, runtime_fp8_config
+    from clipfp8.quant.runtime.fp8_linear import FP8Linear
 
     avoid_modelopt_cuda_jit()
     torch.manual_seed(0)
@@ -127,7 +127,7 @@ def test_single_fp8_gemm_equals_modelopt_fake_quant(fast_accum):
 
 
 def test_fused_sdpa_variant_stays_close(gpu_models):
-    from quant.runtime.fp8_encoder import build_fp8_model
+    from clipfp8.quant.runtime.fp8_encoder import build_fp8_model
 
     _, fake, _, _ = gpu_models
     fused, _ = build_fp8_model(copy.deepcopy(fake), "cuda", exact_softmax=False)
@@ -136,7 +136,7 @@ def test_fused_sdpa_variant_stays_close(gpu_models):
 
 
 def test_fast_accumulation_off_also_matches(gpu_models, fake_fp32):
-    from quant.runtime.fp8_linear import FP8Linear
+    from clipfp8.quant.runtime.fp8_linear import FP8Linear
 
     base, _, fp8, _ = gpu_models
     fake = fake_fp32
@@ -150,7 +150,7 @@ def test_fast_accumulation_off_also_matches(gpu_models, fake_fp32):
 
 
 def test_compiled_runner_with_cuda_graphs_equals_eager(gpu_models):
-    from quant.runtime.fast_fp16 import BatchRunner
+    from clipfp8.quant.runtime.fast_fp16 import BatchRunner
 
     _, _, fp8, _ = gpu_models
     runner = BatchRunner(fp8.encode_image, compile=True, graph_buckets=(2, 4, 8))
@@ -166,10 +166,10 @@ def test_compiled_runner_with_cuda_graphs_equals_eager(gpu_models):
 
 def test_fp8_encoder_end_to_end(tmp_path, tiny_loaded):
     """create_fp8_encoder on a checkpoint written by quant.ptq + quant.checkpoint."""
-    from quant import checkpoint as ckpt
-    from quant import ptq
-    from quant.config import EncoderSpec
-    from quant.runtime.fp8_encoder import create_fp8_encoder
+    from clipfp8.quant import checkpoint as ckpt
+    from clipfp8.quant import ptq
+    from clipfp8.quant.core.config import EncoderSpec
+    from clipfp8.quant.runtime.fp8_encoder import create_fp8_encoder
 
     loaded = copy.deepcopy(tiny_loaded)
     ptq.quantize(loaded, [tiny_inputs(8, seed=s) for s in (1, 2)], ptq.QuantConfig())

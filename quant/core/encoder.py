@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from quant.config import EncoderSpec, ModelSpec
-from quant.errors import UnsupportedPrecisionError
+from clipfp8.quant.core.config import EncoderSpec, ModelSpec
+from clipfp8.quant.core.errors import UnsupportedPrecisionError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Encoder(abc.ABC):
     """Encodes images and texts into one L2-normalised embedding space.
 
     Attributes: ``name`` (str, unique per precision/model, e.g. ``"default-fp16"``),
-    ``precision`` (one of ``quant.config.PRECISIONS``), ``dim`` (embedding size D),
+    ``precision`` (one of ``quant.core.config.PRECISIONS``), ``dim`` (embedding size D),
     ``device`` (torch device string), ``image_size`` ((H, W) expected by ``preprocess``).
     """
 
@@ -141,26 +141,26 @@ def create_encoder(spec: EncoderSpec) -> Encoder:
     * ``fp8``: real FP8 GEMMs (``torch._scaled_mm``) on a CUDA GPU with compute capability >= 8.9.
     * ``trt-fp8``: a TensorRT engine built from the exported ONNX (needs the ``trt`` extra).
     """
-    from quant.models import load_model
+    from clipfp8.quant.core.models import load_model
 
     device = spec.resolved_device()
     if spec.quantized is not None and spec.precision not in _DTYPES:
-        from quant.checkpoint import check_same_model
+        from clipfp8.quant.checkpoint import check_same_model
 
         check_same_model(spec.quantized, spec.model)
     if spec.precision in _DTYPES:
         loaded = load_model(spec.model)
         checksum = loaded.weights_checksum()
     elif spec.precision == "fp8-fake":
-        from quant.checkpoint import load_quantized
+        from clipfp8.quant.checkpoint import load_quantized
 
         loaded, checksum = load_quantized(spec.quantized)
     elif spec.precision == "fp8":
-        from quant.runtime.fp8_encoder import create_fp8_encoder
+        from clipfp8.quant.runtime.fp8_encoder import create_fp8_encoder
 
         return create_fp8_encoder(spec)
     else:  # trt-fp8
-        from quant.runtime.trt import create_trt_encoder
+        from clipfp8.quant.runtime.trt import create_trt_encoder
 
         return create_trt_encoder(spec)
     model_name = loaded.spec.name if loaded.spec else spec.model.name
