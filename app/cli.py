@@ -14,12 +14,15 @@ ERROR_EXIT = 2
 def build_parser() -> argparse.ArgumentParser:
     from clipfp8.app import cli_app
     from clipfp8.indexing import cli as indexing_cli
-    from clipfp8.quant import cli as quant_cli
+    from clipfp8.quant import cli_quantize
+    from clipfp8.quant.eval import cli as eval_cli
+    from clipfp8.quant.runtime import cli as runtime_cli
+    from clipfp8.quant.train import cli as train_cli
 
     parser = argparse.ArgumentParser(prog="clipfp8", description="FP8 CLIP image search")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (quant_cli, indexing_cli, cli_app):
+    for module in (cli_quantize, eval_cli, runtime_cli, train_cli, indexing_cli, cli_app):
         module.register(sub)
     return parser
 

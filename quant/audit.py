@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from clipfp8.quant.attention import attention_module_types
 from clipfp8.quant.core.errors import AuditError
+from clipfp8.quant.qconfig import QuantConfig
 
 log = logging.getLogger(__name__)
 
@@ -273,15 +274,13 @@ def _tower(module: str) -> str:
     return "image" if module == "visual" or module.startswith("visual.") else "text"
 
 
-def audit(model: nn.Module, sample_batch: tuple[torch.Tensor, torch.Tensor], qcfg: Any = None) -> AuditReport:
+def audit(model: nn.Module, sample_batch: tuple[torch.Tensor, torch.Tensor], qcfg: QuantConfig | None = None) -> AuditReport:
     """Static + run-time audit of a quantized CLIP ``model`` on one (images, tokens) batch.
 
     ``qcfg`` (``quant.ptq.QuantConfig``, default: the default config) names the intended
     exclusions. Raises ``AuditError`` when a tower or the attention path runs GEMMs in high
     precision without being excluded, or when an enabled quantizer is uncalibrated.
     """
-    from clipfp8.quant.ptq import QuantConfig
-
     qcfg = qcfg or QuantConfig()
     quantizers = static_audit(model, strict=False)
     attn_names = {n for n, m in model.named_modules() if isinstance(m, attention_module_types())}
@@ -311,7 +310,7 @@ def audit(model: nn.Module, sample_batch: tuple[torch.Tensor, torch.Tensor], qcf
     return report
 
 
-def _classify(owner: str, op: str, is_attn: bool, qcfg: Any) -> tuple[str, str | None]:
+def _classify(owner: str, op: str, is_attn: bool, qcfg: QuantConfig) -> tuple[str, str | None]:
     """(status, exclusion key) of a GEMM that did not run in FP8."""
     pat = _matches(owner, qcfg.exclude)
     if pat is not None:
@@ -344,7 +343,7 @@ def uncalibrated(quantizers: list[QuantizerInfo]) -> list[str]:
             if q.mode == "static" and (q.amax is None or not math.isfinite(q.amax) or q.amax <= 0)]
 
 
-def _raise_on_gaps(report: AuditReport, qcfg: Any) -> None:
+def _raise_on_gaps(report: AuditReport, qcfg: QuantConfig) -> None:
     problems = list(report.gaps) + uncalibrated(report.quantizers)
     for tower in qcfg.towers:
         if not any(r.fp8 for r in report.ops if r.tower == tower):

@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from clipfp8.quant.core.config import ModelSpec
+from clipfp8.quant.core.config import EncoderSpec, ModelSpec
+from clipfp8.quant.core.encoder import TorchEncoder, torch_encoder_for
 from clipfp8.quant.core.errors import ModelLoadError, QuantError
 from clipfp8.quant.core.models import LoadedModel, load_model, load_safetensors_into, state_checksum
 from clipfp8.quant.ptq import QuantConfig, prepare_model, quiet_stdout
@@ -219,5 +220,15 @@ def load_quant_config(directory: Path) -> QuantConfig:
         raise ModelLoadError(f"{Path(directory) / QCFG}: invalid quant config: {e}") from e
 
 
-__all__ = ["save_quantized", "load_quantized", "load_quant_config", "read_model_spec", "check_same_model", "encode_state", "decode_state",
+def create_fake_quant_encoder(spec: EncoderSpec) -> TorchEncoder:
+    """Registered factory of precision ``fp8-fake``: the ModelOpt fake-quantized model saved in
+    ``spec.quantized`` (FP8 rounding simulated; CPU or GPU, no speed-up)."""
+    if spec.quantized is None:
+        raise ModelLoadError("precision 'fp8-fake' needs --quantized (a directory written by `clipfp8 quantize`)")
+    check_same_model(spec.quantized, spec.model)
+    loaded, checksum = load_quantized(spec.quantized)
+    return torch_encoder_for(loaded, spec, checksum)
+
+
+__all__ = ["create_fake_quant_encoder", "save_quantized", "load_quantized", "load_quant_config", "read_model_spec", "check_same_model", "encode_state", "decode_state",
            "quant_checksum"]

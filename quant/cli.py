@@ -56,15 +56,5 @@ def encoder_spec_from_args(args: argparse.Namespace, precision: str) -> EncoderS
                        batch_size=args.batch_size)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    from clipfp8.quant import cli_quantize
-    from clipfp8.quant.eval import cli as eval_cli
-    from clipfp8.quant.runtime import cli as runtime_cli
-    from clipfp8.quant.train import cli as train_cli
-
-    for module in (cli_quantize, eval_cli, runtime_cli, train_cli):
-        module.register(sub)
-
-
 __all__ = ["add_model_args", "model_spec_from_args", "add_encoder_args", "encoder_spec_from_args",
-           "register", "PRECISIONS"]
+           "PRECISIONS"]

@@ -20,8 +20,10 @@ import torch
 from torch import nn
 
 from clipfp8.quant.attention import ATTENTION_QUANTIZERS, convert_attention, register_quant_attention
+from clipfp8.quant.audit import AuditReport, audit, quantizer_counts
 from clipfp8.quant.core.errors import CalibrationDataError, QuantError
 from clipfp8.quant.core.models import LoadedModel
+from clipfp8.quant.qconfig import TOWERS, QuantConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,54 +35,6 @@ _VISION_TOWER_RULES = frozenset({"*visual*", "*vision_model*", "*vision_tower*",
                                  "*multi_modal_projector*"})
 #: The ModelOpt version whose config layout (``quant_cfg`` = list of rule dicts) we rely on.
 PINNED_MODELOPT = "0.47"
-TOWERS = ("image", "text")
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    """What to quantize. Format, granularity and calibration are fixed (FP8 E4M3, per-tensor,
-    static, ``max``); they are fields so the saved config says what was done.
-
-    ``exclude``: fnmatch patterns over module names (e.g. ``"visual.conv1"``,
-    ``"visual.transformer.resblocks.0*"``); every quantizer of a matching module stays disabled.
-    ``quantize_attention``: quantize Q/K/V and softmax inputs of the attention matmuls.
-    ``towers``: which towers to quantize (``"image"``, ``"text"``).
-    """
-
-    exclude: tuple[str, ...] = ("visual.conv1",)
-    quantize_attention: bool = True
-    towers: tuple[str, ...] = TOWERS
-    format: str = "fp8_e4m3"
-    granularity: str = "per-tensor"
-    calibration: str = "max"
-    static: bool = True
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "exclude", tuple(self.exclude))
-        object.__setattr__(self, "towers", tuple(self.towers))
-        fixed = {"format": "fp8_e4m3", "granularity": "per-tensor", "calibration": "max", "static": True}
-        for key, want in fixed.items():
-            if getattr(self, key) != want:
-                raise ValueError(f"QuantConfig.{key} must be {want!r} (only FP8 E4M3 per-tensor static "
-                                 f"max is supported), got {getattr(self, key)!r}")
-        for pat in self.exclude:
-            if not isinstance(pat, str) or not pat.strip():
-                raise ValueError(f"QuantConfig.exclude: patterns must be non-empty strings, got {pat!r}")
-        if not self.towers or any(t not in TOWERS for t in self.towers) or len(set(self.towers)) != len(self.towers):
-            raise ValueError(f"QuantConfig.towers must be a non-empty subset of {TOWERS}, got {self.towers!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"exclude": list(self.exclude), "quantize_attention": self.quantize_attention,
-                "towers": list(self.towers), "format": self.format, "granularity": self.granularity,
-                "calibration": self.calibration, "static": self.static}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"QuantConfig: unknown keys {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 @dataclass
@@ -88,7 +42,7 @@ class QuantResult:
     """Outcome of ``quantize``: the model (quantized in place), the audit report and counts."""
 
     model: nn.Module
-    report: Any  # quant.audit.AuditReport (typed loosely to keep the import one-way and lazy)
+    report: AuditReport
     attention_converted: int
     quantizers_enabled: int
     quantizers_total: int
@@ -169,8 +123,6 @@ def quantize(loaded: LoadedModel, calib: Iterable[CalibBatch], qcfg: QuantConfig
     ``quant.core.errors.AuditError`` when the audit finds a silent high-precision gap.
     """
     import modelopt.torch.quantization as mtq
-
-    from clipfp8.quant.audit import audit, quantizer_counts
 
     qcfg = qcfg or QuantConfig()
     model = loaded.model.float().eval()

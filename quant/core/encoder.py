@@ -8,14 +8,17 @@ from __future__ import annotations
 import abc
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from clipfp8.quant.core.config import EncoderSpec, ModelSpec
+from clipfp8.quant.core.config import PRECISIONS, EncoderSpec, ModelSpec
 from clipfp8.quant.core.errors import UnsupportedPrecisionError
+
+if TYPE_CHECKING:  # models imports open_clip lazily; only the type is needed here
+    from clipfp8.quant.core.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -133,41 +136,83 @@ class TorchEncoder(Encoder):
         return _normalize(torch.cat(out))
 
 
+#: A precision's factory: the spec (``spec.precision`` is that precision) -> a ready ``Encoder``.
+EncoderFactory = Callable[[EncoderSpec], Encoder]
+
+#: Entry-point group through which higher layers register the precisions they implement
+#: (pyproject.toml: fp8-fake in ``quant.checkpoint``, fp8 and trt-fp8 in ``quant.runtime``), so the
+#: core never imports them; a precision's module is imported only when it is first asked for.
+ENTRY_POINT_GROUP = "clipfp8.precisions"
+
+_REGISTRY: dict[str, EncoderFactory] = {}
+
+
+def register_precision(precision: str, factory: EncoderFactory) -> None:
+    """Register (or replace) the factory that builds encoders of ``precision``.
+
+    ``precision`` must be one of ``quant.core.config.PRECISIONS``; a plug-in that adds a new one
+    also adds it there first. Raises ``ValueError`` for an unknown name.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"register_precision: unknown precision {precision!r}; known: {PRECISIONS}")
+    _REGISTRY[precision] = factory
+
+
+def _load_entry_point(precision: str) -> EncoderFactory | None:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == precision:
+            factory = ep.load()
+            _REGISTRY.setdefault(precision, factory)
+            return _REGISTRY[precision]
+    return None
+
+
+def encoder_factory(precision: str) -> EncoderFactory:
+    """The registered factory for ``precision``; raises ``UnsupportedPrecisionError`` when none is
+    registered (e.g. the package is not installed, so its entry points are missing)."""
+    factory = _REGISTRY.get(precision) or _load_entry_point(precision)
+    if factory is None:
+        raise UnsupportedPrecisionError(
+            f"no encoder is registered for precision {precision!r} (entry point group "
+            f"{ENTRY_POINT_GROUP!r}); install clip-fp8 with pip so its entry points exist")
+    return factory
+
+
 def create_encoder(spec: EncoderSpec) -> Encoder:
     """The one factory for encoders: model + precision + device -> ``Encoder``.
 
-    * ``fp32``/``fp16``/``bf16``: ``load_model(spec.model)`` run by ``TorchEncoder``.
+    * ``fp32``/``fp16``/``bf16``: ``load_model(spec.model)`` run eagerly by ``TorchEncoder`` (core).
     * ``fp8-fake``: the ModelOpt-quantized model saved in ``spec.quantized`` (fake quant).
     * ``fp8``: real FP8 GEMMs (``torch._scaled_mm``) on a CUDA GPU with compute capability >= 8.9.
     * ``trt-fp8``: a TensorRT engine built from the exported ONNX (needs the ``trt`` extra).
+    Each precision comes from the registry (``register_precision``).
     """
+    return encoder_factory(spec.precision)(spec)
+
+
+def create_torch_encoder(spec: EncoderSpec) -> TorchEncoder:
+    """``fp32``/``fp16``/``bf16``: the model's weights cast to that dtype, run eagerly."""
     from clipfp8.quant.core.models import load_model
 
-    device = spec.resolved_device()
-    if spec.quantized is not None and spec.precision not in _DTYPES:
-        from clipfp8.quant.checkpoint import check_same_model
+    loaded = load_model(spec.model)
+    return torch_encoder_for(loaded, spec, loaded.weights_checksum())
 
-        check_same_model(spec.quantized, spec.model)
-    if spec.precision in _DTYPES:
-        loaded = load_model(spec.model)
-        checksum = loaded.weights_checksum()
-    elif spec.precision == "fp8-fake":
-        from clipfp8.quant.checkpoint import load_quantized
 
-        loaded, checksum = load_quantized(spec.quantized)
-    elif spec.precision == "fp8":
-        from clipfp8.quant.runtime.fp8_encoder import create_fp8_encoder
-
-        return create_fp8_encoder(spec)
-    else:  # trt-fp8
-        from clipfp8.quant.runtime.trt import create_trt_encoder
-
-        return create_trt_encoder(spec)
+def torch_encoder_for(loaded: LoadedModel, spec: EncoderSpec, checksum: str) -> TorchEncoder:
+    """A ``TorchEncoder`` for an already loaded (possibly fake-quantized) model."""
     model_name = loaded.spec.name if loaded.spec else spec.model.name
     return TorchEncoder(loaded.model, loaded.preprocess, loaded.tokenizer, precision=spec.precision,
-                        device=device, name=f"{model_name}-{spec.precision}",
+                        device=spec.resolved_device(), name=f"{model_name}-{spec.precision}",
                         model_id=loaded.spec.model_id(), checksum=checksum, dim=loaded.embed_dim,
                         image_size=loaded.image_size, batch_size=spec.batch_size)
 
 
-__all__ = ["Encoder", "EncoderIdentity", "TorchEncoder", "create_encoder", "ModelSpec", "EncoderSpec"]
+for _precision in _DTYPES:
+    register_precision(_precision, create_torch_encoder)
+
+
+__all__ = ["Encoder", "EncoderIdentity", "TorchEncoder", "create_encoder", "register_precision",
+           "encoder_factory", "create_torch_encoder", "torch_encoder_for", "EncoderFactory", "ModelSpec",
+           "EncoderSpec", "ENTRY_POINT_GROUP"]

@@ -32,6 +32,9 @@ import numpy as np
 
 from clipfp8.quant.core.config import IMAGE_EXTS
 from clipfp8.quant.core.errors import DatasetError
+from clipfp8.quant.eval.webdataset import detect_shard_kind, load_shards
+from clipfp8.quant.eval.data import (CLASSES_FILE, ClassificationData, EvalData, ImageRef, RetrievalData,
+                                   class_names_from_json, read_json)
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +42,6 @@ Kind = Literal["auto", "classification", "retrieval"]
 KINDS: tuple[str, ...] = ("auto", "classification", "retrieval")
 SHARD_SUFFIXES: tuple[str, ...] = (".tar", ".tar.gz", ".tgz")
 CAPTION_FILES: tuple[str, ...] = ("captions.json", "captions.csv")
-CLASSES_FILE = "classes.json"
-
-#: An image is a file on disk or the encoded bytes read from a shard.
-ImageRef = Union[Path, bytes]
-
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -79,38 +77,6 @@ class DatasetSpec:
         return cls(Path(path), kind=kind, limit=limit, seed=seed)  # type: ignore[arg-type]
 
 
-@dataclass
-class ClassificationData:
-    """``images``: N refs; ``labels``: int64 (N,) indices into ``classnames`` (C names)."""
-
-    name: str
-    images: list[ImageRef]
-    ids: list[str]
-    labels: np.ndarray
-    classnames: list[str]
-    kind: str = field(default="classification", init=False)
-
-
-@dataclass
-class RetrievalData:
-    """``images``: N refs; ``captions``: N lists (each non-empty) of caption strings."""
-
-    name: str
-    images: list[ImageRef]
-    ids: list[str]
-    captions: list[list[str]]
-    kind: str = field(default="retrieval", init=False)
-
-    def flat_captions(self) -> tuple[list[str], np.ndarray]:
-        """All T captions in order, and int64 (T,) index of each caption's image."""
-        texts = [c for caps in self.captions for c in caps]
-        owner = np.repeat(np.arange(len(self.captions)), [len(c) for c in self.captions])
-        return texts, owner.astype(np.int64)
-
-
-EvalData = Union[ClassificationData, RetrievalData]
-
-
 def _default_name(path: Path) -> str:
     name = path.name
     for suffix in SHARD_SUFFIXES:
@@ -141,7 +107,6 @@ def detect_kind(path: Path) -> str:
     if not path.exists():
         raise DatasetError(f"dataset path does not exist: {path}")
     if list_shards(path):
-        from clipfp8.quant.eval.webdataset import detect_shard_kind
 
         return detect_shard_kind(list_shards(path))
     if not path.is_dir():
@@ -161,7 +126,6 @@ def load_dataset(spec: DatasetSpec) -> EvalData:
     kind = detect_kind(spec.path) if spec.kind == "auto" else spec.kind
     shards = list_shards(spec.path)
     if shards:
-        from clipfp8.quant.eval.webdataset import load_shards
 
         data = load_shards(shards, kind, spec.name or spec.path.name)
     elif not spec.path.is_dir():
@@ -186,26 +150,6 @@ def subsample(data: EvalData, limit: int | None, seed: int) -> EvalData:
     if isinstance(data, ClassificationData):
         return ClassificationData(data.name, images, ids, data.labels[keep], data.classnames)
     return RetrievalData(data.name, images, ids, [data.captions[i] for i in keep])
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DatasetError(f"{path}: not a readable JSON file ({e})") from e
-
-
-def class_names_from_json(path: Path, keys: Sequence[str]) -> dict[str, str]:
-    """``classes.json``: ``{folder_or_label: name}``, or a list of names indexed by int labels."""
-    raw = read_json(path)
-    if isinstance(raw, list):
-        raw = {str(i): v for i, v in enumerate(raw)}
-    if not isinstance(raw, dict) or not all(isinstance(v, str) and v for v in raw.values()):
-        raise DatasetError(f"{path}: expected an object {{folder: class name}} or a list of names")
-    missing = [k for k in keys if k not in raw]
-    if missing:
-        raise DatasetError(f"{path}: no class name for {missing[:5]} ({len(missing)} missing)")
-    return {k: raw[k] for k in keys}
 
 
 def load_class_folder(root: Path, name: str) -> ClassificationData:

@@ -24,8 +24,9 @@ import numpy as np
 
 from clipfp8.quant.core.errors import DatasetError
 
-from clipfp8.quant.eval.datasets import (CLASSES_FILE, IMAGE_EXTS, ClassificationData, EvalData, ImageRef,
-                                 RetrievalData, class_names_from_json)
+from clipfp8.quant.core.config import IMAGE_EXTS
+from clipfp8.quant.eval.data import (CLASSES_FILE, ClassificationData, EvalData, ImageRef, RetrievalData,
+                                   class_names_from_json)
 
 log = logging.getLogger(__name__)
 

@@ -64,8 +64,11 @@ def create_fp8_encoder(spec: EncoderSpec, *, compile: bool = True, exact_softmax
         raise UnsupportedPrecisionError(f"create_fp8_encoder serves precision 'fp8', got {spec.precision!r}")
     device = spec.resolved_device()
     check_fp8_device(device)
-    from clipfp8.quant.checkpoint import load_quantized
+    from clipfp8.quant.checkpoint import check_same_model, load_quantized
 
+    if spec.quantized is None:
+        raise UnsupportedPrecisionError("precision 'fp8' needs --quantized (a directory written by `clipfp8 quantize`)")
+    check_same_model(spec.quantized, spec.model)
     loaded, checksum = load_quantized(spec.quantized)
     model, report = build_fp8_model(loaded.model, device, exact_softmax=exact_softmax)
     log.info("FP8 runtime for %s: %s", spec.quantized, report.summary())

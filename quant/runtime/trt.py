@@ -148,10 +148,13 @@ def create_trt_encoder(spec: EncoderSpec, cfg: EngineConfig = EngineConfig()) ->
 
     device = spec.resolved_device()
     check_fp8_device(device)
-    from clipfp8.quant.checkpoint import load_quantized
+    from clipfp8.quant.checkpoint import check_same_model, load_quantized
     from clipfp8.quant.runtime.export_onnx import export_towers
     from clipfp8.quant.runtime.fast_fp16 import FastTorchEncoder
 
+    if spec.quantized is None:
+        raise UnsupportedPrecisionError("precision 'trt-fp8' needs --quantized (a directory written by `clipfp8 quantize`)")
+    check_same_model(spec.quantized, spec.model)
     loaded, checksum = load_quantized(spec.quantized)
     paths = {t: engine_paths(spec.quantized, t) for t in ("image", "text")}
     if not all(onnx.is_file() for onnx, _ in paths.values()):

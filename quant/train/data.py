@@ -18,6 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from clipfp8.quant.core.errors import QuantError
+from clipfp8.quant.core.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -165,3 +166,20 @@ def unmosaic(grid: np.ndarray, n: int, size: int) -> np.ndarray:
     rows, cols = grid.shape[0] // size, grid.shape[1] // size
     tiles = grid.reshape(rows, size, cols, size, 3).transpose(0, 2, 1, 3, 4).reshape(-1, size, size, 3)
     return tiles[:n]
+
+
+def save_jpeg(grid: np.ndarray, path: Path, quality: int) -> int:
+    """uint8 (H, W, 3) mosaic -> JPEG file written atomically; returns its size in bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, "JPEG", quality=quality, subsampling=2)
+    atomic_write_bytes(path, buf.getvalue())
+    return len(buf.getvalue())
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Named arrays -> ``.npz`` written atomically (fsync'd temp file, rename)."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())

@@ -136,20 +136,19 @@ def build_eval_pack(eval_root: Path, out_dir: Path, model_cfg: dict[str, Any], s
     features of every prompt and caption. Subsets: it must fit the 64 MiB transfer."""
     from PIL import Image
 
-    from clipfp8.quant.train.data import decode_square, mosaic
+    from clipfp8.quant.train.data import decode_square, mosaic, save_jpeg, save_npz
     from clipfp8.quant.train.model import quantize_rows_int8, text_features
-    from clipfp8.quant.train.prep import _save_jpeg, _save_npz
 
     cf, cl, cc = class_folder(eval_root / "cifar10-test", (n_cifar // 10) if limit is None else limit)
     nf, nl, nc = class_folder(eval_root / "imagenette-val", (n_imagenette // 10) if limit is None else limit)
     ff, ft, fo = flickr_folder(eval_root / "flickr8k-1k", n_flickr if limit is None else limit)
     c32 = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in cf])
     s64 = np.stack([decode_square(f.read_bytes(), size) for f in list(nf) + list(ff)])
-    sizes = {"eval32.jpg": _save_jpeg(mosaic(c32, 256), out_dir / "eval32.jpg", quality),
-             "eval64.jpg": _save_jpeg(mosaic(s64, 128), out_dir / "eval64.jpg", quality)}
+    sizes = {"eval32.jpg": save_jpeg(mosaic(c32, 256), out_dir / "eval32.jpg", quality),
+             "eval64.jpg": save_jpeg(mosaic(s64, 128), out_dir / "eval64.jpg", quality)}
     prompts = [t.format(c) for c in list(cc) + list(nc) for t in EVAL_TEMPLATES]
     q, s = quantize_rows_int8(text_features(prompts + list(ft), model_cfg))
-    _save_npz(out_dir / "eval.npz", cifar_labels=cl, imagenette_labels=nl, flickr_owner=fo,
+    save_npz(out_dir / "eval.npz", cifar_labels=cl, imagenette_labels=nl, flickr_owner=fo,
               n=np.array([len(cf), len(nf), len(ff), len(cc), len(nc), len(EVAL_TEMPLATES)]),
               feats=q.numpy(), feat_scale=s.numpy())
     return {"n_cifar": len(cf), "n_imagenette": len(nf), "n_flickr": len(ff), "jpeg_bytes": sizes}

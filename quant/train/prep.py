@@ -27,7 +27,9 @@ import numpy as np
 import torch
 
 from clipfp8.quant.core.fileio import atomic_write_bytes
-from clipfp8.quant.train.data import SOURCES, CaptionTable, TrainDataError, decode_square, group_of, iter_shards, mosaic
+from clipfp8.quant.train.data import (SOURCES, CaptionTable, TrainDataError, decode_square, group_of, iter_shards,
+                                     mosaic, save_jpeg, save_npz)
+from clipfp8.quant.train.evaluate import build_eval_pack
 from clipfp8.quant.train.model import default_model_cfg, quantize_rows_int8, text_features
 
 log = logging.getLogger(__name__)
@@ -65,21 +67,6 @@ class PrepConfig:
         unknown = set(self.sources) - set(SOURCES)
         if unknown:
             raise ValueError(f"PrepConfig.sources: unknown {sorted(unknown)}; known {SOURCES}")
-
-
-def _save_jpeg(grid: np.ndarray, path: Path, quality: int) -> int:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(grid).save(buf, "JPEG", quality=quality, subsampling=2)
-    atomic_write_bytes(path, buf.getvalue())
-    return len(buf.getvalue())
-
-
-def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
 
 
 def collect_training_images(cfg: PrepConfig, table: CaptionTable,
@@ -120,12 +107,12 @@ def build_pack(cfg: PrepConfig, progress: Progress | None = None) -> dict[str, A
     for key, s in (("32", 32), ("64", cfg.size)):
         arr = np.stack(imgs["img" + key]) if imgs["img" + key] else np.zeros((0, s, s, 3), np.uint8)
         if len(arr):
-            sizes[f"images{key}.jpg"] = _save_jpeg(mosaic(arr, 256 if s == 32 else 128), cfg.out_dir / f"images{key}.jpg",
+            sizes[f"images{key}.jpg"] = save_jpeg(mosaic(arr, 256 if s == 32 else 128), cfg.out_dir / f"images{key}.jpg",
                                                    cfg.jpeg_quality if s == 32 else cfg.jpeg_quality64)
     feats = text_features(table.captions, cfg.model_cfg,
                           progress=(lambda n: progress("captions", n)) if progress else None)
     q, scale = quantize_rows_int8(feats)
-    _save_npz(cfg.out_dir / "pack.npz", group32=np.array(imgs["group32"], np.int32),
+    save_npz(cfg.out_dir / "pack.npz", group32=np.array(imgs["group32"], np.int32),
               group64=np.array(imgs["group64"], np.int32), source32=np.array(imgs["source32"], np.int8),
               source64=np.array(imgs["source64"], np.int8), group_captions=table.padded(),
               feats=q.numpy(), feat_scale=scale.numpy())
@@ -140,7 +127,6 @@ def build_pack(cfg: PrepConfig, progress: Progress | None = None) -> dict[str, A
     tmp.write_text(json.dumps(summary))
     tmp.replace(cfg.out_dir / "pack.json")
     if cfg.with_eval:
-        from clipfp8.quant.train.evaluate import build_eval_pack
 
         summary["eval"] = build_eval_pack(cfg.data_root / "eval", cfg.out_dir, cfg.model_cfg,
                                           size=cfg.size, quality=cfg.jpeg_quality64, n_cifar=cfg.eval_cifar,

@@ -76,7 +76,7 @@ def test_demo_prepares_then_serves_without_share(tmp_path, monkeypatch):
         calls.append(cfg)
         return cfg.index_dir, encs
 
-    monkeypatch.setattr(app.demo, "prepare_demo", fake_prepare)
+    monkeypatch.setattr(clipfp8.app.demo, "prepare_demo", fake_prepare)
     seen = _capture_launch(monkeypatch)
     assert main(["demo", "--no-browser", "--work-dir", str(tmp_path / "w"), "--port", "7998"]) == 0
     assert calls and calls[0].work_dir == tmp_path / "w"

@@ -71,7 +71,7 @@ def test_quantize_step_is_cached_by_weights_checksum(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("re-quantized although the cache matches")
 
-    monkeypatch.setattr(quant.ptq, "quantize", boom)
+    monkeypatch.setattr(clipfp8.quant.ptq, "quantize", boom)
     torch.manual_seed(0)
     assert D.quantize_step(cfg) == out
     assert not list(cfg.work_dir.glob(".quantized-*"))  # no temp dir left behind

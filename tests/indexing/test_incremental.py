@@ -138,7 +138,7 @@ def test_unreadable_folder_keeps_its_indexed_images(corpus: Path, tmp_path: Path
             raise PermissionError(13, "Permission denied", os.fsdecode(path))
         return real_scandir(path)
 
-    monkeypatch.setattr(indexing.scan.os, "scandir", failing_scandir)
+    monkeypatch.setattr(clipfp8.indexing.scan.os, "scandir", failing_scandir)
     s = index_corpus(corpus, idx, encoders(), workers=1)
     assert s.removed == 0 and s.moved == 0 and s.indexed == 0
     after = _ids_by_path(idx)

@@ -134,8 +134,8 @@ def test_shipped_folder_loads_and_gives_unit_norm_embeddings(pipeline: dict, mon
     assert (ship_dir / "model.safetensors").read_bytes() == (pipeline["run_dir"] / "model.safetensors").read_bytes()
     assert shipped["dest"] == str(ship_dir) and shipped["embed_dim"] == 32 and shipped["image_size"] == [64, 64]
     assert not [p for p in ship_dir.parent.iterdir() if p.name.startswith(".ship.")]  # no staging left over
-    monkeypatch.setattr(quant.core.models, "DEFAULT_MODEL_DIR", ship_dir)
-    loaded = quant.core.models.load_model()
+    monkeypatch.setattr(clipfp8.quant.core.models, "DEFAULT_MODEL_DIR", ship_dir)
+    loaded = clipfp8.quant.core.models.load_model()
     assert loaded.weights_checksum() == shipped["weights_checksum"]
     from PIL import Image
 

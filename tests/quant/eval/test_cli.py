@@ -1,4 +1,4 @@
-"""``clipfp8 evaluate`` end to end on a tiny random open_clip model (quant.core.models.tiny_config)."""
+"""``clipfp8 evaluate`` end to end on a tiny random open_clip model (clipfp8.quant.core.models.tiny_config)."""
 from __future__ import annotations
 
 import argparse
@@ -15,15 +15,15 @@ from clipfp8.quant.eval import cli as eval_cli
 @pytest.fixture
 def tiny_model(monkeypatch):
     """``load_model`` returns the same tiny random model (seeded) whatever the spec."""
-    real = quant.core.models.load_model
+    real = clipfp8.quant.core.models.load_model
     built: list[ModelSpec] = []
 
     def fake_load_model(spec=None):
         built.append(spec)
         torch.manual_seed(0)
-        return real(ModelSpec(name="tiny", config=quant.core.models.tiny_config(embed_dim=16, image_size=32)))
+        return real(ModelSpec(name="tiny", config=clipfp8.quant.core.models.tiny_config(embed_dim=16, image_size=32)))
 
-    monkeypatch.setattr(quant.core.models, "load_model", fake_load_model)
+    monkeypatch.setattr(clipfp8.quant.core.models, "load_model", fake_load_model)
     return built
 
 
@@ -90,8 +90,8 @@ def _quantized_dir(path, towers: tuple[str, ...]):
     from clipfp8.quant import checkpoint, ptq
 
     torch.manual_seed(0)
-    config = quant.core.models.tiny_config(embed_dim=16, image_size=32)
-    loaded = quant.core.models.load_model(ModelSpec(name="tiny", config=config))
+    config = clipfp8.quant.core.models.tiny_config(embed_dim=16, image_size=32)
+    loaded = clipfp8.quant.core.models.load_model(ModelSpec(name="tiny", config=config))
     gen = torch.Generator().manual_seed(1)
     calib = [(torch.randn(8, 3, 32, 32, generator=gen), loaded.tokenizer([f"a photo of thing {i}" for i in range(8)]))
              for _ in range(2)]
@@ -106,7 +106,7 @@ def test_evaluate_cli_fp8_fake_several_quantized_dirs(tmp_path, tiny_model, colo
     out = tmp_path / "out"
     # The same model as the quantized dirs ("config:tiny"): a mismatch is refused (test below).
     cfg = tmp_path / "tiny.json"
-    cfg.write_text(json.dumps(quant.core.models.tiny_config(embed_dim=16, image_size=32)))
+    cfg.write_text(json.dumps(clipfp8.quant.core.models.tiny_config(embed_dim=16, image_size=32)))
     assert run(["evaluate", "--dataset", str(colour_captions), "--precision", "fp32", "fp8-fake",
                 "--model", str(cfg), "--quantized", str(q_all), str(q_text), "--device", "cpu",
                 "--output", str(out), "--no-progress"]) == 0
