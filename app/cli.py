@@ -1,52 +1,194 @@
 """The one console script, ``clipfp8``. Each package contributes thin subcommands that call
-Python functions with the same parameter names; this module only assembles them and turns
-library exceptions into a one-line error and a non-zero exit code."""
+Python functions with the same parameter names; this module only assembles them, sets up quiet
+logging, and turns library exceptions into a one-line error naming CLI flags and a distinct
+exit code (the table below, also in the README)."""
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
-ERROR_EXIT = 2
+#: The command did what was asked.
+EXIT_OK = 0
+#: The command ran and found a problem it reports (``verify``: index and database disagree);
+#: also Python's code for an unexpected error, which prints a traceback.
+EXIT_CHECK_FAILED = 1
+#: Usage error: unknown or missing flags, a bad flag value, contradictory flags (argparse's 2).
+EXIT_USAGE = 2
+#: Bad input: a file, folder, index, model name/tag, checkpoint or config the command was
+#: pointed at is missing, unreadable or invalid.
+EXIT_BAD_INPUT = 3
+#: The FP8 coverage audit failed: a tower or the attention path silently stayed high precision.
+EXIT_AUDIT_FAILED = 4
+#: Any other library error: disk full, index locked or corrupt, device unsupported, port in use.
+EXIT_ERROR = 5
+#: Interrupted (Ctrl+C) before it finished. serve, demo and index --watch stop with 0.
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES_HELP = f"""\
+exit codes: {EXIT_OK} ok, {EXIT_CHECK_FAILED} check failed (verify), {EXIT_USAGE} usage error, \
+{EXIT_BAD_INPUT} bad input, {EXIT_AUDIT_FAILED} FP8 audit failed, {EXIT_ERROR} other error, \
+{EXIT_INTERRUPTED} interrupted"""
+
+EPILOG = f"""\
+Start with `clipfp8 demo`; `clipfp8 COMMAND --help` describes a command. --model takes 'default'
+(the embedded model), an open_clip name with --pretrained TAG (see `clipfp8 models`) or
+--checkpoint FILE.safetensors, or a JSON open_clip config. The train-* commands (listed last)
+are maintainer tools that rebuild the embedded default model. -v shows all library logs.
+
+{EXIT_CODES_HELP}"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs as written; every option's default shown, also for options
+    without help text (but not None/False/empty defaults, which say nothing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or default in (None, False, argparse.SUPPRESS) or default == []:
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else "%(default)s"
+            text = f"{text} (default: {shown})".strip()
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """Every (sub)command parser: the same help formatter everywhere."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["formatter_class"] = HelpFormatter
+        super().__init__(*args, **kwargs)
+
+
+def _show_defaults(p: argparse.ArgumentParser) -> None:
+    """argparse prints nothing for an option without help text, not even its default: give
+    those a help text that is just their default."""
+    for action in p._actions:
+        meaningful = action.default not in (None, False, argparse.SUPPRESS) and action.default != []
+        if action.help is None and meaningful and action.option_strings:
+            action.help = "(default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from clipfp8.app import cli_app
+    from clipfp8.app import cli_app, cli_bench
     from clipfp8.indexing import cli as indexing_cli
+    from clipfp8.quant import cli as quant_cli
     from clipfp8.quant import cli_quantize
     from clipfp8.quant.eval import cli as eval_cli
     from clipfp8.quant.runtime import cli as runtime_cli
     from clipfp8.quant.train import cli as train_cli
 
-    parser = argparse.ArgumentParser(prog="clipfp8", description="FP8 CLIP image search")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for module in (cli_quantize, eval_cli, runtime_cli, train_cli, indexing_cli, cli_app):
+    parser = Parser(prog="clipfp8", epilog=EPILOG,
+                    description="FP8 CLIP image search: quantize a CLIP to FP8, index image folders, search them, "
+                                "serve the side-by-side app.")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="show library logs (-vv: debug logs of everything)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands",
+                                parser_class=Parser)
+    for module in (cli_quantize, eval_cli, runtime_cli, quant_cli):
         module.register(sub)
+    indexing_cli.register(sub)
+    cli_app.register(sub)
+    cli_bench.register(sub)  # the shipped-path benchmark: runs every layer, so it sits in the app
+    train_cli.register(quant_cli.maintainer_commands(sub))  # train-*: last in the listing
+    for p in sub.choices.values():
+        p.set_defaults(command_parser=p)  # errors print the command's own usage and flags
+        _show_defaults(p)
+        try:  # also accepted after the command: `clipfp8 search ... -v`
+            p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                           help="show library logs (-vv: debug logs of everything)")
+        except argparse.ArgumentError:  # the command has its own -v
+            pass
     return parser
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The exit code of an exception that ended a command (see the EXIT_* constants)."""
+    from clipfp8.indexing.errors import IndexCorruptError, IndexingError, IndexLockedError, StorageError
+    from clipfp8.quant.cli import CLIUsageError
+    from clipfp8.quant.core.errors import AuditError, QuantError, UnsupportedPrecisionError
+
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(exc, AuditError):
+        return EXIT_AUDIT_FAILED
+    if isinstance(exc, (IndexLockedError, StorageError, IndexCorruptError, UnsupportedPrecisionError)):
+        return EXIT_ERROR
+    if isinstance(exc, (CLIUsageError, ValueError)):
+        return EXIT_USAGE  # configs validate flag values in __post_init__ (ValueError)
+    if isinstance(exc, (QuantError, IndexingError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                        PermissionError, FileExistsError)):
+        return EXIT_BAD_INPUT
+    return EXIT_ERROR
+
+
+#: Config fields whose flag is not simply ``--field-name``.
+FLAG_ALIASES = {("CalibConfig", "batch_size"): "--calib-batch-size", ("EncoderSpec", "quantized"): "--quantized"}
+_FIELD = re.compile(r"\b([A-Z]\w*(?:Spec|Config))\.(\w+)")
+_PREFIX = re.compile(r"^([A-Z]\w*(?:Spec|Config)): ")
+_QUOTED = re.compile(r"'([a-z_]+)'")
+
+
+def flag_message(message: str, parser: argparse.ArgumentParser | None) -> str:
+    """A config's ValueError message with its field names replaced by the command's flags
+    (``IndexConfig.max_pixels`` -> ``--max-pixels``; ``EncoderSpec: ... 'quantized'`` ->
+    ``... --quantized``); fields without a flag stay as they are."""
+    flags = set(parser._option_string_actions) if parser is not None else set()
+
+    def flag(cls: str, name: str) -> str | None:
+        f = FLAG_ALIASES.get((cls, name), "--" + name.replace("_", "-"))
+        return f if f in flags else None
+
+    out = _FIELD.sub(lambda m: flag(m[1], m[2]) or m[0], message)
+    prefix = _PREFIX.match(out)
+    if prefix:
+        cls = prefix[1]
+        out = _QUOTED.sub(lambda m: flag(cls, m[1]) or m[0], out[prefix.end():])
+    return out
+
+
+def _report(exc: BaseException, command: str, sub_parser: argparse.ArgumentParser | None) -> int:
+    from clipfp8.quant.cli import CLIUsageError
+
+    code = exit_code_for(exc)
+    logging.getLogger("clipfp8").debug("command failed", exc_info=True)
+    if isinstance(exc, KeyboardInterrupt):
+        print(f"\nclipfp8 {command}: interrupted", file=sys.stderr)
+        return code
+    message = flag_message(str(exc), sub_parser) if isinstance(exc, ValueError) else str(exc)
+    if isinstance(exc, CLIUsageError) and sub_parser is not None:
+        sub_parser.print_usage(sys.stderr)
+    print(f"clipfp8 {command}: error: {message}", file=sys.stderr)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    from clipfp8.app.cli_logging import configure_logging
+
+    configure_logging(args.verbose)
+    sub_parser = getattr(args, "command_parser", None)
     from clipfp8.indexing.errors import IndexingError
+    from clipfp8.quant.cli import CLIUsageError
     from clipfp8.quant.core.errors import QuantError
 
     try:
         rc = args.func(args)
-    except (QuantError, IndexingError, ValueError, OSError) as e:
+    except (QuantError, IndexingError, CLIUsageError, ValueError, OSError, KeyboardInterrupt) as e:
         # OSError: permissions, missing files, a port in use, a full disk -- its message names
         # the file or address; a traceback would add nothing for the user (-v logs it).
-        logging.getLogger("clipfp8").debug("command failed", exc_info=True)
-        print(f"clipfp8 {args.command}: error: {e}", file=sys.stderr)
-        return ERROR_EXIT
-    except KeyboardInterrupt:
-        print(f"clipfp8 {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return _report(e, args.command, sub_parser)
     return int(rc or 0)
+
+
+__all__ = ["main", "build_parser", "exit_code_for", "flag_message", "EXIT_OK", "EXIT_CHECK_FAILED",
+           "EXIT_USAGE", "EXIT_BAD_INPUT", "EXIT_AUDIT_FAILED", "EXIT_ERROR", "EXIT_INTERRUPTED"]
 
 
 if __name__ == "__main__":  # pragma: no cover

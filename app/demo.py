@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -31,7 +30,9 @@ STAMP_FILE = "demo_source.json"
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Where the demo works and what it runs. ``calib_samples`` image-caption pairs calibrate FP8."""
+    """Where the demo works and what it runs. ``calib_samples`` image-caption pairs calibrate FP8.
+    ``precision``: the reference beside FP8; ``auto`` = fp16 on CUDA, fp32 on the CPU (where
+    fp16 matrix products are 5-10x slower)."""
 
     work_dir: Path = DEFAULT_WORK_DIR
     corpus: Path = SAMPLES_DIR
@@ -39,6 +40,7 @@ class DemoConfig:
     device: str = "auto"
     calib_samples: int = 128
     batch_size: int = 32
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "work_dir", Path(self.work_dir).expanduser())
@@ -49,6 +51,8 @@ class DemoConfig:
             raise ValueError(f"DemoConfig.batch_size must be >= 1, got {self.batch_size}")
         if not self.corpus.is_dir():
             raise NotADirectoryError(f"demo corpus {self.corpus} is not a directory")
+        if self.precision not in ("auto", "fp16", "bf16", "fp32"):
+            raise ValueError(f"DemoConfig.precision must be auto, fp16, bf16 or fp32, got {self.precision!r}")
 
     @property
     def quantized_dir(self) -> Path:
@@ -60,11 +64,13 @@ class DemoConfig:
 
 
 def calib_pairs(corpus: Path, n: int) -> list[tuple[Path, str]]:
-    """Up to n (image, caption) pairs from ``corpus/captions.json`` (or folder names), sorted."""
-    cap_file = corpus / "captions.json"
-    if cap_file.is_file():
-        caps = json.loads(cap_file.read_text(encoding="utf-8"))
-        pairs = [(corpus / f, cs[0]) for f, cs in sorted(caps.items()) if cs and (corpus / f).is_file()]
+    """Up to n (image, first caption) pairs from the corpus' captions file (read leniently by
+    ``quant.core.captions``), else (image, folder name) pairs; sorted."""
+    from clipfp8.quant.core.captions import captions_for_folder
+
+    caps = captions_for_folder(corpus, strict=False)
+    if caps:
+        pairs = [(corpus / f, cs[0]) for f, cs in sorted(caps.items()) if (corpus / f).is_file()]
     else:
         pairs = [(p, p.parent.name.replace("_", " ")) for p in sorted(corpus.rglob("*.jpg"))]
     if not pairs:
@@ -99,6 +105,7 @@ def quantize_step(cfg: DemoConfig) -> Path:
     skips the work. The directory is written to a temp sibling and renamed into place.
     """
     from clipfp8.quant.checkpoint import save_quantized
+    from clipfp8.quant.core.fileio import replace_dir
     from clipfp8.quant.core.models import load_model
     from clipfp8.quant.ptq import QuantConfig, quantize
 
@@ -116,9 +123,7 @@ def quantize_step(cfg: DemoConfig) -> Path:
     try:
         save_quantized(loaded, tmp, qcfg)
         (tmp / STAMP_FILE).write_text(json.dumps(stamp, indent=1))
-        if cfg.quantized_dir.exists():
-            shutil.rmtree(cfg.quantized_dir)
-        os.replace(tmp, cfg.quantized_dir)
+        replace_dir(tmp, cfg.quantized_dir)  # fsyncs tmp; the old model is deleted only after the swap
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return cfg.quantized_dir
@@ -126,17 +131,21 @@ def quantize_step(cfg: DemoConfig) -> Path:
 
 def demo_encoders(cfg: DemoConfig, quantized: Path,
                   factory: Callable[[EncoderSpec], Encoder] | None = None) -> dict[str, Encoder]:
-    """{"FP16": fp16 encoder, "FP8": fp8 (capable GPU) or fp8-fake (CPU) encoder}."""
-    from clipfp8.app.backend import cuda_fp8_capable
+    """{baseline label: the reference encoder ("FP16" on CUDA, "FP32 (CPU baseline)" on the CPU),
+    "FP8": fp8 (capable GPU) or fp8-fake (CPU) encoder}."""
+    from clipfp8.app.backend import baseline_label, cuda_fp8_capable
+    from clipfp8.indexing.specs import resolve_precision
 
-    if factory is None:
-        from clipfp8.quant.core.encoder import create_encoder as factory  # type: ignore[no-redef]
+    from clipfp8.quant.core.encoder import create_encoder
+
+    make = factory or create_encoder
     device = EncoderSpec(device=cfg.device).resolved_device()
     fp8 = "fp8" if device != "cpu" and cuda_fp8_capable() else "fp8-fake"
-    return {"FP16": factory(EncoderSpec(model=cfg.model, precision="fp16", device=device,
-                                        batch_size=cfg.batch_size)),
-            "FP8": factory(EncoderSpec(model=cfg.model, precision=fp8, device=device,  # type: ignore[arg-type]
-                                       quantized=quantized, batch_size=cfg.batch_size))}
+    ref = resolve_precision(cfg.precision, device)
+    return {baseline_label(ref, device): make(EncoderSpec(model=cfg.model, precision=ref,  # type: ignore[arg-type]
+                                                          device=device, batch_size=cfg.batch_size)),
+            "FP8": make(EncoderSpec(model=cfg.model, precision=fp8, device=device,  # type: ignore[arg-type]
+                                    quantized=quantized, batch_size=cfg.batch_size))}
 
 
 def index_step(cfg: DemoConfig, encoders: dict[str, Encoder],

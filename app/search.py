@@ -4,6 +4,9 @@ Nothing here knows Gradio. The UI calls :func:`search` and renders its :class:`S
 tests drive it with ``quant.core.testing.FakeEncoder`` and an in-memory index. The index is anything
 satisfying :class:`SearchIndex` (``app.backend.StoreIndex`` adapts ``indexing.IndexStore``).
 
+Paging (``page``), the folder filter (``folder``) and the banner's wording (:func:`banner_text`)
+live here too, so they are tested without a browser. The benchmark is in ``app.benchmark``.
+
 Latency is split into *encode* (time inside the encoder: text tokenise+forward or image
 preprocess+forward) and *search* (the rest: the nearest-neighbour lookup and bookkeeping), both
 measured with ``time.perf_counter`` around the calls the index makes on a timing wrapper of the
@@ -13,10 +16,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Protocol, Sequence
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -26,6 +29,10 @@ from clipfp8.quant.core.encoder import Encoder, EncoderIdentity
 log = logging.getLogger(__name__)
 
 Mode = Literal["single", "side_by_side"]
+#: Paging and the folder filter look at most this many hits per precision and query.
+MAX_RANK = 5000
+#: The folder choice meaning "no filter".
+ALL_FOLDERS = "All folders"
 Query = Any  # str (text query) or PIL.Image.Image (image query)
 
 
@@ -36,9 +43,14 @@ class PathOutsideCorpusError(ValueError):
 class HitLike(Protocol):
     """One search result as an index returns it (``indexing.Hit`` satisfies this)."""
 
-    id: int
-    path: str
-    score: float
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def score(self) -> float: ...
 
 
 class SearchIndex(Protocol):
@@ -51,6 +63,12 @@ class SearchIndex(Protocol):
 
     def resolve(self, rel_path: str) -> Path:
         """Absolute path of an indexed file; raises ``PathOutsideCorpusError`` if it escapes."""
+
+    def path_of(self, hit_id: int) -> str | None:
+        """The corpus-relative path the index holds for ``hit_id`` (None if it has none)."""
+
+    def indexed_paths(self) -> list[str]:
+        """Corpus-relative paths of every successfully indexed image."""
 
 
 def safe_resolve(corpus_root: Path, rel_path: str) -> Path:
@@ -79,6 +97,13 @@ class Latency:
     search_ms: float
     total_ms: float
 
+    def __add__(self, other: Latency) -> Latency:
+        return Latency(self.encode_ms + other.encode_ms, self.search_ms + other.search_ms,
+                       self.total_ms + other.total_ms)
+
+
+NO_TIME = Latency(0.0, 0.0, 0.0)
+
 
 @dataclass(frozen=True)
 class ResultItem:
@@ -87,7 +112,7 @@ class ResultItem:
     id: int
     path: str
     score: float
-    rank: int  # 1-based
+    rank: int  # 1-based, counted over every page (page 2 of k=10 starts at 11)
     marker: str = ""
 
 
@@ -100,18 +125,33 @@ class PrecisionResult:
 
 @dataclass(frozen=True)
 class SearchResult:
-    """Per-precision hits and latencies, in the order they were run.
+    """Per-precision hits and latencies of one page, in the order the precisions were run.
 
-    ``overlap`` is ``|A ∩ B| / k`` of the two top-k id sets in side-by-side mode, else None.
+    ``overlap`` is ``|A ∩ B| / k`` of the two pages' id sets in side-by-side mode, else None.
+    ``has_more``: a next page exists for some precision. ``truncated``: the folder filter looked
+    at the top ``MAX_RANK`` hits and found fewer than the page needs.
     """
 
     mode: Mode
     k: int
     results: dict[str, PrecisionResult]
     overlap: float | None = None
+    page: int = 0
+    folder: str | None = None
+    threshold: float | None = None
+    has_more: bool = False
+    truncated: bool = False
 
     def precisions(self) -> list[str]:
         return list(self.results)
+
+    @property
+    def first_rank(self) -> int:
+        return self.page * self.k + 1
+
+    def shown(self) -> int:
+        """Hits on this page in the longest list."""
+        return max((len(pr.items) for pr in self.results.values()), default=0)
 
 
 class TimedEncoder(Encoder):
@@ -191,14 +231,43 @@ def topk_overlap(a: Sequence[HitLike], b: Sequence[HitLike], k: int) -> float:
     return len({h.id for h in a[:k]} & {h.id for h in b[:k]}) / k
 
 
+def normalize_folder(folder: str | None) -> str | None:
+    """A folder filter as typed or picked -> a corpus-relative POSIX prefix without slashes, or
+    None for "no filter" (None, "", "/", ``ALL_FOLDERS``). Raises ``ValueError`` for absolute
+    paths, ``..`` parts and NUL bytes."""
+    if folder is None or folder.strip() in ("", "/", ".", ALL_FOLDERS):
+        return None
+    text = folder.strip().replace("\\", "/")
+    if "\x00" in text or text.startswith("/") or (len(text) > 1 and text[1] == ":"):
+        raise ValueError(f"folder filter {folder!r} must be a folder inside the corpus, e.g. 'animals'")
+    parts = [p for p in text.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ValueError(f"folder filter {folder!r} must not contain '..'")
+    return "/".join(parts) or None
+
+
+def in_folder(path: str, folder: str | None) -> bool:
+    """True when the corpus-relative ``path`` lies under ``folder`` (None: every path)."""
+    return folder is None or path.startswith(folder + "/")
+
+
+def top_folders(paths: Iterable[str]) -> list[str]:
+    """The sorted top-level folder names of corpus-relative paths (files at the root have none)."""
+    return sorted({p.split("/", 1)[0] for p in paths if "/" in p})
+
+
 def _validate(query: Query, encoders: Mapping[str, Encoder], k: int, threshold: float | None,
-              mode: str, precision: str) -> None:
+              mode: str, precision: str, page: int) -> None:
     if isinstance(query, str) and not query.strip():
         raise ValueError("the query is empty: type some words or upload an image")
     if query is None:
         raise ValueError("no query: type some words or upload an image")
     if not 1 <= k <= 1000:
         raise ValueError(f"k must be between 1 and 1000, got {k}")
+    if page < 0:
+        raise ValueError(f"page must be >= 0, got {page}")
+    if (page + 1) * k > MAX_RANK:
+        raise ValueError(f"paging stops at result {MAX_RANK}: results {page * k + 1}-{(page + 1) * k} are past it")
     if threshold is not None and not -1.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be between -1 and 1, got {threshold}")
     if mode not in ("single", "side_by_side"):
@@ -209,130 +278,126 @@ def _validate(query: Query, encoders: Mapping[str, Encoder], k: int, threshold: 
         raise ValueError("side-by-side mode needs two precisions loaded")
 
 
+def fetch_ranked(index: SearchIndex, encoder: Encoder, query: Query, need: int, threshold: float | None,
+                 folder: str | None) -> tuple[list[HitLike], Latency, bool]:
+    """The first ``need`` hits inside ``folder``, best first, with the summed latency.
+
+    Without a folder this is one index query. With one, the index is asked for more hits
+    (x4 per round, at most ``MAX_RANK``) until ``need`` of them lie in the folder or the index
+    runs out. The flag is True when the ``MAX_RANK`` cap stopped the search short.
+    """
+    fetch = need if folder is None else min(max(4 * need, 64), MAX_RANK)
+    total = NO_TIME
+    while True:
+        hits, lat = run_query(index, encoder, query, fetch, threshold)
+        total += lat
+        kept = [h for h in hits if in_folder(str(h.path), folder)]
+        exhausted = len(hits) < fetch
+        if len(kept) >= need or exhausted or fetch >= MAX_RANK:
+            return kept[:need], total, not exhausted and len(kept) < need
+        fetch = min(4 * fetch, MAX_RANK)
+
+
 def search(query: Query, encoders: Mapping[str, Encoder], index: SearchIndex, k: int = 10,
-           threshold: float | None = None, mode: Mode = "single", precision: str = "FP16") -> SearchResult:
-    """Run ``query`` on ``encoders[precision]`` (single) or on the first two encoders (side by side).
+           threshold: float | None = None, mode: Mode = "single", precision: str = "FP16",
+           folder: str | None = None, page: int = 0) -> SearchResult:
+    """Page ``page`` (0-based, ``k`` hits per page) of ``query`` on ``encoders[precision]``
+    (single) or on the first two encoders (side by side), only hits under ``folder`` when given.
 
     In side-by-side mode the first encoder is the reference (e.g. FP16) and each hit carries a
-    marker relative to the other list. Raises ``ValueError`` with a user-facing message on bad input.
+    marker relative to the other precision's list up to this page's end. Ranks count from the
+    first page. Raises ``ValueError`` with a user-facing message on bad input.
     """
-    _validate(query, encoders, k, threshold, mode, precision)
+    _validate(query, encoders, k, threshold, mode, precision, page)
+    folder = normalize_folder(folder)
     labels = [precision] if mode == "single" else list(encoders)[:2]
-    raw: dict[str, tuple[list[HitLike], Latency]] = {
-        label: run_query(index, encoders[label], query, k, threshold) for label in labels}
+    end = (page + 1) * k
+    raw: dict[str, tuple[list[HitLike], Latency]] = {}
+    has_more = truncated = False
+    for label in labels:
+        # One hit past the page end tells whether a next page exists.
+        hits, lat, cut = fetch_ranked(index, encoders[label], query, end + 1, threshold, folder)
+        has_more, truncated = has_more or len(hits) > end, truncated or cut
+        raw[label] = (hits[:end], lat)
     markers: dict[str, list[str]] = {label: [""] * len(raw[label][0]) for label in labels}
     overlap = None
+    start = page * k
     if mode == "side_by_side":
         (la, (ha, _)), (lb, (hb, _)) = raw.items()
         markers[la], markers[lb] = compare_markers(ha, hb, la, lb)
-        overlap = topk_overlap(ha, hb, k) if (ha or hb) else None
-    results = {
-        label: PrecisionResult(label, [ResultItem(int(h.id), str(h.path), float(h.score), i, m)
-                                       for i, (h, m) in enumerate(zip(hits, markers[label]), 1)], lat)
-        for label, (hits, lat) in raw.items()}
-    return SearchResult(mode, k, results, overlap)
-
-
-@dataclass
-class LatencyTracker:
-    """Latency series per precision, bounded to the last ``maxlen`` queries.
-
-    ``percentiles`` summarise the retained series; the chart points are rolling p50/p95 of the
-    total latency over the trailing ``window`` queries, computed once when a query is recorded
-    (so drawing the chart costs O(points), not a percentile per point per query).
-    """
-
-    maxlen: int = 500
-    window: int = 50
-    _series: dict[str, deque[Latency]] = field(default_factory=dict)
-    _points: dict[str, deque[tuple[int, float, float]]] = field(default_factory=dict)
-    _count: dict[str, int] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.maxlen < 1 or self.window < 1:
-            raise ValueError(f"LatencyTracker: maxlen and window must be >= 1, got {self.maxlen}, {self.window}")
-
-    def record(self, result: SearchResult) -> None:
-        for label, pr in result.results.items():
-            series = self._series.setdefault(label, deque(maxlen=self.maxlen))
-            series.append(pr.latency)
-            self._count[label] = self._count.get(label, 0) + 1
-            recent = [lat.total_ms for lat in list(series)[-self.window:]]
-            p50, p95 = np.percentile(recent, [50, 95])
-            self._points.setdefault(label, deque(maxlen=self.maxlen)).append(
-                (self._count[label], float(p50), float(p95)))
-
-    def series(self, precision: str, part: str = "total_ms") -> list[float]:
-        return [getattr(lat, part) for lat in self._series.get(precision, ())]
-
-    def percentiles(self, precision: str, part: str = "total_ms") -> dict[str, float]:
-        """{"n", "p50", "p95"} of the retained series (NaN percentiles when empty)."""
-        s = self.series(precision, part)
-        if not s:
-            return {"n": 0, "p50": float("nan"), "p95": float("nan")}
-        return {"n": len(s), "p50": float(np.percentile(s, 50)), "p95": float(np.percentile(s, 95))}
-
-    def running_rows(self) -> Iterator[dict[str, Any]]:
-        """Chart rows: (query number, "<precision> p50|p95", rolling ms) per recorded query."""
-        for label, points in self._points.items():
-            for n, p50, p95 in points:
-                yield {"query": n, "series": f"{label} p50", "ms": p50}
-                yield {"query": n, "series": f"{label} p95", "ms": p95}
+        overlap = topk_overlap(ha[start:], hb[start:], k) if (ha[start:] or hb[start:]) else None
+    results = {}
+    for label, (hits, lat) in raw.items():
+        items = [ResultItem(int(h.id), str(h.path), float(h.score), i, m)
+                 for i, (h, m) in enumerate(zip(hits, markers[label], strict=True), 1)]
+        results[label] = PrecisionResult(label, items[start:], lat)
+    return SearchResult(mode, k, results, overlap, page, folder, threshold, has_more, truncated)
 
 
 @dataclass(frozen=True)
-class GroundTruth:
-    """Benchmark queries: ``pairs`` of (query text, set of relevant corpus-relative paths).
+class QuerySpec:
+    """What the shown results are for: a text, or a decoded image with a display name.
 
-    ``kind`` is "captions" (each caption's own image is relevant) or "labels" (every image of
-    the class folder is relevant).
+    The UI keeps one per session so paging, the folder filter and re-submitting the text box
+    ("image: NAME") repeat the same query.
     """
 
-    kind: Literal["captions", "labels"]
-    pairs: list[tuple[str, frozenset[str]]]
+    text: str = ""
+    image: Any = None  # PIL.Image.Image for an image query
+    name: str = ""
+
+    @property
+    def is_image(self) -> bool:
+        return self.image is not None
+
+    @property
+    def label(self) -> str:
+        """What the text box shows for this query."""
+        return f"image: {self.name}" if self.is_image else self.text
+
+    def query(self) -> Query:
+        return self.image if self.is_image else self.text
+
+    @staticmethod
+    def from_text_box(text: str | None, previous: QuerySpec | None) -> QuerySpec:
+        """The text box's query; its unchanged "image: NAME" label repeats the previous image query."""
+        text = text or ""
+        if previous is not None and previous.is_image and text.strip() == previous.label:
+            return previous
+        return QuerySpec(text=text)
 
 
-def captions_ground_truth(captions: Mapping[str, Sequence[str]]) -> GroundTruth:
-    """``{file: [captions]}`` (captions.json) -> one query per caption."""
-    pairs = [(c, frozenset([Path(f).as_posix()])) for f, caps in sorted(captions.items()) for c in caps if c.strip()]
-    return GroundTruth("captions", pairs)
+def md_code(text: str, limit: int = 80) -> str:
+    """``text`` as an inline Markdown code span: one line, no backticks, at most ``limit`` chars."""
+    clean = " ".join(str(text).replace("`", "'").split())
+    return f"`{clean if len(clean) <= limit else clean[: limit - 1] + '…'}`"
 
 
-def labels_ground_truth(labels: Mapping[str, str]) -> GroundTruth:
-    """``{file: class}`` -> one query per class (its name, underscores as spaces)."""
-    by_class: dict[str, set[str]] = {}
-    for f, label in labels.items():
-        by_class.setdefault(label, set()).add(Path(f).as_posix())
-    return GroundTruth("labels", [(c.replace("_", " "), frozenset(fs)) for c, fs in sorted(by_class.items())])
+def banner_text(spec: QuerySpec, result: SearchResult) -> str:
+    """One Markdown line saying what the shown results are: query, folder, ranks, paging state."""
+    what = f"image {md_code(spec.name)}" if spec.is_image else md_code(spec.text)
+    where = f" in folder {md_code(result.folder + '/')}" if result.folder else ""
+    shown = result.shown()
+    if shown == 0:
+        why = " above the minimum score" if result.threshold is not None else ""
+        past = f" past result {result.first_rank - 1}" if result.page else ""
+        return f"**No results for {what}**{where}{past}{why}."
+    last = result.first_rank + shown - 1
+    text = f"**Results for {what}**{where} · results {result.first_rank}–{last}"
+    if not result.has_more:
+        text += " (no more)"
+    if result.truncated:
+        text += f" · only the top {MAX_RANK} hits were searched for this folder"
+    return text + "."
 
 
-def benchmark(index: SearchIndex, encoders: Mapping[str, Encoder], truth: GroundTruth,
-              ks: Sequence[int] = (1, 5, 10), max_queries: int | None = None) -> dict[str, Any]:
-    """Recall@k per precision (a query scores at k when any relevant file is in its top-k).
-
-    Returns ``{"kind", "n_queries", "ks", "recall": {precision: {k: r}}, "delta": {k: r_last - r_first},
-    "latency_ms": {precision: mean total}}``; the delta is the second precision minus the first
-    (e.g. FP8 - FP16), absent with one precision.
-    """
-    if not ks or min(ks) < 1:
-        raise ValueError(f"ks must be positive integers, got {tuple(ks)}")
-    pairs = truth.pairs[:max_queries] if max_queries else truth.pairs
-    if not pairs:
-        raise ValueError("the benchmark has no queries: the corpus needs captions.json or class folders")
-    kmax = max(ks)
-    recall: dict[str, dict[int, float]] = {}
-    latency: dict[str, float] = {}
-    for label, enc in encoders.items():
-        hits_at = np.zeros(len(ks))
-        total_ms = 0.0
-        for text, relevant in pairs:
-            hits, lat = run_query(index, enc, text, kmax, None)
-            total_ms += lat.total_ms
-            ranked = [Path(h.path).as_posix() for h in hits]
-            hits_at += [any(p in relevant for p in ranked[:k]) for k in ks]
-        recall[label] = {k: float(v / len(pairs)) for k, v in zip(ks, hits_at)}
-        latency[label] = total_ms / len(pairs)
-    labels = list(recall)
-    delta = ({k: recall[labels[1]][k] - recall[labels[0]][k] for k in ks} if len(labels) >= 2 else {})
-    return {"kind": truth.kind, "n_queries": len(pairs), "ks": list(ks), "recall": recall,
-            "delta": delta, "latency_ms": latency}
+def placeholder_text(captions: Sequence[str], folders: Sequence[str]) -> str:
+    """An example query that exists in this corpus: one-word captions, else folder names."""
+    words = sorted({c.strip().lower() for c in captions if c.strip().isalpha() and len(c.strip()) >= 4})
+    if len(words) < 3:
+        words = [f.replace("_", " ") for f in folders]
+    if not words:
+        return "e.g. a dog on a beach — or upload a picture"
+    picks = list(dict.fromkeys(words[(2 * i + 1) * len(words) // 6] for i in range(min(3, len(words)))))
+    listed = picks[0] if len(picks) == 1 else ", ".join(picks[:-1]) + " or " + picks[-1]
+    return f"e.g. {listed} — or upload a picture"

@@ -12,8 +12,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from clipfp8.app.backend import FAKE_ENCODER_ENV
 
@@ -46,12 +46,15 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
 
 @contextlib.contextmanager
 def serve_subprocess(index_dir: Path, fake: bool = True, extra_args: Sequence[str] = (), cwd: Path | None = None,
-                     log_file: Path | None = None, timeout: float = 120.0) -> Iterator[str]:
-    """Yield the base URL of a running ``serve``; the process is terminated on exit."""
+                     log_file: Path | None = None, timeout: float = 120.0,
+                     env_overrides: Mapping[str, str] | None = None) -> Iterator[str]:
+    """Yield the base URL of a running ``serve``; the process is terminated (SIGTERM) on exit.
+    ``env_overrides``: extra environment variables, e.g. ``GRADIO_TEMP_DIR`` to choose where the
+    server's temp folder is created."""
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-               GRADIO_ANALYTICS_ENABLED="False")
+               GRADIO_ANALYTICS_ENABLED="False", **(env_overrides or {}))
     if fake:
         env[FAKE_ENCODER_ENV] = "1"
     cmd = [sys.executable, "-m", "clipfp8.app.cli", "serve", "--index-dir", str(index_dir), "--host", "127.0.0.1",

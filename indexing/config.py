@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 DEFAULT_EXTENSIONS: tuple[str, ...] = (
     ".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif",
 )
+#: Limits on one file's working memory (``--max-pixels``, ``--max-file-bytes``, ``--max-aspect``).
+DEFAULT_MAX_PIXELS = 64_000_000
+DEFAULT_MAX_FILE_BYTES = 256 << 20
+DEFAULT_MAX_ASPECT = 20.0
+DECODE_MODES: tuple[str, ...] = ("auto", "cpu", "gpu")
 
 
 @dataclass(frozen=True)
@@ -17,10 +22,20 @@ class IndexConfig:
     ``commit_every``: images processed between commit points (each rewrites the FAISS files).
     ``commit_fraction``: a commit point also waits until the changes reach this fraction of the
     index size, so rewriting whole FAISS files costs O(N) over a large run, not O(N^2).
-    ``max_pixels``: larger images are recorded as ``oversized`` (decompression-bomb guard).
+    ``max_pixels``: larger images are recorded as ``oversized`` (decompression-bomb guard; the
+    limit is exact, Pillow's own default does not apply). ``max_file_bytes``: larger files are
+    recorded as ``file_too_large`` without being read. ``max_aspect``: images longer than this
+    many times their short side are centre-cropped to it before any resize (bounds the
+    preprocess's memory; a Resize + CenterCrop model sees the same central square).
+    ``rehash``: re-read and re-hash files whose size and mtime are unchanged (content edited in
+    place with its timestamps restored), and retry every file recorded as bad.
     ``factory``: FAISS factory string ("Flat", "IVF256,Flat", "HNSW32", ...), inner product.
     ``jpeg_draft``: decode JPEGs at a reduced DCT scale no smaller than the encoders' input
     (fast for large photos; pixels differ slightly from a full decode, so off by default).
+    ``decode`` (``--decode``): ``"auto"`` decodes JPEGs in batches with nvJPEG and preprocesses
+    them on the GPU when every encoder runs on one CUDA device (``indexing.gpu_decode``), else
+    uses Pillow on CPU threads; ``"cpu"`` always Pillow; ``"gpu"`` always the batched torch path
+    on the encoders' device (an error when it cannot serve them).
     ``train_min``: vectors needed before a trainable factory is trained; below it the index
     stays exact (Flat).
     """
@@ -30,17 +45,26 @@ class IndexConfig:
     lookahead: int = 0  # 0 -> 4 * batch_size
     commit_every: int = 1024
     commit_fraction: float = 0.1
-    max_pixels: int = 64_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    max_aspect: float = DEFAULT_MAX_ASPECT
     extensions: tuple[str, ...] = field(default=DEFAULT_EXTENSIONS)
     factory: str = "Flat"
     train_min: int = 0  # 0 -> 39 * nlist for IVF, 1 otherwise
     follow_symlinks: bool = True
     jpeg_draft: bool = False
+    rehash: bool = False
+    decode: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "workers", "commit_every", "max_pixels"):
+        for name in ("batch_size", "workers", "commit_every", "max_pixels", "max_file_bytes"):
             if getattr(self, name) < 1:
-                raise ValueError(f"IndexConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"IndexConfig.{name} (--{name.replace('_', '-')}) must be >= 1, "
+                                 f"got {getattr(self, name)}")
+        if not self.max_aspect >= 1.0:  # also refuses NaN
+            raise ValueError(f"IndexConfig.max_aspect (--max-aspect) must be >= 1, got {self.max_aspect}")
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"IndexConfig.decode (--decode) must be one of {DECODE_MODES}, got {self.decode!r}")
         if not 0.0 <= self.commit_fraction <= 1.0:
             raise ValueError(f"IndexConfig.commit_fraction must be in [0, 1], got {self.commit_fraction}")
         if self.lookahead < 0 or self.train_min < 0:

@@ -119,3 +119,22 @@ def paths_for_ids(db: sqlite_utils.Database, ids: Iterable[int]) -> dict[int, by
         q = f"SELECT id, path_raw FROM images WHERE id IN ({','.join('?' * len(chunk))})"
         out.update({r["id"]: bytes(r["path_raw"]) for r in db.query(q, chunk)})
     return out
+
+
+def error_count(db: sqlite_utils.Database) -> int:
+    return int(next(iter(db.query("SELECT COUNT(*) n FROM images WHERE status='error'")))["n"])
+
+
+def error_rows(db: sqlite_utils.Database, reasons: Iterable[str] = (),
+               limit: int | None = None) -> list[dict[str, Any]]:
+    """The bad files (``status='error'`` rows), sorted by path; only those whose reason (the
+    error's tag before ':') is in ``reasons`` when given; at most ``limit``."""
+    reasons = list(reasons)
+    sql = ("SELECT id, path_raw, size, mtime_ns, error, substr(error, 1, instr(error || ':', ':') - 1)"
+           " reason FROM images WHERE status='error'")
+    if reasons:
+        sql += f" AND reason IN ({','.join('?' * len(reasons))})"
+    sql += " ORDER BY path_raw"
+    if limit is not None:
+        sql += f" LIMIT {int(limit)}"
+    return list(db.query(sql, reasons))

@@ -25,8 +25,10 @@ class EmbedResult:
 
 def embed_batch(encoders: Sequence[Encoder], tensors: Sequence[dict[str, torch.Tensor]],
                 needs: Sequence[set[str]]) -> EmbedResult:
-    """tensors[i][name]: float32 (3, H, W) preprocessed for encoder ``name``; ``needs[i]`` the
-    encoder names item i must be embedded with. Returns per-item vectors, (D,) float32 each."""
+    """tensors[i][name]: float32 (3, H, W) preprocessed for encoder ``name``, on the CPU or
+    already on the encoder's device (the GPU data path: never copied back to the host);
+    ``needs[i]`` the encoder names item i must be embedded with. Returns per-item vectors,
+    (D,) float32 each."""
     out: list[dict[str, np.ndarray]] = [{} for _ in tensors]
     seconds: dict[str, float] = {}
     for enc in encoders:
@@ -34,7 +36,10 @@ def embed_batch(encoders: Sequence[Encoder], tensors: Sequence[dict[str, torch.T
         if not idx:
             continue
         t0 = time.perf_counter()
-        batch = torch.stack([tensors[i][enc.name] for i in idx])
+        items = [tensors[i][enc.name] for i in idx]
+        if len({t.device for t in items}) > 1:  # device-decoded files + CPU fallbacks
+            items = [t.to(enc.device, non_blocking=True) for t in items]
+        batch = torch.stack(items)
         vecs = enc.encode_images(batch)
         seconds[enc.name] = time.perf_counter() - t0
         if vecs.shape != (len(idx), enc.dim):

@@ -26,6 +26,11 @@ class UnknownEncoderError(IndexingError):
     """The index has no embeddings for the requested encoder name."""
 
 
+class EncoderSpecError(IndexingError):
+    """How to rebuild one of an index's encoders is unknown or no longer valid (no recorded
+    spec, a recorded quantized directory that is gone); the message names the flags to pass."""
+
+
 class StorageError(IndexingError):
     """Writing the index failed (e.g. disk full); the on-disk index is left at the last commit."""
 

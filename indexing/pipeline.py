@@ -9,11 +9,14 @@ clean run would.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -23,7 +26,8 @@ from clipfp8.indexing import _testhooks, db as dbm
 from clipfp8.indexing.config import IndexConfig
 from clipfp8.indexing.decode import DecodeTask, Decoded, Decoder, ImageDecoder, error_reason, imap_bounded
 from clipfp8.indexing.embed import embed_batch
-from clipfp8.indexing.plan import Plan, Task, make_plan
+from clipfp8.indexing.gpu_decode import choose_decoder
+from clipfp8.indexing.plan import Plan, Task, make_plan, raised_limits
 from clipfp8.indexing.scan import FileEntry, check_corpus, scan_corpus
 from clipfp8.indexing.store import IndexStore, open_for_write
 from clipfp8.indexing.vectors import VectorIndex
@@ -32,14 +36,17 @@ from clipfp8.quant.core.encoder import Encoder
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
+Encoders = Sequence[Encoder] | Callable[[], Sequence[Encoder]]
 
 
 @dataclass
 class IndexSummary:
-    """What a run did. ``skipped``: bad files found this run by reason; ``errors``: (path, reason).
+    """What a run did. ``skipped``: bad files found this run by reason; ``errors``: (path, reason);
+    ``bad_files``: bad files recorded in the whole index after the run (``clipfp8 errors``).
     ``stage_seconds``: wall time of scan, plan, embed (and ``embed:<encoder>``), store and
     decode_wait (the embedder waiting for decoders); summed worker time of decode (and
-    ``decode:read|hash|decode|preprocess``)."""
+    ``decode:read|hash|decode|preprocess``; on the GPU data path also ``decode:header`` and
+    ``decode:gpu``, the device batches' time shared among their files)."""
 
     indexed: int = 0
     unchanged: int = 0
@@ -48,12 +55,22 @@ class IndexSummary:
     removed: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     errors: list[tuple[str, str]] = field(default_factory=list)
+    bad_files: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     total_seconds: float = 0.0
+    #: Which decode path ran: "cpu" (Pillow on worker threads) or "gpu:<device>" (batched).
+    decoder: str = ""
 
     @property
     def images_per_second(self) -> float:
         return self.indexed / self.total_seconds if self.total_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: every field, plus ``images_per_second`` (``index --summary-json``)."""
+        d = dataclasses.asdict(self)
+        d["errors"] = [list(e) for e in self.errors]
+        d["images_per_second"] = self.images_per_second
+        return d
 
     def format(self) -> str:
         lines = [f"indexed {self.indexed}, unchanged {self.unchanged}, updated {self.updated}, "
@@ -82,17 +99,36 @@ def _row(entry: FileEntry, d: Decoded | None = None, error: str | None = None) -
             "error": error, "indexed_at": time.time()}
 
 
-def index_corpus(corpus: str | Path, index_dir: str | Path, encoders: Sequence[Encoder],
+def index_corpus(corpus: str | Path, index_dir: str | Path, encoders: Encoders,
                  batch_size: int = 64, workers: int = 4, factory: str = "Flat",
                  config: IndexConfig | None = None, progress: Progress | None = None,
                  decoder: Decoder | None = None) -> IndexSummary:
     """Index (incrementally) every image under ``corpus`` into ``index_dir`` with all
     ``encoders`` in one pass over the decoded images. ``config``, when given, overrides
     ``batch_size``/``workers``/``factory``. ``progress(done, total)`` follows the files read.
-    ``decoder`` replaces the Pillow ``ImageDecoder`` (e.g. a future GPU JPEG decoder); it must
-    fill ``Decoded.tensors`` for every encoder name."""
+    ``decoder`` replaces the one ``cfg.decode`` picks (Pillow's ``ImageDecoder``, or
+    ``gpu_decode.GpuDecoder`` when the encoders run on CUDA); it must fill ``Decoded.tensors``
+    for every encoder name. ``encoders`` may be a zero-argument
+    callable returning them: it is called once the index is locked, so a second writer fails
+    before loading any model."""
     root = check_corpus(corpus)
     cfg = config or IndexConfig(batch_size=batch_size, workers=workers, factory=factory)
+    if not callable(encoders):
+        _check_encoders(encoders, cfg)  # before the index directory is touched
+    with open_for_write(index_dir, root) as store:
+        if callable(encoders):
+            encoders = list(encoders())
+            _check_encoders(encoders, cfg)
+        for enc in encoders:
+            store.register_encoder(enc.identity(), cfg.factory, enc.spec.to_record() if enc.spec else None)
+        side = max(max(e.image_size) for e in encoders)
+        decoder = decoder or choose_decoder(encoders, cfg, ImageDecoder(
+            {e.name: e.preprocess for e in encoders}, cfg.max_pixels, (side, side) if cfg.jpeg_draft else None,
+            max_file_bytes=cfg.max_file_bytes, max_aspect=cfg.max_aspect))  # cfg.decode: GPU or this
+        return _Run(store, list(encoders), cfg, root, progress, decoder).run()
+
+
+def _check_encoders(encoders: Sequence[Encoder], cfg: IndexConfig) -> None:
     if not encoders:
         raise ValueError("index_corpus: give at least one encoder")
     names = [e.name for e in encoders]
@@ -100,13 +136,6 @@ def index_corpus(corpus: str | Path, index_dir: str | Path, encoders: Sequence[E
         raise ValueError(f"index_corpus: encoder names must be unique, got {names}")
     for enc in encoders:  # fail on a bad factory string before any work
         VectorIndex.new(enc.dim, cfg.factory)
-    with open_for_write(index_dir, root) as store:
-        for enc in encoders:
-            store.register_encoder(enc.identity(), cfg.factory)
-        side = max(max(e.image_size) for e in encoders)
-        decoder = decoder or ImageDecoder({e.name: e.preprocess for e in encoders}, cfg.max_pixels,
-                                          (side, side) if cfg.jpeg_draft else None)
-        return _Run(store, list(encoders), cfg, root, progress, decoder).run()
 
 
 class _Run:
@@ -143,15 +172,24 @@ class _Run:
         with self.timed("scan"):
             scan = scan_corpus(self.root, self.cfg.extensions, exclude=self.store.index_dir,
                                follow_symlinks=self.cfg.follow_symlinks)
+        limits = {"max_pixels": self.cfg.max_pixels, "max_file_bytes": self.cfg.max_file_bytes}
+        recorded = json.loads(dbm.get_meta(self.store.db, "limits") or "{}")
         with self.timed("plan"):
             embedded = {e.name: dbm.embedded_ids(self.store.db, self.enc_ids[e.name]) for e in self.encoders}
-            self.plan = make_plan(scan, dbm.image_rows(self.store.db), embedded)
+            self.plan = make_plan(scan, dbm.image_rows(self.store.db), embedded, rehash=self.cfg.rehash,
+                                  retry=raised_limits(recorded, limits))
         self.summary.unchanged = self.plan.unchanged
         for rel, reason, row in self.plan.scan_errors:
             self.ops.append(self._error(FileEntry(rel, 0, 0), row, reason))
         self._process(self.plan.tasks)
         self._commit(final=True)
+        if recorded != limits:  # after the final commit: files refused by a lower limit were retried
+            with self.store.db.atomic():
+                dbm.set_meta(self.store.db, "limits", json.dumps(limits, sort_keys=True))
         s = self.summary
+        s.bad_files = dbm.error_count(self.store.db)
+        device = getattr(self.decoder, "device", None)  # a batching GpuDecoder knows its device
+        s.decoder = f"gpu:{device}" if device is not None else "cpu"
         s.stage_seconds = dict(self.seconds)
         s.total_seconds = time.perf_counter() - t0
         return s
@@ -161,7 +199,9 @@ class _Run:
 
     def _process(self, tasks: list[Task]) -> None:
         jobs = (DecodeTask(t.entry, self._abs(t.entry), t.skip_hashes) for t in tasks)
-        results = imap_bounded(self.decoder, jobs, self.cfg.workers, self.cfg.effective_lookahead)
+        batched = getattr(self.decoder, "imap", None)  # a batching decoder (GPU) runs its own threads
+        results = (batched or partial(imap_bounded, self.decoder))(jobs, self.cfg.workers,
+                                                                   self.cfg.effective_lookahead)
         done = 0
         while True:
             with self.timed("decode_wait"):
@@ -184,6 +224,9 @@ class _Run:
 
     def _handle(self, task: Task, d: Decoded) -> None:
         if d.error is None and d.sha256 in task.skip_hashes:
+            if task.row is not None and (task.row["size"], task.row["mtime_ns"]) == (d.entry.size, d.entry.mtime_ns):
+                self.summary.unchanged += 1  # re-hashed (--rehash): the content is the same
+                return
             if task.row is not None:  # touched but identical content: metadata only
                 self._queue(task, d, _Op(task.row["id"], {"size": d.entry.size, "mtime_ns": d.entry.mtime_ns}))
                 self.summary.updated += 1

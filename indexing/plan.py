@@ -6,11 +6,15 @@
 * new path otherwise                      -> embed
 * vanished rows not claimed by a move     -> removed, in the run's final commit (moves are only
   known once every new file was hashed)
+* a bad file (error row), size and mtime the same -> kept as is, unless its reason is in
+  ``retry`` (a limit it failed was raised since) or ``rehash`` is set
+* with ``rehash``, an unchanged complete file is re-hashed too: an edit that restored the size and
+  mtime is caught by its hash
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from clipfp8.indexing.scan import FileEntry, ScanResult
 
@@ -35,8 +39,26 @@ class Plan:
     scan_errors: list[tuple[bytes, str, dict[str, Any] | None]] = field(default_factory=list)
 
 
-def make_plan(scan: ScanResult, rows: dict[bytes, dict[str, Any]], embedded: dict[str, set[int]]) -> Plan:
-    """``rows``: path_raw -> image row; ``embedded``: encoder name -> ids having its vector."""
+#: Reasons a file is refused by a limit, and the ``IndexConfig`` field of that limit.
+LIMIT_REASONS: dict[str, str] = {"oversized": "max_pixels", "file_too_large": "max_file_bytes"}
+
+
+def raised_limits(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> frozenset[str]:
+    """The reasons whose limit is higher now than in the last run (``recorded``; a limit never
+    recorded counts as raised): files refused for them deserve another try."""
+    return frozenset(reason for reason, key in LIMIT_REASONS.items()
+                     if key in current and current[key] > recorded.get(key, 0))
+
+
+def _reason(row: dict[str, Any]) -> str:
+    return (row["error"] or "").split(":", 1)[0]
+
+
+def make_plan(scan: ScanResult, rows: dict[bytes, dict[str, Any]], embedded: dict[str, set[int]],
+              rehash: bool = False, retry: frozenset[str] = frozenset()) -> Plan:
+    """``rows``: path_raw -> image row; ``embedded``: encoder name -> ids having its vector.
+    ``rehash``: re-hash unchanged files and retry every bad one; ``retry``: error reasons whose
+    unchanged files are tried again."""
     plan = Plan()
     all_names = set(embedded)
     seen: set[bytes] = set()
@@ -48,10 +70,17 @@ def make_plan(scan: ScanResult, rows: dict[bytes, dict[str, Any]], embedded: dic
             continue
         missing = {n for n, ids in embedded.items() if row["id"] not in ids}
         if row["size"] == f.size and row["mtime_ns"] == f.mtime_ns:
-            if row["status"] == "error" or not missing:
-                plan.unchanged += 1
+            if row["status"] == "error":
+                if rehash or _reason(row) in retry:
+                    plan.tasks.append(Task(f, row, set(all_names)))
+                else:
+                    plan.unchanged += 1
+            elif missing:  # when re-hashing, a changed hash means every encoder's vector is stale
+                plan.tasks.append(Task(f, row, set(all_names) if rehash else missing))
+            elif rehash and row["sha256"]:  # the hash decides, as for a touched file
+                plan.tasks.append(Task(f, row, set(all_names), frozenset([row["sha256"]])))
             else:
-                plan.tasks.append(Task(f, row, missing))
+                plan.unchanged += 1
         else:  # maybe changed: the hash decides; an unchanged hash needs no decode
             same = frozenset([row["sha256"]]) if row["status"] == "ok" and not missing and row["sha256"] else frozenset()
             plan.tasks.append(Task(f, row, set(all_names), same))

@@ -7,6 +7,7 @@ matrix product on the GPU with torch. Scores are inner products of unit vectors 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clipfp8.indexing.decode import open_image
+from clipfp8.indexing.config import DEFAULT_MAX_ASPECT, DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
+from clipfp8.indexing.decode import limit_aspect, open_image, read_file, to_rgb
 from clipfp8.indexing.errors import DecodeError, QueryError
 from clipfp8.indexing.store import IndexStore
 from clipfp8.indexing.vectors import VectorIndex
@@ -25,7 +27,8 @@ from clipfp8.quant.core.encoder import Encoder
 log = logging.getLogger(__name__)
 
 RERANK_FACTOR = 10
-QUERY_MAX_PIXELS = 64_000_000
+QUERY_MAX_PIXELS = DEFAULT_MAX_PIXELS
+QUERY_MAX_FILE_BYTES = DEFAULT_MAX_FILE_BYTES
 
 
 @dataclass(frozen=True)
@@ -39,24 +42,23 @@ class Hit:
 
 def embed_query(encoder: Encoder, query: str | Image.Image | Path) -> np.ndarray:
     """A text, PIL image or image file -> float32 (1, D) unit vector. Images get the same
-    normalisation as indexed files (first frame, EXIF orientation, alpha on white)."""
+    normalisation and limits as indexed files (first frame, EXIF orientation, alpha on white; at
+    most ``QUERY_MAX_FILE_BYTES`` read and ``QUERY_MAX_PIXELS`` decoded, extreme aspect ratios
+    centre-cropped before the model's resize)."""
     if isinstance(query, str):
         if not query.strip():
             raise QueryError("the text query is empty")
         return encoder.encode_texts([query])
     if isinstance(query, Path):
         try:
-            query = open_image(query.read_bytes(), QUERY_MAX_PIXELS)
-        except (OSError, DecodeError) as e:
+            query = open_image(read_file(query, QUERY_MAX_FILE_BYTES), QUERY_MAX_PIXELS)
+        except DecodeError as e:
             raise QueryError(f"cannot read query image {query}: {e}") from e
     if isinstance(query, Image.Image):
-        from clipfp8.indexing.decode import to_rgb
-
         if query.width * query.height > QUERY_MAX_PIXELS:
             raise QueryError(f"query image is {query.width}x{query.height} pixels; the limit is "
                              f"{QUERY_MAX_PIXELS:,} pixels")
-
-        return encoder.encode_pil([to_rgb(query)])
+        return encoder.encode_pil([to_rgb(limit_aspect(query, DEFAULT_MAX_ASPECT))])
     raise QueryError(f"query must be a str, PIL.Image.Image or Path, got {type(query).__name__}")
 
 
@@ -86,6 +88,15 @@ def search(store: IndexStore, encoder: Encoder, query: str | Image.Image | Path,
         scores, ids = scores[keep], ids[keep]
     paths = store.id_paths(ids)
     return [Hit(int(i), paths[int(i)], float(s)) for i, s in zip(ids, scores) if int(i) in paths]
+
+
+def outside_corpus(store: IndexStore, path: str) -> bool:
+    """True when the indexed file ``path`` (a ``Hit.path``) really lies outside the corpus: a
+    symlink whose target is elsewhere (the scanner follows symlinks; the app refuses to serve
+    such files, so callers should say so rather than drop the hit)."""
+    root = os.path.realpath(store.corpus_root)
+    target = os.path.realpath(store.resolve(path))
+    return os.path.commonpath([root, target]) != root
 
 
 def search_vectors(vec: VectorIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -51,6 +51,8 @@ def check_corpus(corpus: str | Path) -> Path:
 def scan_corpus(root: Path, extensions: tuple[str, ...], exclude: Path | None = None,
                 follow_symlinks: bool = True) -> ScanResult:
     """Recursively list files under ``root`` whose lower-cased suffix is in ``extensions``.
+    Matching names that are not regular files (FIFOs, devices, sockets) go to ``errors`` with
+    reason ``not_regular_file``; they are never opened.
 
     Directory symlinks are followed when ``follow_symlinks``; each real directory is visited once
     (by (device, inode)), so symlink loops terminate. ``exclude`` (the index directory, when it
@@ -107,5 +109,21 @@ def _visit(ent: os.DirEntry, rel: bytes, exts: tuple[bytes, ...], follow: bool,
             stack.append(rel)
         elif follow:
             linked.append(rel)
-    elif stat.S_ISREG(st.st_mode) and ent.name.lower().endswith(exts):
-        result.files.append(FileEntry(rel, st.st_size, st.st_mtime_ns))
+    elif ent.name.lower().endswith(exts):
+        if stat.S_ISREG(st.st_mode):
+            result.files.append(FileEntry(rel, st.st_size, st.st_mtime_ns))
+        elif not stat.S_ISLNK(st.st_mode):  # a symlink here: not followed, by request
+            # FIFOs, devices, sockets (or symlinks to them) are never opened -- opening a FIFO
+            # blocks, reading a device may never end -- but they are recorded, so the user
+            # can find them.
+            result.errors.append((rel, f"not_regular_file: {special_file_kind(st.st_mode)}"))
+
+
+def special_file_kind(mode: int) -> str:
+    """What a non-regular file is, in words ("fifo", "character device", ...)."""
+    for test, name in ((stat.S_ISFIFO, "fifo"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISDIR, "directory"), (stat.S_ISLNK, "symbolic link")):
+        if test(mode):
+            return name
+    return "special file"

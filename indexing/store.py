@@ -17,6 +17,7 @@ named by the committed row.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import re
@@ -38,6 +39,8 @@ from clipfp8.quant.core.encoder import EncoderIdentity
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "LOCK"
+#: ``meta`` key prefix of each encoder's recorded ``EncoderSpec`` (JSON).
+SPEC_META_PREFIX = "encoder_spec:"
 VECTORS_DIR = "vectors"
 _VEC_RE = re.compile(r"^(\d+)\.g(\d+)\.faiss$")
 
@@ -122,18 +125,39 @@ class IndexStore:
         return {i: os.fsdecode(p) for i, p in dbm.paths_for_ids(self.db, ids).items()}
 
     # ----- writing -----------------------------------------------------------------------
-    def register_encoder(self, identity: EncoderIdentity, factory: str) -> None:
-        """Record a new encoder, or check that an existing one is the same."""
+    def register_encoder(self, identity: EncoderIdentity, factory: str, spec: dict[str, Any] | None = None) -> None:
+        """Record a new encoder, or check that an existing one is the same. ``spec``
+        (``EncoderSpec.to_record()``: model, precision, quantized dir, batch size) is stored in
+        the ``meta`` table as ``encoder_spec:<name>`` (JSON), so ``search``/``serve`` can rebuild
+        the encoder without the user repeating --model/--quantized; the latest one wins."""
         rows = dbm.encoder_rows(self.db)
         if identity.name in rows:
             self.check_identity(identity)
             if rows[identity.name]["factory"] != factory:
                 log.warning("encoder %s keeps its index type %r (asked for %r; use a new index "
                             "directory to change it)", identity.name, rows[identity.name]["factory"], factory)
+            if spec is not None and self.recorded_spec(identity.name) != spec:
+                with self.db.atomic():
+                    dbm.set_meta(self.db, SPEC_META_PREFIX + identity.name, json.dumps(spec, sort_keys=True))
             return
         with self.db.atomic():
             self.db["encoders"].insert(dict(identity.to_dict(), factory=factory, index_type="flat",
                                             generation=0))
+            if spec is not None:
+                dbm.set_meta(self.db, SPEC_META_PREFIX + identity.name, json.dumps(spec, sort_keys=True))
+
+    def recorded_spec(self, name: str) -> dict[str, Any] | None:
+        """The ``EncoderSpec.to_record()`` dict stored when encoder ``name`` was registered, or
+        None (an index written before specs were recorded, or a test encoder)."""
+        raw = dbm.get_meta(self.db, SPEC_META_PREFIX + name)
+        if raw is None:
+            return None
+        try:
+            spec = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise IndexCorruptError(f"index {self.index_dir}: the recorded spec of encoder {name!r} is not "
+                                    f"JSON ({e})") from e
+        return spec if isinstance(spec, dict) else None
 
     def commit(self, vectors: dict[str, VectorIndex],
                apply_rows: Callable[[sqlite_utils.Database], set[str]]) -> int:

@@ -17,7 +17,7 @@ projections nor the two attention matmuls (Q@K^T, P@V) would ever be quantized.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,14 @@ log = logging.getLogger(__name__)
 #: The quantizer names every quantized attention module carries (standard ModelOpt names).
 ATTENTION_QUANTIZERS: tuple[str, ...] = ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer",
                                          "softmax_quantizer")
+
+
+@overload
+def _additive_mask(mask: torch.Tensor, dtype: torch.dtype, keep_is_true: bool) -> torch.Tensor: ...
+@overload
+def _additive_mask(mask: None, dtype: torch.dtype, keep_is_true: bool) -> None: ...
+@overload
+def _additive_mask(mask: torch.Tensor | None, dtype: torch.dtype, keep_is_true: bool) -> torch.Tensor | None: ...
 
 
 def _additive_mask(mask: torch.Tensor | None, dtype: torch.dtype, keep_is_true: bool) -> torch.Tensor | None:
@@ -53,8 +61,9 @@ def attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     qq = getattr(module, "q_bmm_quantizer", None)
     if qq is not None:
-        q, k, v = qq(q), module.k_bmm_quantizer(k), module.v_bmm_quantizer(v)
-        sq = module.softmax_quantizer
+        # The other three come with it (register_quant_attention): ModelOpt TensorQuantizers.
+        kq, vq, sq = (getattr(module, name) for name in ATTENTION_QUANTIZERS[1:])
+        q, k, v = qq(q), kq(k), vq(v)
         if sq.is_enabled:
             scores = torch.matmul(q, k.transpose(-2, -1)) * scale
             if mask is not None:
@@ -89,7 +98,7 @@ class ExplicitAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
 
     @classmethod
-    def from_mha(cls, mha: nn.MultiheadAttention) -> "ExplicitAttention":
+    def from_mha(cls, mha: nn.MultiheadAttention) -> ExplicitAttention:
         """Copy the weights of ``mha`` (packed or separate Q/K/V projections)."""
         if mha.bias_k is not None or mha.add_zero_attn:
             raise ValueError("nn.MultiheadAttention with add_bias_kv/add_zero_attn is not supported")
@@ -102,10 +111,10 @@ class ExplicitAttention(nn.Module):
                 ws = mha.in_proj_weight.chunk(3)
             else:
                 ws = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
-            for lin, w in zip((new.q_proj, new.k_proj, new.v_proj), ws):
+            for lin, w in zip((new.q_proj, new.k_proj, new.v_proj), ws, strict=True):
                 lin.weight.copy_(w)
             if mha.in_proj_bias is not None:
-                for lin, b in zip((new.q_proj, new.k_proj, new.v_proj), mha.in_proj_bias.chunk(3)):
+                for lin, b in zip((new.q_proj, new.k_proj, new.v_proj), mha.in_proj_bias.chunk(3), strict=True):
                     lin.bias.copy_(b)
                 new.out_proj.bias.copy_(mha.out_proj.bias)
             new.out_proj.weight.copy_(mha.out_proj.weight)

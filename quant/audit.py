@@ -22,15 +22,18 @@ import fnmatch
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.hooks import RemovableHandle
 
 from clipfp8.quant.attention import attention_module_types
 from clipfp8.quant.core.errors import AuditError
+from clipfp8.quant.core.protocols import as_clip
 from clipfp8.quant.qconfig import QuantConfig
 
 log = logging.getLogger(__name__)
@@ -183,7 +186,8 @@ class _Recorder(TorchDispatchMode):
     def _is_tagged(self, t: Any) -> bool:
         return isinstance(t, torch.Tensor) and _storage(t) != 0 and _storage(t) in self.tagged
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = func._schema.name.split("::")[-1]
@@ -235,35 +239,54 @@ def _matches(name: str, patterns: tuple[str, ...]) -> str | None:
     return None
 
 
-def runtime_ops(model: nn.Module, sample_batch: tuple[torch.Tensor, torch.Tensor]) -> list[tuple[str, str, bool]]:
-    """Run one batch (both towers) and return (aten op, owning module, fp8) per GEMM-like op."""
-    tagged: set[int] = set()
-    keep: list[torch.Tensor] = []
-    stack: list[str] = []
-    handles = []
-    for owner, qname, q in _quantizers(model):
+def _install_hooks(model: nn.Module, tagged: set[int], keep: list[torch.Tensor],
+                   stack: list[str]) -> list[RemovableHandle]:
+    """Hooks that tag the storage of every E4M3 quantizer output (kept alive in ``keep``) and
+    keep ``stack`` naming the module running now. Every hook returns None: a returned value
+    would replace the module's input or output."""
+    handles: list[RemovableHandle] = []
+
+    def tag(_m: nn.Module, _i: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor) and _storage(out):  # 0: empty tensor, no storage
+            tagged.add(_storage(out))
+            keep.append(out)
+
+    def push(name: str) -> Callable[[nn.Module, Any], None]:
+        def hook(_m: nn.Module, _i: Any) -> None:
+            stack.append(name)
+        return hook
+
+    def pop(_m: nn.Module, _i: Any, _o: Any) -> None:
+        stack.pop()
+
+    for _owner, _qname, q in _quantizers(model):
         # Only quantizers that really fake-quantize to E4M3 tag their outputs.
         if q.is_enabled and getattr(q, "_if_quant", True) and tuple(_bits(q)) == (4, 3):
-            def tag(_m, _i, out, keep=keep, tagged=tagged):  # type: ignore[no-untyped-def]
-                if isinstance(out, torch.Tensor) and _storage(out):  # 0: empty tensor, no storage
-                    tagged.add(_storage(out))
-                    keep.append(out)
             handles.append(q.register_forward_hook(tag))
     for name, mod in model.named_modules():
         if not type(mod).__name__.endswith("TensorQuantizer"):
-            # Hooks must return None (a returned value would replace the input/output).
-            handles.append(mod.register_forward_pre_hook(lambda _m, _i, n=name: stack.append(n) and None))
-            handles.append(mod.register_forward_hook(lambda _m, _i, _o: stack.pop() and None))
+            handles.append(mod.register_forward_pre_hook(push(name)))
+            handles.append(mod.register_forward_hook(pop))
+    return handles
+
+
+def runtime_ops(model: nn.Module, sample_batch: tuple[torch.Tensor, torch.Tensor]) -> list[tuple[str, str, bool]]:
+    """Run one batch (both towers) and return (aten op, owning module, fp8) per GEMM-like op."""
+    clip = as_clip(model)
+    tagged: set[int] = set()
+    keep: list[torch.Tensor] = []
+    stack: list[str] = []
     images, tokens = sample_batch
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     rec = _Recorder(tagged, keep, stack)
+    handles = _install_hooks(model, tagged, keep, stack)
     try:
         with torch.no_grad(), rec:
             # encode_image/encode_text bypass the root's hooks: ops run in their own body (CLIP's
             # ``x @ text_projection``) are owned by the root, named "".
-            model.encode_image(images.to(device=device, dtype=dtype))
-            model.encode_text(tokens.to(device))
+            clip.encode_image(images.to(device=device, dtype=dtype))
+            clip.encode_text(tokens.to(device))
     finally:
         for h in handles:
             h.remove()
@@ -274,7 +297,8 @@ def _tower(module: str) -> str:
     return "image" if module == "visual" or module.startswith("visual.") else "text"
 
 
-def audit(model: nn.Module, sample_batch: tuple[torch.Tensor, torch.Tensor], qcfg: QuantConfig | None = None) -> AuditReport:
+def audit(model: nn.Module, sample_batch: tuple[torch.Tensor, torch.Tensor],
+          qcfg: QuantConfig | None = None) -> AuditReport:
     """Static + run-time audit of a quantized CLIP ``model`` on one (images, tokens) batch.
 
     ``qcfg`` (``quant.ptq.QuantConfig``, default: the default config) names the intended

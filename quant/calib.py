@@ -1,24 +1,25 @@
 """Calibration data: image-text pairs from a folder, batched for both CLIP towers.
 
-Captions come from an optional file -- JSON ``{"file": ["caption", ...]}`` or CSV
-``image,caption`` (several rows per image allowed) -- keyed by the path relative to the folder
-or by the bare file name. Images without a caption get a prompt built from their class folder
+Captions come from an optional file read leniently by ``quant.core.captions.read_captions`` --
+JSON ``{"file": ["caption", ...] | "caption"}`` or CSV ``image,caption`` (several rows per image
+allowed; the header may be left out) -- keyed by the path relative to the folder or by the bare
+file name. Images without a caption get a prompt built from their class folder
 name (``cats/001.jpg`` -> "a photo of a cats.") or, at the top level, from the file name.
 Sampling is deterministic: a seeded ``random.Random`` picks the files and the captions.
 """
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import random
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
+from clipfp8.quant.core.captions import read_captions
 from clipfp8.quant.core.config import IMAGE_EXTS
 from clipfp8.quant.core.errors import CalibrationDataError
 
@@ -62,31 +63,9 @@ def find_images(folder: Path) -> list[Path]:
         raise CalibrationDataError(f"calibration path is not a folder: {folder}")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
     if not files:
-        raise CalibrationDataError(f"calibration folder {folder} holds no image files ({', '.join(sorted(IMAGE_EXTS))})")
+        exts = ", ".join(sorted(IMAGE_EXTS))
+        raise CalibrationDataError(f"calibration folder {folder} holds no image files ({exts})")
     return files
-
-
-def load_captions(path: Path) -> dict[str, list[str]]:
-    """JSON ``{file: [captions] | caption}`` or CSV ``image,caption`` -> {key: [captions]}."""
-    path = Path(path)
-    if not path.is_file():
-        raise CalibrationDataError(f"captions file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-        if path.suffix.lower() == ".json":
-            raw = json.loads(text)
-            if not isinstance(raw, dict):
-                raise ValueError("expected an object {file: [captions]}")
-            out = {str(k): ([v] if isinstance(v, str) else [str(c) for c in v]) for k, v in raw.items()}
-        else:
-            out = {}
-            for row in csv.reader(text.splitlines()):
-                if len(row) < 2 or row[0].strip().lower() in ("image", "file", "filename"):
-                    continue
-                out.setdefault(row[0].strip(), []).append(row[1].strip())
-    except (ValueError, UnicodeDecodeError, csv.Error, TypeError) as e:
-        raise CalibrationDataError(f"captions file {path} is malformed: {e}") from e
-    return {k: [c for c in v if c] for k, v in out.items() if any(v)}
 
 
 def prompt_for(path: Path, root: Path) -> str:
@@ -116,7 +95,7 @@ class CalibrationSet:
         rng = random.Random(cfg.seed)
         if len(files) > self.num_samples:
             files = sorted(rng.sample(files, self.num_samples))
-        caps = load_captions(cfg.captions) if cfg.captions else {}
+        caps = read_captions(cfg.captions, strict=False) if cfg.captions else {}
         self.pairs = [(f, self._caption(f, caps, rng)) for f in files]
         self.skipped: list[Path] = []
 
@@ -162,5 +141,5 @@ class CalibrationSet:
                 f"calibration folder {self.cfg.folder}: none of {len(self.pairs)} image files could be decoded")
 
 
-__all__ = ["CalibConfig", "CalibrationSet", "find_images", "load_captions", "prompt_for",
+__all__ = ["CalibConfig", "CalibrationSet", "find_images", "prompt_for",
            "default_sizes", "IMAGE_EXTS", "PROMPT"]

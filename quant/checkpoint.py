@@ -13,8 +13,9 @@ A quantized directory holds:
   quant config + amaxes (``load_quantized`` recomputes and checks it);
 * ``audit.json`` / ``audit.txt`` when a report is given.
 
-The directory is written to a temporary sibling and renamed into place, so a failed save
-leaves nothing half-written.
+The directory is written to a temporary sibling and swapped into place by
+``quant.core.fileio.replace_dir`` (fsynced, old copy deleted only after the rename), so a failed
+save leaves nothing half-written.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import torch
 from clipfp8.quant.core.config import EncoderSpec, ModelSpec
 from clipfp8.quant.core.encoder import TorchEncoder, torch_encoder_for
 from clipfp8.quant.core.errors import ModelLoadError, QuantError
+from clipfp8.quant.core.fileio import replace_dir
 from clipfp8.quant.core.models import LoadedModel, load_model, load_safetensors_into, state_checksum
 from clipfp8.quant.ptq import QuantConfig, prepare_model, quiet_stdout
 
@@ -120,28 +122,12 @@ def save_quantized(loaded: LoadedModel, out_dir: Path, qcfg: QuantConfig, report
             (tmp / "audit.json").write_text(report.to_json())
             (tmp / "audit.txt").write_text(report.table() + "\n")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)  # fsyncs every file first; the old dir goes only after the swap
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("saved quantized model to %s (checksum %s)", out_dir, manifest["checksum"])
     return out_dir
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Rename ``tmp`` to ``out_dir``; an old ``out_dir`` is moved aside first, then deleted."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
-        out_dir.rename(old)
-    try:
-        tmp.rename(out_dir)
-    except OSError:
-        if old is not None:
-            old.rename(out_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _read_json(path: Path) -> Any:

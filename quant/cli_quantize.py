@@ -10,16 +10,30 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Iterable
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from clipfp8.quant.cli import add_model_args, model_spec_from_args
 from clipfp8.quant.core.config import ModelSpec
 from clipfp8.quant.core.fileio import atomic_write_text
 
+if TYPE_CHECKING:  # torch is imported where used: building the `clipfp8` parser must stay cheap
+    import torch
+
 log = logging.getLogger(__name__)
+
+#: Called as ``hook(args, device)`` after ``quantize`` saved ``args.output``. Higher layers
+#: register here (``quant.runtime.cli_engine`` builds the compiled engines on CUDA), so this
+#: layer never imports them.
+POST_QUANTIZE_HOOKS: list[Callable[[argparse.Namespace, str], None]] = []
+
+#: ``clipfp8 audit --runtime``: ``quant.runtime.cli_audit`` registers here (this layer never
+#: imports the runtime). Called as ``hook(args)`` before anything is loaded -- it raises
+#: ``AuditError`` when the FP8 runtime cannot be audited here -- and returns
+#: ``run(loaded, fake_quant_report, batch)``, which converts ``loaded.model`` in place, prints the
+#: runtime audit, raises ``AuditError`` on a fallback and returns the report as a JSON dict.
+RUNTIME_AUDIT_HOOKS: list[Callable[[argparse.Namespace], Callable[[Any, Any, Any], dict[str, Any]]]] = []
 
 #: Prompts for the audit batch when no calibration folder is given.
 AUDIT_PROMPTS = ["a photo of a cat.", "a photo of a dog.", "a red car on a street.", "a bowl of fruit."]
@@ -31,7 +45,9 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
 
 
 def _device(device: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    from clipfp8.quant.core.config import resolve_device
+
+    return resolve_device(device)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -86,6 +102,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(f"quantizers enabled: {result.quantizers_enabled} of {result.quantizers_total}; attention modules "
           f"converted: {result.attention_converted}; calibrated on {result.calib_samples} image-text pairs")
     print(f"saved to {args.output}")
+    for hook in POST_QUANTIZE_HOOKS:
+        hook(args, device)
     return 0
 
 
@@ -96,24 +114,38 @@ def _audit_batch(args: argparse.Namespace, loaded: Any) -> tuple[torch.Tensor, t
         images, tokens = next(iter(CalibrationSet(CalibConfig(args.calib, num_samples=8, batch_size=8),
                                                   loaded.preprocess, loaded.tokenizer)))
         return images, tokens
+    import torch
+
     gen = torch.Generator().manual_seed(0)
     h, w = loaded.image_size
     return torch.randn(len(AUDIT_PROMPTS), 3, h, w, generator=gen), loaded.tokenizer(AUDIT_PROMPTS)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    """Audit a quantized directory; exit 2 (via AuditError) on a silent high-precision gap."""
+    """Audit a quantized directory (with ``--runtime`` also the real FP8 runtime built from it);
+    fails (via AuditError) on a silent high-precision gap."""
     from clipfp8.quant.audit import audit
     from clipfp8.quant.checkpoint import load_quant_config, load_quantized
+    from clipfp8.quant.cli import CLIUsageError
 
+    runtime = getattr(args, "runtime", False)
+    if not runtime and (getattr(args, "emulate", False) or getattr(args, "exact_softmax", False)):
+        raise CLIUsageError("--emulate and --exact-softmax only apply with --runtime")
+    if runtime and not RUNTIME_AUDIT_HOOKS:
+        raise CLIUsageError("--runtime: the FP8 runtime (clipfp8.quant.runtime) registered no runtime audit")
+    run_runtime = RUNTIME_AUDIT_HOOKS[-1](args) if runtime else None  # fails fast without an FP8 GPU
     loaded, checksum = load_quantized(args.quantized)
     qcfg = load_quant_config(args.quantized)
-    loaded.model.to(_device(args.device))
-    report = audit(loaded.model, _audit_batch(args, loaded), qcfg)
+    loaded.model.to(_device(args.device or ("auto" if runtime else "cpu")))
+    batch = _audit_batch(args, loaded)
+    report = audit(loaded.model, batch, qcfg)
     print(report.table())
     print(f"checksum: {checksum}")
+    data = report.to_dict()
+    if run_runtime is not None:
+        data["runtime"] = run_runtime(loaded, report, batch)
     if args.json is not None:
-        write_text_atomic(args.json, report.to_json())
+        write_text_atomic(args.json, json.dumps(data, indent=2))
         print(f"wrote {args.json}")
     return 0
 
@@ -160,13 +192,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", type=Path, required=True, help="output directory (written atomically)")
     add_model_args(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (calibration device)")
+    p.add_argument("--no-engine", action="store_true",
+                   help="on CUDA, skip building the compiled fp8/fp16 engines (`clipfp8 build-engine` does it later)")
     p.set_defaults(func=cmd_quantize)
 
     a = sub.add_parser("audit", help="coverage audit of a quantized model: which GEMMs really run in FP8")
     a.add_argument("--quantized", type=Path, required=True, help="directory written by `clipfp8 quantize`")
     a.add_argument("--calib", type=Path, default=None, help="image folder for the audit batch (default: random)")
     a.add_argument("--json", type=Path, default=None, help="also write the report as JSON")
-    a.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
+    a.add_argument("--device", default=None,
+                   help="auto, cpu, cuda or cuda:N (default: cpu; with --runtime: cuda when available)")
+    a.add_argument("--runtime", action="store_true",
+                   help="also build the real FP8 runtime from --quantized and audit what it executes, side by side "
+                        "with the fake-quant audit (needs a CUDA GPU of compute capability >= 8.9 unless --emulate)")
+    a.add_argument("--emulate", action="store_true",
+                   help="with --runtime, on a machine without an FP8 GPU: trace the runtime on the CPU instead")
+    a.add_argument("--exact-softmax", action="store_true",
+                   help="with --runtime: audit the exact-softmax runtime (P rounded to FP8) instead of the fused "
+                        "16-bit softmax that precision fp8 runs")
     a.set_defaults(func=cmd_audit)
 
     s = sub.add_parser("sensitivity", help="per-block FP8 sensitivity sweep to choose exclusions")

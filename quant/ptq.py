@@ -13,8 +13,9 @@ import contextlib
 import copy
 import io
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from clipfp8.quant.attention import ATTENTION_QUANTIZERS, convert_attention, reg
 from clipfp8.quant.audit import AuditReport, audit, quantizer_counts
 from clipfp8.quant.core.errors import CalibrationDataError, QuantError
 from clipfp8.quant.core.models import LoadedModel
+from clipfp8.quant.core.protocols import as_clip
 from clipfp8.quant.qconfig import TOWERS, QuantConfig
 
 log = logging.getLogger(__name__)
@@ -97,16 +99,27 @@ def _forward_loop(batches: Iterable[CalibBatch], device: torch.device) -> tuple[
     seen = [0]
 
     def loop(model: nn.Module) -> None:
+        clip = as_clip(model)
         with torch.no_grad():
             for images, tokens in batches:
                 if images.shape[0] != tokens.shape[0]:
                     raise CalibrationDataError(
                         f"calibration batch has {images.shape[0]} images but {tokens.shape[0]} captions")
-                model.encode_image(images.to(device=device, dtype=torch.float32))
-                model.encode_text(tokens.to(device))
+                clip.encode_image(images.to(device=device, dtype=torch.float32))
+                clip.encode_text(tokens.to(device))
                 seen[0] += int(images.shape[0])
 
     return loop, seen
+
+
+def avoid_modelopt_cuda_jit() -> None:
+    """Make ModelOpt fake-quantize FP8 with its eager torch path instead of JIT-building its CUDA
+    extension (49 s on the H200 on first use; needs nvcc); the two compute the same rounding."""
+    try:
+        from modelopt.torch.quantization import extensions
+    except ImportError:  # pragma: no cover - modelopt is a dependency
+        return
+    extensions.get_cuda_ext_fp8.extension = None
 
 
 def prepare_model(model: nn.Module) -> int:
@@ -124,6 +137,7 @@ def quantize(loaded: LoadedModel, calib: Iterable[CalibBatch], qcfg: QuantConfig
     """
     import modelopt.torch.quantization as mtq
 
+    avoid_modelopt_cuda_jit()
     qcfg = qcfg or QuantConfig()
     model = loaded.model.float().eval()
     device = next(model.parameters()).device
@@ -158,14 +172,15 @@ class _FirstKept:
     """Iterates ``it`` once, keeping its first batch (the audit batch)."""
 
     def __init__(self, it: Iterable[CalibBatch]) -> None:
-        self._it, self.first = it, None
+        self._it = it
+        self.first: CalibBatch | None = None
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[CalibBatch]:
         for batch in self._it:
             if self.first is None:
                 self.first = (batch[0][:8].clone(), batch[1][:8].clone())
             yield batch
 
 
-__all__ = ["QuantConfig", "QuantResult", "quantize", "build_mtq_config", "prepare_model",
+__all__ = ["QuantConfig", "QuantResult", "quantize", "avoid_modelopt_cuda_jit", "build_mtq_config", "prepare_model",
            "tower_prefixes", "quiet_stdout", "CalibBatch", "TOWERS"]

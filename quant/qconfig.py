@@ -48,12 +48,14 @@ class QuantConfig:
                 "calibration": self.calibration, "static": self.static}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"QuantConfig: unknown keys {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        # JSON has no tuples: lists become the tuples the fields hold; __post_init__ checks the rest.
+        kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**kwargs)
 
 
 __all__ = ["QuantConfig", "TOWERS"]

@@ -11,13 +11,15 @@ from __future__ import annotations
 import copy
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from clipfp8.quant.core.models import LoadedModel
+from clipfp8.quant.core.protocols import as_clip
 from clipfp8.quant.ptq import CalibBatch, QuantConfig, quantize
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,8 @@ class SensitivityReport:
         head = f"{'unit kept in high precision':<52} {'img cos':>8} {'txt cos':>8} {'R@1 i2t':>8} {'dR@1':>7}"
         lines = [head, f"{'(fp32 reference)':<52} {1.0:>8.4f} {1.0:>8.4f} {self.fp32_recall_i2t:>8.3f} {'':>7}"]
         for r in [self.baseline, *self.rows]:
-            lines.append(f"{r.unit:<52} {r.image_cos:>8.4f} {r.text_cos:>8.4f} {r.recall_i2t:>8.3f} {r.delta_recall:>+7.3f}")
+            lines.append(f"{r.unit:<52} {r.image_cos:>8.4f} {r.text_cos:>8.4f} {r.recall_i2t:>8.3f} "
+                         f"{r.delta_recall:>+7.3f}")
         return "\n".join(lines)
 
 
@@ -77,8 +80,9 @@ def quant_units(model: nn.Module) -> dict[str, list[Any]]:
 def _embed(model: nn.Module, batches: list[CalibBatch]) -> tuple[torch.Tensor, torch.Tensor]:
     """-> unit-norm image (N, D) and text (N, D) float32 embeddings of the eval pairs."""
     dev = next(model.parameters()).device
-    imgs = torch.cat([model.encode_image(i.to(dev)).float() for i, _ in batches])
-    txts = torch.cat([model.encode_text(t.to(dev)).float() for _, t in batches])
+    clip = as_clip(model)
+    imgs = torch.cat([clip.encode_image(i.to(dev)).float() for i, _ in batches])
+    txts = torch.cat([clip.encode_text(t.to(dev)).float() for _, t in batches])
     return torch.nn.functional.normalize(imgs, dim=-1).cpu(), torch.nn.functional.normalize(txts, dim=-1).cpu()
 
 

@@ -72,7 +72,7 @@ class ModelSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
         return cls(
             name=d.get("name", DEFAULT_MODEL_NAME),
             pretrained=d.get("pretrained"),
@@ -87,7 +87,9 @@ class EncoderSpec:
 
     ``quantized`` is the directory written by ``quant.ptq.save_quantized`` (needed for every
     FP8 precision). ``device`` is ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; ``"auto"`` picks CUDA
-    when available.
+    when available. ``text_only``: the caller will only encode texts (a text query), so a
+    precision that can skip the image tower does (the default model's eager precisions load
+    neither open_clip nor transformers then; ``quant.core.minilm``); others load the full model.
     """
 
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -95,6 +97,7 @@ class EncoderSpec:
     device: str = "auto"
     quantized: Path | None = None
     batch_size: int = 64
+    text_only: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -112,8 +115,46 @@ class EncoderSpec:
             )
 
     def resolved_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        import torch
+        return resolve_device(self.device)
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    def to_record(self) -> dict[str, Any]:
+        """What an index records about the encoder that embedded it (``EncoderSpec.from_record``
+        rebuilds it): the model (a checkpoint as an absolute path), precision, the quantized
+        directory as an absolute path, batch size. Not the device: the index may be searched on
+        another machine."""
+        model = self.model.to_dict()
+        if self.model.checkpoint is not None:
+            model["checkpoint"] = str(self.model.checkpoint.expanduser().resolve())
+        return {"model": model, "precision": self.precision, "batch_size": self.batch_size,
+                "quantized": str(self.quantized.expanduser().resolve()) if self.quantized else None}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], device: str = "auto") -> EncoderSpec:
+        """The spec of ``to_record``'s dict, on ``device``; ``ValueError`` naming the bad field."""
+        try:
+            return cls(model=ModelSpec.from_dict(record["model"]), precision=record["precision"],
+                       device=device, quantized=record.get("quantized"),
+                       batch_size=int(record.get("batch_size") or 64))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"EncoderSpec record is incomplete or malformed ({e!r}): {record}") from e
+
+
+#: ``--precision auto``: the 16-bit baseline, which runs as fp16 on CUDA and as fp32 on the CPU.
+AUTO_PRECISION = "auto"
+#: Why the CPU baseline is fp32 (logged, and shown in the app).
+CPU_BASELINE_NOTE = ("on the CPU the 16-bit baseline runs as fp32: fp16 matrix products have no fast CPU "
+                     "kernels (5-10x slower than fp32 there)")
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when torch sees a CUDA GPU, else ``"cpu"``; others unchanged."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def baseline_precision(device: str) -> str:
+    """The 16-bit baseline precision on ``device`` (``auto`` resolved): fp16 on CUDA, fp32 on the CPU."""
+    return "fp16" if resolve_device(device).startswith("cuda") else "fp32"

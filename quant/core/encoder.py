@@ -16,6 +16,7 @@ from torch import nn
 
 from clipfp8.quant.core.config import PRECISIONS, EncoderSpec, ModelSpec
 from clipfp8.quant.core.errors import UnsupportedPrecisionError
+from clipfp8.quant.core.protocols import as_clip
 
 if TYPE_CHECKING:  # models imports open_clip lazily; only the type is needed here
     from clipfp8.quant.core.models import LoadedModel
@@ -56,6 +57,9 @@ class Encoder(abc.ABC):
     dim: int
     device: str
     image_size: tuple[int, int]
+    #: The spec ``create_encoder`` built this encoder from (recorded by the indexer, so that a
+    #: later ``search``/``serve`` rebuilds the same encoder); None for encoders made otherwise.
+    spec: EncoderSpec | None = None
 
     @abc.abstractmethod
     def encode_images(self, images: torch.Tensor) -> np.ndarray:
@@ -68,6 +72,13 @@ class Encoder(abc.ABC):
     @abc.abstractmethod
     def preprocess(self, image: Any) -> torch.Tensor:
         """A PIL image (RGB) -> float32 tensor (3, H, W), the model's own transform."""
+
+    @property
+    def preprocess_transform(self) -> Any:
+        """The transform object ``preprocess`` applies (open_clip's torchvision ``Compose``), for
+        callers that re-implement it elsewhere (``indexing.gpu_decode``: on the GPU); None
+        when there is none to inspect. Encoders keeping it in ``_preprocess`` expose it."""
+        return getattr(self, "_preprocess", None)
 
     @abc.abstractmethod
     def identity(self) -> EncoderIdentity:
@@ -120,7 +131,8 @@ class TorchEncoder(Encoder):
     def encode_images(self, images: torch.Tensor) -> np.ndarray:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"encode_images expects (N, 3, H, W), got {tuple(images.shape)}")
-        out = [self.model.encode_image(chunk.to(self.device, self.dtype, non_blocking=True))
+        clip = as_clip(self.model)
+        out = [clip.encode_image(chunk.to(self.device, self.dtype, non_blocking=True))
                for chunk in images.split(self.batch_size)]
         return _normalize(torch.cat(out)) if out else np.zeros((0, self.dim), np.float32)
 
@@ -129,10 +141,11 @@ class TorchEncoder(Encoder):
         texts = list(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        clip = as_clip(self.model)
         out = []
         for i in range(0, len(texts), self.batch_size):
             tokens = self._tokenizer(texts[i:i + self.batch_size]).to(self.device)
-            out.append(self.model.encode_text(tokens))
+            out.append(clip.encode_text(tokens))
         return _normalize(torch.cat(out))
 
 
@@ -140,11 +153,15 @@ class TorchEncoder(Encoder):
 EncoderFactory = Callable[[EncoderSpec], Encoder]
 
 #: Entry-point group through which higher layers register the precisions they implement
-#: (pyproject.toml: fp8-fake in ``quant.checkpoint``, fp8 and trt-fp8 in ``quant.runtime``), so the
-#: core never imports them; a precision's module is imported only when it is first asked for.
+#: (pyproject.toml: fp8-fake in ``quant.checkpoint``; fp16, bf16, fp8 and trt-fp8 in
+#: ``quant.runtime``), so the core never imports them; a precision's module is imported only when
+#: it is first asked for. Lookup order: ``register_precision`` > entry point > the core's
+#: built-in eager ``TorchEncoder`` (fp32/fp16/bf16), so the runtime's compiled fp16/bf16
+#: encoders replace the core's wherever the package is installed.
 ENTRY_POINT_GROUP = "clipfp8.precisions"
 
 _REGISTRY: dict[str, EncoderFactory] = {}
+_BUILTIN: dict[str, EncoderFactory] = {}
 
 
 def register_precision(precision: str, factory: EncoderFactory) -> None:
@@ -172,7 +189,7 @@ def _load_entry_point(precision: str) -> EncoderFactory | None:
 def encoder_factory(precision: str) -> EncoderFactory:
     """The registered factory for ``precision``; raises ``UnsupportedPrecisionError`` when none is
     registered (e.g. the package is not installed, so its entry points are missing)."""
-    factory = _REGISTRY.get(precision) or _load_entry_point(precision)
+    factory = _REGISTRY.get(precision) or _load_entry_point(precision) or _BUILTIN.get(precision)
     if factory is None:
         raise UnsupportedPrecisionError(
             f"no encoder is registered for precision {precision!r} (entry point group "
@@ -183,20 +200,26 @@ def encoder_factory(precision: str) -> EncoderFactory:
 def create_encoder(spec: EncoderSpec) -> Encoder:
     """The one factory for encoders: model + precision + device -> ``Encoder``.
 
-    * ``fp32``/``fp16``/``bf16``: ``load_model(spec.model)`` run eagerly by ``TorchEncoder`` (core).
+    * ``fp32``: ``load_model(spec.model)`` run eagerly by ``TorchEncoder`` (core).
+    * ``fp16``/``bf16``: the runtime's entry point -- on CUDA torch.compile + CUDA graphs (its
+      compile served by a stored engine, ``clipfp8 build-engine``); on the CPU the core's eager
+      ``TorchEncoder``, which also serves them when no entry point is installed.
     * ``fp8-fake``: the ModelOpt-quantized model saved in ``spec.quantized`` (fake quant).
     * ``fp8``: real FP8 GEMMs (``torch._scaled_mm``) on a CUDA GPU with compute capability >= 8.9.
     * ``trt-fp8``: a TensorRT engine built from the exported ONNX (needs the ``trt`` extra).
-    Each precision comes from the registry (``register_precision``).
+    Each precision comes from the registry (``register_precision``). The encoder remembers
+    ``spec`` (``Encoder.spec``), which the indexer records next to its embeddings.
     """
-    return encoder_factory(spec.precision)(spec)
+    encoder = encoder_factory(spec.precision)(spec)
+    encoder.spec = spec
+    return encoder
 
 
 def create_torch_encoder(spec: EncoderSpec) -> TorchEncoder:
     """``fp32``/``fp16``/``bf16``: the model's weights cast to that dtype, run eagerly."""
     from clipfp8.quant.core.models import load_model
 
-    loaded = load_model(spec.model)
+    loaded = load_model(spec.model, text_only=True) if spec.text_only else load_model(spec.model)
     return torch_encoder_for(loaded, spec, loaded.weights_checksum())
 
 
@@ -210,7 +233,7 @@ def torch_encoder_for(loaded: LoadedModel, spec: EncoderSpec, checksum: str) -> 
 
 
 for _precision in _DTYPES:
-    register_precision(_precision, create_torch_encoder)
+    _BUILTIN[_precision] = create_torch_encoder  # below any registered or entry-point factory
 
 
 __all__ = ["Encoder", "EncoderIdentity", "TorchEncoder", "create_encoder", "register_precision",

@@ -28,3 +28,20 @@ class UnsupportedPrecisionError(QuantError):
 
 class DatasetError(QuantError):
     """An evaluation dataset folder, captions file or shard is missing or malformed."""
+
+
+class CaptionsError(DatasetError, CalibrationDataError):
+    """A captions file (evaluation, calibration or the app's ground truth) is missing or malformed;
+    the message names the file and, where it can, the line. It is both a ``DatasetError`` and a
+    ``CalibrationDataError``, so each reader of ``quant.core.captions`` catches its own kind."""
+
+
+class EngineError(QuantError):
+    """A stored compiled engine (``quant.runtime.engine``) is unreadable or could not be built;
+    the message names the file and how to rebuild it."""
+
+
+class EngineMismatchError(EngineError):
+    """A stored compiled engine was built for another GPU, torch/triton version or checkpoint;
+    the message names each field that differs and the ``clipfp8 build-engine`` command that
+    rebuilds it."""

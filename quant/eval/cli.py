@@ -18,27 +18,11 @@ from typing import Any, Iterable
 
 from clipfp8.quant.core.config import PRECISIONS
 from clipfp8.quant.core.errors import DatasetError
+from clipfp8.quant.eval.datasets import PRESETS, SHARED_EVAL_DIR, preset_datasets
 
 log = logging.getLogger(__name__)
 
-_REPO = Path(__file__).resolve().parents[2]
-#: ``--preset shared``: the three evaluation sets shipped next to the repository.
-PRESETS: dict[str, tuple[tuple[str, str], ...]] = {
-    "shared": (("flickr8k-1k", "retrieval"), ("imagenette-val", "classification"),
-               ("cifar10-test", "classification")),
-}
-SHARED_EVAL_DIR = _REPO.parent / "shared" / "data" / "eval"
 _FP8 = ("fp8-fake", "fp8", "trt-fp8")
-
-
-def preset_datasets(preset: str, root: Path = SHARED_EVAL_DIR) -> list[str]:
-    """``--dataset`` strings (``PATH:kind``) of a preset; ``DatasetError`` if its folder is missing."""
-    if preset not in PRESETS:
-        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    missing = [name for name, _ in PRESETS[preset] if not (root / name).is_dir()]
-    if missing:
-        raise DatasetError(f"--preset {preset}: {root} lacks {missing}")
-    return [f"{root / name}:{kind}" for name, kind in PRESETS[preset]]
 
 
 def build_encoders(args: argparse.Namespace) -> tuple[list[Any], list[str]]:

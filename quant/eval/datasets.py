@@ -9,7 +9,8 @@ Two kinds, as in LAION's CLIP_benchmark:
 * ``retrieval``: images with one or more captions each; Recall@k both ways.
   Folder layout: an image folder (``root/images/`` if present, else ``root``) and a captions
   file in ``root``: ``captions.json`` (``{file: [caption, ...]}`` or ``{file: caption}``) or
-  ``captions.csv`` (header ``image,caption``; one row per caption).
+  ``captions.csv`` (header ``image,caption``; one row per caption), read strictly by
+  ``quant.core.captions``.
 
 Either kind can also come as webdataset ``.tar``/``.tar.gz``/``.tgz`` shards (one file, or a
 folder of shards): see ``quant.eval.webdataset``.
@@ -20,16 +21,15 @@ sorted (by class then file, or by file), so results never depend on the file sys
 """
 from __future__ import annotations
 
-import csv
 import io
-import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence, Union
+from typing import Any, Literal
 
 import numpy as np
 
+from clipfp8.quant.core.captions import CAPTION_FILES, find_captions_file, read_captions
 from clipfp8.quant.core.config import IMAGE_EXTS
 from clipfp8.quant.core.errors import DatasetError
 from clipfp8.quant.eval.webdataset import detect_shard_kind, load_shards
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 Kind = Literal["auto", "classification", "retrieval"]
 KINDS: tuple[str, ...] = ("auto", "classification", "retrieval")
 SHARD_SUFFIXES: tuple[str, ...] = (".tar", ".tar.gz", ".tgz")
-CAPTION_FILES: tuple[str, ...] = ("captions.json", "captions.csv")
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -111,7 +110,7 @@ def detect_kind(path: Path) -> str:
         return detect_shard_kind(list_shards(path))
     if not path.is_dir():
         raise DatasetError(f"dataset path is neither a folder nor a .tar/.tar.gz shard: {path}")
-    if any((path / f).is_file() for f in CAPTION_FILES):
+    if find_captions_file(path) is not None:
         return "retrieval"
     if any(d.is_dir() and any(_is_image(f) for f in d.iterdir()) for d in path.iterdir()):
         return "classification"
@@ -119,6 +118,24 @@ def detect_kind(path: Path) -> str:
         f"cannot tell the dataset kind of {path}: expected class subfolders of images "
         f"(classification) or {' / '.join(CAPTION_FILES)} (retrieval)"
     )
+
+
+#: ``--preset shared``: the three evaluation sets in ``../shared/data/eval`` beside the repository.
+PRESETS: dict[str, tuple[tuple[str, str], ...]] = {
+    "shared": (("flickr8k-1k", "retrieval"), ("imagenette-val", "classification"),
+               ("cifar10-test", "classification")),
+}
+SHARED_EVAL_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "eval"
+
+
+def preset_datasets(preset: str, root: Path = SHARED_EVAL_DIR) -> list[str]:
+    """``--dataset`` strings (``PATH:kind``) of a preset; ``DatasetError`` if its folder is missing."""
+    if preset not in PRESETS:
+        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    missing = [name for name, _ in PRESETS[preset] if not (root / name).is_dir()]
+    if missing:
+        raise DatasetError(f"--preset {preset}: {root} lacks {missing}")
+    return [f"{root / name}:{kind}" for name, kind in PRESETS[preset]]
 
 
 def load_dataset(spec: DatasetSpec) -> EvalData:
@@ -172,54 +189,17 @@ def load_class_folder(root: Path, name: str) -> ClassificationData:
                               [names[k] for k in keys])
 
 
-def _captions_from_json(path: Path) -> dict[str, list[str]]:
-    raw = read_json(path)
-    if not isinstance(raw, dict):
-        raise DatasetError(f"{path}: expected an object {{image file: [captions, ...]}}")
-    out: dict[str, list[str]] = {}
-    for key, caps in raw.items():
-        caps = [caps] if isinstance(caps, str) else caps
-        if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and c.strip() for c in caps):
-            raise DatasetError(f"{path}: entry {key!r} must be a non-empty caption or list of captions")
-        out[str(key)] = [c.strip() for c in caps]
-    return out
-
-
-def _captions_from_csv(path: Path) -> dict[str, list[str]]:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path}: not a readable UTF-8 CSV file ({e})") from e
-    reader = csv.DictReader(io.StringIO(text))
-    if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
-        raise DatasetError(f"{path}: expected a header with the columns 'image,caption', got {reader.fieldnames}")
-    out: dict[str, list[str]] = {}
-    for line, row in enumerate(reader, start=2):
-        image, caption = (row.get("image") or "").strip(), (row.get("caption") or "").strip()
-        if not image or not caption:
-            raise DatasetError(f"{path}:{line}: empty image or caption")
-        out.setdefault(image, []).append(caption)
-    return out
-
-
-def read_captions(root: Path) -> tuple[Path, dict[str, list[str]]]:
-    for fname in CAPTION_FILES:
-        path = root / fname
-        if path.is_file():
-            caps = _captions_from_json(path) if fname.endswith(".json") else _captions_from_csv(path)
-            if not caps:
-                raise DatasetError(f"{path}: holds no captions")
-            return path, caps
-    raise DatasetError(f"{root}: no captions file ({' or '.join(CAPTION_FILES)})")
-
-
 def load_retrieval_folder(root: Path, name: str) -> RetrievalData:
     """An image folder (``root/images`` or ``root``) + ``captions.json``/``.csv`` -> ``RetrievalData``.
 
-    Every captioned image must exist; images without captions are ignored (logged).
+    Captions are read strictly (``quant.core.captions``). Every captioned image must exist;
+    images without captions are ignored (logged).
     """
-    cap_file, caps = read_captions(root)
-    image_dir = root / "images" if (root / "images").is_dir() else root
+    src = find_captions_file(root)
+    if src is None:
+        raise DatasetError(f"{root}: no captions file ({' or '.join(CAPTION_FILES)})")
+    cap_file, image_dir = src.path, src.image_dir
+    caps = read_captions(cap_file, strict=True)
     missing = [k for k in caps if not _is_image(image_dir / k)]
     if missing:
         raise DatasetError(f"{cap_file}: {len(missing)} captioned images are missing from {image_dir} "
@@ -244,4 +224,5 @@ def open_image(ref: ImageRef, label: str) -> Any:
 
 __all__ = ["DatasetSpec", "ClassificationData", "RetrievalData", "EvalData", "ImageRef", "KINDS",
            "detect_kind", "load_dataset", "subsample", "load_class_folder", "load_retrieval_folder",
-           "list_shards", "open_image", "read_json", "class_names_from_json"]
+           "list_shards", "open_image", "read_json", "class_names_from_json", "PRESETS", "SHARED_EVAL_DIR",
+           "preset_datasets"]

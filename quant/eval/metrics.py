@@ -26,7 +26,7 @@ that rank is < k. A degenerate encoder that scores everything equal therefore ge
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -132,7 +132,7 @@ def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
 def topk_overlap(scores_a: np.ndarray, scores_b: np.ndarray, k: int) -> float:
     """faiss ``knn_intersection_measure`` of the top-k lists of two (Q, N) score matrices."""
     ia, ib = topk_indices(scores_a, k), topk_indices(scores_b, k)
-    inter = sum(np.intersect1d(x, y, assume_unique=True).size for x, y in zip(ia, ib))
+    inter = sum(np.intersect1d(x, y, assume_unique=True).size for x, y in zip(ia, ib, strict=True))
     return float(inter / ia.size) if ia.size else float("nan")
 
 
@@ -156,7 +156,7 @@ def spearman_rows(scores_a: np.ndarray, scores_b: np.ndarray) -> float:
     if scores_a.shape != scores_b.shape:
         raise ValueError(f"score matrices differ in shape: {scores_a.shape} vs {scores_b.shape}")
     rhos = []
-    for ra, rb in zip(scores_a, scores_b):
+    for ra, rb in zip(scores_a, scores_b, strict=True):
         xa, xb = average_ranks(ra), average_ranks(rb)
         xa, xb = xa - xa.mean(), xb - xb.mean()
         den = np.sqrt((xa * xa).sum() * (xb * xb).sum())

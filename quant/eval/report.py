@@ -14,11 +14,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clipfp8.quant.core.fileio import atomic_write_text
+from clipfp8.quant.core.fileio import atomic_write_text, portable_path
 
 #: Metrics shown as fractions (cosines, correlations) rather than percentages.
 _PLAIN = ("image_cosine", "text_cosine", "score_spearman")
 CSV_FIELDS = ("dataset", "kind", "section", "metric", "encoder", "value", "delta_vs_baseline", "baseline")
+#: The checkout these modules live in: written results name dataset paths relative to it (e.g.
+#: ``../shared/data/eval/flickr8k-1k``), never this machine's absolute paths, where they can.
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -67,7 +70,7 @@ class EvalReport:
                 "datasets": [asdict(r) for r in self.datasets]}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EvalReport":
+    def from_dict(cls, d: dict[str, Any]) -> EvalReport:
         return cls(encoders=d["encoders"], datasets=[DatasetResult(**r) for r in d["datasets"]],
                    settings=d.get("settings", {}))
 
@@ -121,11 +124,18 @@ class EvalReport:
         return "\n\n".join(blocks) + "\n"
 
     def write(self, out_dir: Path) -> tuple[Path, Path]:
-        """Write ``results.json`` and ``results.csv`` into ``out_dir`` atomically; return both paths."""
+        """Write ``results.json`` and ``results.csv`` into ``out_dir`` atomically; return both paths.
+
+        Dataset paths in the JSON are made portable (``quant.core.fileio.portable_path``: relative
+        to the checkout when under it or beside it, e.g. ``../shared/...``), so results can be committed.
+        """
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         json_path, csv_path = out_dir / "results.json", out_dir / "results.csv"
-        atomic_write_text(json_path, json.dumps(_json_safe(self.to_dict()), indent=2) + "\n")
+        d = self.to_dict()
+        for r in d["datasets"]:
+            r["path"] = portable_path(r["path"], SOURCE_ROOT) if r["path"] else r["path"]
+        atomic_write_text(json_path, json.dumps(_json_safe(d), indent=2) + "\n")
         atomic_write_text(csv_path, self.to_csv())
         return json_path, csv_path
 

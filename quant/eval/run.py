@@ -10,17 +10,24 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
 
 from clipfp8.quant.core.encoder import Encoder
 from clipfp8.quant.eval import metrics as M
-from clipfp8.quant.eval.datasets import (ClassificationData, DatasetSpec, EvalData, RetrievalData, load_dataset,
-                                 open_image)
+from clipfp8.quant.eval.datasets import (
+    ClassificationData,
+    DatasetSpec,
+    EvalData,
+    RetrievalData,
+    load_dataset,
+    open_image,
+)
 from clipfp8.quant.eval.report import DatasetResult, EvalReport
 from clipfp8.quant.eval.templates import DEFAULT_TEMPLATES, fill, validate_templates
 
@@ -162,7 +169,7 @@ def unique_labels(encoders: Sequence[Encoder], labels: Sequence[str] | None) -> 
     return list(labels)
 
 
-def evaluate(encoders: Sequence[Encoder], datasets: Sequence[Union[DatasetSpec, EvalData]],
+def evaluate(encoders: Sequence[Encoder], datasets: Sequence[DatasetSpec | EvalData],
              batch_size: int = 64, *, templates: Sequence[str] | None = None,
              labels: Sequence[str] | None = None, recall_ks: Sequence[int] = RECALL_KS,
              overlap_ks: Sequence[int] = OVERLAP_KS, progress: Progress | None = None,
@@ -192,15 +199,15 @@ def evaluate(encoders: Sequence[Encoder], datasets: Sequence[Union[DatasetSpec, 
         n_texts = len(embs[0].texts)
         name = make_unique([r.name for r in results] + [data.name])[-1]  # two folders named "val"
         result = DatasetResult(name=name, kind=data.kind, path=path, n_images=len(data.images), n_texts=n_texts)
-        for label, emb in zip(names, embs):
+        for label, emb in zip(names, embs, strict=True):
             result.metrics[label] = score(data, emb, recall_ks)
             result.seconds[label] = round(emb.seconds, 3)
-        for label, emb in zip(names[1:], embs[1:]):
+        for label, emb in zip(names[1:], embs[1:], strict=True):
             result.agreement[label] = agreement(data, embs[0], emb, overlap_ks)
         log.info("evaluated %s (%d images, %d texts)", data.name, result.n_images, n_texts)
         results.append(result)
     encoders_info = [dict(enc.identity().to_dict(), label=label, device=enc.device)
-                     for label, enc in zip(names, encoders)]
+                     for label, enc in zip(names, encoders, strict=True)]
     settings = {"batch_size": batch_size, "workers": workers, "templates": list(tmpl),
                 "recall_ks": list(recall_ks), "overlap_ks": list(overlap_ks)}
     return EvalReport(encoders=encoders_info, datasets=results, settings=settings)

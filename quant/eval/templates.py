@@ -6,8 +6,8 @@ The default is the 18-template ensemble OpenAI's CLIP used for CIFAR-10 (also CL
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from clipfp8.quant.core.errors import DatasetError
 

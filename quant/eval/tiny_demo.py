@@ -1,7 +1,7 @@
 """Smoke-run the evaluation without a trained model: a tiny RANDOM open_clip model
 (``quant.core.models.tiny_config``) at fp32 (baseline), bf16 and fp8-fake on ``--preset shared``.
 
-    python -m clipfp8.quant.eval.tiny_demo --limit 1000 --output /tmp/eval-tiny
+    python -m clipfp8.quant.eval.tiny_demo --limit 1000 --output eval-tiny/
 
 fp8-fake comes from ``quant.ptq.quantize`` calibrated on 128 samples of the Imagenette training
 shards; it is left out (with a log message) when the quantization package is unavailable. The

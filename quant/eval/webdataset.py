@@ -17,16 +17,22 @@ from __future__ import annotations
 import json
 import logging
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-from clipfp8.quant.core.errors import DatasetError
-
 from clipfp8.quant.core.config import IMAGE_EXTS
-from clipfp8.quant.eval.data import (CLASSES_FILE, ClassificationData, EvalData, ImageRef, RetrievalData,
-                                   class_names_from_json)
+from clipfp8.quant.core.errors import DatasetError
+from clipfp8.quant.eval.data import (
+    CLASSES_FILE,
+    ClassificationData,
+    EvalData,
+    ImageRef,
+    RetrievalData,
+    class_names_from_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +140,11 @@ def _captions_of(shard: Path, key: str, parts: dict[str, bytes]) -> list[str]:
 
 def _class_index(shards: list[Path], raw: list[int | str]) -> tuple[np.ndarray, list[str]]:
     """Raw labels (all names or all ints) -> int64 indices and the class names."""
-    if all(isinstance(v, str) for v in raw):
-        names = sorted(set(raw))  # type: ignore[type-var]
+    str_labels = [v for v in raw if isinstance(v, str)]
+    if len(str_labels) == len(raw):
+        names = sorted(set(str_labels))
         index = {n: i for i, n in enumerate(names)}
-        return np.asarray([index[v] for v in raw], dtype=np.int64), names  # type: ignore[index]
+        return np.asarray([index[v] for v in str_labels], dtype=np.int64), names
     if not all(isinstance(v, int) for v in raw):
         raise DatasetError(f"{shards[0].parent}: shards mix int and string class labels")
     labels = np.asarray(raw, dtype=np.int64)

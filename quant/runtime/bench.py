@@ -1,9 +1,13 @@
-"""``clipfp8 bench``: FP16 eager / FP16 compiled / real FP8 (/ TensorRT) on one GPU, one process.
+"""Encoder-only speed: the tower table of ``clipfp8 bench-towers``, and the encoder-only figures
+``clipfp8 bench`` (``app.bench``, the shipped-path benchmark) sets beside its end-to-end ones.
 
-Random weights (speed does not depend on them), FP8 calibrated on random data. For each tower
-and batch size: items/s, latency p50/p99 (CUDA events), peak GPU memory; weight bytes per
-tower; FP8 vs best-FP16 ratios; FP8 vs fake-quant and fp16 cosines; then the text-query and
-exact-search latencies and end-to-end JPEG indexing throughput (``bench_extra``).
+* ``run_bench``: FP16 eager / FP16 compiled / real FP8 (/ TensorRT) per tower and batch size on
+  one GPU, one process. Random weights (speed does not depend on them), FP8 from the product's
+  own PTQ (``quant.ptq.quantize``: the config ``clipfp8 quantize`` uses, audited) calibrated on
+  random inputs. Items/s, latency p50/p99 (CUDA events), peak GPU memory; weight bytes per tower;
+  FP8 vs best-FP16 ratios; FP8 vs fake-quant and fp16 cosines.
+* ``encoder_throughput`` / ``text_query_latency``: a shipped ``Encoder`` (``create_encoder``)
+  timed alone, at the batch size the index runs.
 """
 from __future__ import annotations
 
@@ -11,14 +15,17 @@ import copy
 import datetime as dt
 import logging
 import platform
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipfp8.quant.core.encoder import Encoder
+from clipfp8.quant.core.protocols import as_clip, tower_image_size
 from clipfp8.quant.runtime.bench_timing import time_calls
 from clipfp8.quant.runtime.convert import weight_bytes
 from clipfp8.quant.runtime.fast_fp16 import BatchRunner, configure_compile_cache
@@ -29,9 +36,8 @@ log = logging.getLogger(__name__)
 #: fp8-exact: also rounds P to FP8 (explicit attention) -- bit-faithful to the fake-quant model.
 PRECISIONS = ("fp16-eager", "fp16-compiled", "fp8", "fp8-exact")
 TOWERS = ("image", "text")
-#: The targets of issue 6 (H200, ViT-L/14).
-TARGETS = {"image_ratio_b256": 1.65, "text_ratio_b256": 1.45, "text_query_ms": 0.6,
-           "query_search_ms": 2.0, "indexing_fraction": 0.85, "weight_ratio": 0.55}
+#: The tower targets of issue 6 (H200, ViT-L/14); the end-to-end ones live in ``app.bench``.
+TARGETS = {"image_ratio_b256": 1.65, "text_ratio_b256": 1.45, "weight_ratio": 0.55}
 
 
 @dataclass
@@ -47,12 +53,7 @@ class BenchConfig:
     device: str = "cuda"
     min_time_s: float = 0.6
     calib_batch: int = 16
-    search_rows: int = 1_000_000
-    jpeg_count: int = 4096
-    jpeg_size: int = 256
-    index_batch: int = 256
     cpu_smoke: bool = False
-    extras: bool = True
     seed: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -86,43 +87,51 @@ def tower_inputs(model: nn.Module, tower: str, batch: int, device: torch.device,
     """Random input for one tower: images (B, 3, H, W) ``dtype`` or tokens int64 (B, ctx)."""
     g = torch.Generator(device="cpu").manual_seed(batch)
     if tower == "image":
-        size = model.visual.image_size
-        h, w = (size, size) if isinstance(size, int) else size
+        h, w = tower_image_size(model)
         return torch.randn(batch, 3, h, w, generator=g).to(device, dtype)
-    ctx = int(model.context_length) if hasattr(model, "context_length") else 77
+    ctx = int(getattr(model, "context_length", 77))
     vocab = int(getattr(model, "vocab_size", 49408))
     return torch.randint(1, vocab, (batch, ctx), generator=g).to(device)
 
 
 def build_models(cfg: BenchConfig) -> dict[str, Any]:
-    """fp16 reference, ModelOpt fake-quant and real-FP8 models of ``cfg.model`` on ``cfg.device``."""
-    from clipfp8.quant.core.models import build_from_config
-    from clipfp8.quant.runtime.calibrate import fp8_quantize
+    """fp16 reference, fake-quant (``quant.ptq.quantize``, the product's config) and real-FP8 models
+    of ``cfg.model`` on ``cfg.device``."""
+    from clipfp8.quant.core.config import ModelSpec
+    from clipfp8.quant.core.models import load_model
+    from clipfp8.quant.ptq import QuantConfig, quantize
     from clipfp8.quant.runtime.fp8_encoder import build_fp8_model
 
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     dtype = torch.float32 if cfg.cpu_smoke else torch.float16
-    base = build_from_config(_model_config(cfg)).eval().to(device=device, dtype=dtype)
-    calib_img = [tower_inputs(base, "image", cfg.calib_batch, device, dtype)]
-    calib_txt = [tower_inputs(base, "text", cfg.calib_batch, device, dtype)]
-    # Softmax quantizer on, as quant.ptq's default (quantize_attention=True) calibrates it.
-    fake = fp8_quantize(base, calib_img, calib_txt, softmax=True).eval()
+    loaded = load_model(ModelSpec(name=cfg.model, config=_model_config(cfg)))
+    base = copy.deepcopy(loaded.model).eval().to(device=device, dtype=dtype)
+    loaded.model.to(device)
+    images = tower_inputs(loaded.model, "image", cfg.calib_batch, device, torch.float32)
+    tokens = tower_inputs(loaded.model, "text", cfg.calib_batch, device, torch.float32)
+    fake = quantize(loaded, [(images, tokens)], QuantConfig()).model.eval()  # in place, audited
     mode = "emulate" if cfg.cpu_smoke else "scaled_mm"
+    fake = fake.to(dtype=dtype)
     fp8, report = build_fp8_model(copy.deepcopy(fake), device, dtype=dtype, mode=mode, exact_softmax=False)
     models = {"fp16": base, "fake": fake, "fp8": fp8, "report": report, "dtype": dtype, "device": device}
     if "fp8-exact" in cfg.precisions:
-        models["fp8-exact"] = build_fp8_model(copy.deepcopy(fake), device, dtype=dtype, mode=mode, exact_softmax=True)[0]
+        models["fp8-exact"] = build_fp8_model(copy.deepcopy(fake), device, dtype=dtype, mode=mode,
+                                              exact_softmax=True)[0]
     return models
 
 
 def tower_fn(model: nn.Module, tower: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    return model.encode_image if tower == "image" else model.encode_text
+    clip = as_clip(model)
+    return clip.encode_image if tower == "image" else clip.encode_text
 
 
-def make_runners(models: dict[str, Any], cfg: BenchConfig) -> dict[tuple[str, str], BatchRunner]:
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+def make_runners(models: dict[str, Any], cfg: BenchConfig) -> dict[tuple[str, str], Runner]:
     compile_ok = not cfg.cpu_smoke
-    runners: dict[tuple[str, str], BatchRunner] = {}
+    runners: dict[tuple[str, str], Runner] = {}
     for tower in cfg.towers:
         for prec in cfg.precisions:
             if prec == "trt":
@@ -130,8 +139,8 @@ def make_runners(models: dict[str, Any], cfg: BenchConfig) -> dict[tuple[str, st
                 continue
             model = models[prec if prec.startswith("fp8") else "fp16"]
             compiled = prec != "fp16-eager" and compile_ok
-            runners[(tower, prec)] = BatchRunner(tower_fn(model, tower), compile=compiled,
-                                                 graph_buckets=() if prec == "fp16-eager" or cfg.cpu_smoke else (2, 4, 8, 16, 32))
+            buckets = () if prec == "fp16-eager" or cfg.cpu_smoke else (2, 4, 8, 16, 32)
+            runners[(tower, prec)] = BatchRunner(tower_fn(model, tower), compile=compiled, graph_buckets=buckets)
     return runners
 
 
@@ -201,14 +210,16 @@ def run_table(models: dict[str, Any], runners: dict, cfg: BenchConfig, progress:
                 continue
             for b in (cfg.exact_batch_sizes if prec == "fp8-exact" else cfg.batch_sizes):
                 x = tower_inputs(models["fp16"], tower, b, models["device"], models["dtype"])
+                r: dict[str, Any]
                 try:
-                    r = measure(runners[(tower, prec)], x, models["device"], cfg)
+                    r = dict(measure(runners[(tower, prec)], x, models["device"], cfg))
                 except torch.cuda.OutOfMemoryError as e:  # a huge batch must not sink the run
                     r = {"error": f"OOM: {str(e)[:120]}"}
                     torch.cuda.empty_cache()
                 rows.append({"tower": tower, "precision": prec, "batch": b, **r})
-                progress(f"{tower:5s} {prec:14s} b={b:5d} " + (f"{r['items_per_s']:10.1f} items/s p50 {r['p50_ms']:.3f} ms"
-                                                             if "items_per_s" in r else r["error"]))
+                shown = (f"{r['items_per_s']:10.1f} items/s p50 {r['p50_ms']:.3f} ms" if "items_per_s" in r
+                         else r["error"])
+                progress(f"{tower:5s} {prec:14s} b={b:5d} {shown}")
     return rows
 
 
@@ -229,21 +240,21 @@ def ratios(rows: list[dict]) -> list[dict]:
 def meta(cfg: BenchConfig, command: str) -> dict[str, Any]:
     dev = torch.device(cfg.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
-    return {"command": command, "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    return {"command": command, "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "torch": torch.__version__, "cuda": torch.version.cuda, "device": name, "model": cfg.model,
             "config": {k: v for k, v in asdict(cfg).items() if k != "notes"}}
 
 
 def run_bench(cfg: BenchConfig, command: str = "", progress: Callable[[str], None] = log.info,
               save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run everything ``cfg`` asks for; returns the JSON-able result. ``save`` is called with the
-    partial result after each stage (so a run cut short still leaves its figures behind).
-    Order: main table, then query/indexing extras, then the slower fp8-exact rows."""
+    """Run the tower table ``cfg`` asks for; returns the JSON-able result. ``save`` is called with
+    the partial result after each stage (so a run cut short still leaves its figures behind).
+    Order: main table, then the slower fp8-exact rows."""
     save = save or (lambda r: None)
     if not cfg.cpu_smoke:
         configure_compile_cache()
         if not torch.cuda.is_available():
-            raise ValueError("bench needs a CUDA GPU (or --cpu-smoke)")
+            raise ValueError("bench-towers needs a CUDA GPU (or --cpu-smoke)")
     result: dict[str, Any] = {"meta": meta(cfg, command)}
     models = build_models(cfg)
     result["conversion"] = models["report"].to_dict()
@@ -263,16 +274,6 @@ def run_bench(cfg: BenchConfig, command: str = "", progress: Callable[[str], Non
     stage()
     run_table(models, runners, cfg, progress, tuple(p for p in cfg.precisions if p != "fp8-exact"), rows)
     stage()
-    if cfg.extras:
-        from clipfp8.quant.runtime import bench_extra
-
-        for key, fn in (("query", bench_extra.bench_query), ("indexing", bench_extra.bench_indexing)):
-            try:
-                result[key] = fn(models, runners, cfg, progress)
-            except (RuntimeError, ImportError, OSError) as e:  # keep the rest of the run
-                log.exception("%s benchmark failed", key)
-                result[key] = {"error": f"{type(e).__name__}: {e}"[:500]}
-            stage()
     if "fp8-exact" in cfg.precisions:
         run_table(models, runners, cfg, progress, ("fp8-exact",), rows)
     stage()
@@ -280,7 +281,7 @@ def run_bench(cfg: BenchConfig, command: str = "", progress: Callable[[str], Non
 
 
 def evaluate_targets(result: dict[str, Any]) -> dict[str, Any]:
-    """Each issue-6 target: the value reached, the goal, and whether it was met."""
+    """Each issue-6 tower target: the value reached, the goal, and whether it was met."""
     out: dict[str, Any] = {}
 
     def put(key: str, value: float | None, goal: float, higher_better: bool) -> None:
@@ -290,11 +291,6 @@ def evaluate_targets(result: dict[str, Any]) -> dict[str, Any]:
     for tower in ("image", "text"):
         r = next((r for r in result.get("ratios", []) if r["tower"] == tower and r["batch"] == 256), None)
         put(f"{tower}_ratio_b256", r and r["fp8_over_best_fp16"], TARGETS[f"{tower}_ratio_b256"], True)
-    q = result.get("query", {})
-    put("text_query_ms", q.get("fp8_text_query_p50_ms"), TARGETS["text_query_ms"], False)
-    put("query_search_ms", q.get("fp8_query_search_graph_p50_ms"), TARGETS["query_search_ms"], False)
-    ix = result.get("indexing", {})
-    put("indexing_fraction", ix.get("fraction_of_encoder_only"), TARGETS["indexing_fraction"], True)
     wb = result.get("weight_bytes", {})
     if wb:
         for part in ("image", "text", "total"):
@@ -302,4 +298,26 @@ def evaluate_targets(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["BenchConfig", "run_bench", "ratios", "evaluate_targets", "TARGETS", "PRECISIONS"]
+def encoder_throughput(encoder: Encoder, batch: int, min_time_s: float = 1.0, seed: int = 0) -> dict[str, float]:
+    """``encoder.encode_images`` alone on a random (batch, 3, H, W) float32 batch already on the
+    encoder's device (what the index's embed stage calls, minus decoding and storing): items/s
+    (batch / mean latency), p50/p99 ms, iterations."""
+    device = torch.device(encoder.device)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, *encoder.image_size, generator=g).to(device)
+    with torch.inference_mode():
+        t = time_calls(lambda: encoder.encode_images(x), device, min_time_s=min_time_s)
+    mean_ms = sum(t.latencies_ms) / t.iters
+    return {"batch": batch, "items_per_s": batch / (mean_ms / 1e3), "p50_ms": t.p50_ms, "p99_ms": t.p99_ms,
+            "iters": t.iters}
+
+
+def text_query_latency(encoder: Encoder, text: str = "a photo of a dog", min_time_s: float = 0.5) -> dict[str, float]:
+    """One ``encode_texts([text])`` (tokenise, forward, normalise, back to the host): p50/p99 ms."""
+    t = time_calls(lambda: encoder.encode_texts([text]), torch.device("cpu"), min_iters=20, max_iters=2000,
+                   min_time_s=min_time_s)
+    return {"p50_ms": t.p50_ms, "p99_ms": t.p99_ms, "iters": t.iters}
+
+
+__all__ = ["BenchConfig", "run_bench", "ratios", "evaluate_targets", "TARGETS", "PRECISIONS", "encoder_throughput",
+           "text_query_latency"]

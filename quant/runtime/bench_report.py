@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from clipfp8.quant.core.fileio import atomic_write_text
+from clipfp8.quant.core.fileio import atomic_path, atomic_write_text
 
 
 def write_json_atomic(obj: Any, path: Path) -> None:
@@ -40,10 +39,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -1,4 +1,6 @@
-"""``clipfp8 bench`` (and ``clipfp8 export-onnx``): thin wrappers over ``quant.runtime``."""
+"""``clipfp8 bench-towers`` (and ``clipfp8 export-onnx``, ``build-engine``): thin wrappers over
+``quant.runtime``. ``clipfp8 bench``, the benchmark of the shipped paths, sits in the app layer
+(``app.bench``)."""
 from __future__ import annotations
 
 import argparse
@@ -9,13 +11,14 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def bench(model: str = "ViT-L-14", towers: str = "image,text", precisions: str = "fp16-eager,fp16-compiled,fp8,fp8-exact",
-          batch_sizes: str = "1,8,32,64,128,256,512,1024", out: Path = Path("artifacts/bench.json"),
-          plot: Path | None = None, cpu_smoke: bool = False, no_extras: bool = False,
-          search_rows: int = 1_000_000, jpeg_count: int = 4096, min_time_s: float = 0.6) -> int:
-    """Run the runtime benchmark and write JSON (+ PNG plot); prints the Markdown table."""
+def bench_towers(model: str = "ViT-L-14", towers: str = "image,text",
+                 precisions: str = "fp16-eager,fp16-compiled,fp8,fp8-exact",
+                 batch_sizes: str = "1,8,32,64,128,256,512,1024", out: Path = Path("artifacts/bench_towers.json"),
+                 plot: Path | None = None, cpu_smoke: bool = False, min_time_s: float = 0.6) -> int:
+    """Run the encoder-only tower benchmark and write JSON (+ PNG plot); prints the Markdown table."""
     from clipfp8.quant.runtime.bench import BenchConfig, run_bench
-    from clipfp8.quant.runtime.bench_report import markdown, plot as plot_png, write_json_atomic
+    from clipfp8.quant.runtime.bench_report import markdown, write_json_atomic
+    from clipfp8.quant.runtime.bench_report import plot as plot_png
 
     try:
         sizes = tuple(int(b) for b in batch_sizes.split(","))
@@ -27,9 +30,8 @@ def bench(model: str = "ViT-L-14", towers: str = "image,text", precisions: str =
 
         require_tensorrt()
     cfg = BenchConfig(model=model, towers=tuple(towers.split(",")), precisions=precs, batch_sizes=sizes,
-                      cpu_smoke=cpu_smoke, extras=not no_extras, search_rows=search_rows,
-                      jpeg_count=jpeg_count, min_time_s=min_time_s)
-    result = run_bench(cfg, command="clipfp8 bench " + " ".join(sys.argv[2:]), progress=print)
+                      cpu_smoke=cpu_smoke, min_time_s=min_time_s)
+    result = run_bench(cfg, command="clipfp8 bench-towers " + " ".join(sys.argv[2:]), progress=print)
     write_json_atomic(result, out)
     if plot is not None:
         plot_png(result, plot)
@@ -49,24 +51,23 @@ def export_onnx(quantized: Path, out_dir: Path, towers: str = "image,text", opse
 
 
 def _bench_cmd(args: argparse.Namespace) -> int:
-    return bench(model=args.model, towers=args.towers, precisions=args.precisions, batch_sizes=args.batch_sizes,
-                 out=args.out, plot=args.plot, cpu_smoke=args.cpu_smoke, no_extras=args.no_extras,
-                 search_rows=args.search_rows, jpeg_count=args.jpeg_count, min_time_s=args.min_time_s)
+    return bench_towers(model=args.model, towers=args.towers, precisions=args.precisions,
+                        batch_sizes=args.batch_sizes, out=args.out, plot=args.plot, cpu_smoke=args.cpu_smoke,
+                        min_time_s=args.min_time_s)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``bench`` and ``export-onnx`` to the ``clipfp8`` parser."""
-    p = sub.add_parser("bench", help="FP16 vs real-FP8 speed of both towers on one GPU (random weights)")
+    """Add ``bench-towers``, ``export-onnx`` and ``build-engine`` to the ``clipfp8`` parser."""
+    p = sub.add_parser("bench-towers", help="encoder-only speed of both towers, FP16 vs real FP8, on one GPU "
+                                            "(random weights; `clipfp8 bench` measures the shipped paths)")
     p.add_argument("--model", default="ViT-L-14", help="open_clip architecture (random weights)")
     p.add_argument("--towers", default="image,text")
-    p.add_argument("--precisions", default="fp16-eager,fp16-compiled,fp8,fp8-exact", help="add 'trt' when tensorrt is installed")
+    p.add_argument("--precisions", default="fp16-eager,fp16-compiled,fp8,fp8-exact",
+                   help="add 'trt' when tensorrt is installed")
     p.add_argument("--batch-sizes", default="1,8,32,64,128,256,512,1024")
-    p.add_argument("--out", type=Path, default=Path("artifacts/bench.json"))
+    p.add_argument("--out", type=Path, default=Path("artifacts/bench_towers.json"))
     p.add_argument("--plot", type=Path, default=None, help="PNG plot path")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU: checks the code paths only")
-    p.add_argument("--no-extras", action="store_true", help="skip the query/search and JPEG indexing figures")
-    p.add_argument("--search-rows", type=int, default=1_000_000)
-    p.add_argument("--jpeg-count", type=int, default=4096)
     p.add_argument("--min-time-s", type=float, default=0.6, help="timed seconds per measurement")
     p.set_defaults(func=_bench_cmd)
     e = sub.add_parser("export-onnx", help="export a quantized checkpoint's towers to ONNX with FP8 Q/DQ")
@@ -75,3 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--towers", default="image,text")
     e.add_argument("--opset", type=int, default=19)
     e.set_defaults(func=lambda a: export_onnx(a.quantized, a.out_dir, a.towers, a.opset))
+    from clipfp8.quant.runtime import cli_audit, cli_engine  # build-engine, engine build after quantize
+
+    cli_engine.register(sub)
+    cli_audit.register()  # `clipfp8 audit --runtime`

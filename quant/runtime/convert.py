@@ -15,16 +15,37 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Protocol, cast
 
 import torch
 from torch import nn
 
 from clipfp8.quant.runtime.fp8_attention import FP8Attention, qkv_quantizers
-from clipfp8.quant.runtime.fp8_linear import DisabledQuantizer, FakeQuantFP8, FP8Embedding, FP8Linear, fp8_scales, quantize_fp8, shape_supports_scaled_mm
+from clipfp8.quant.runtime.fp8_linear import (
+    DisabledQuantizer,
+    FakeQuantFP8,
+    FP8Embedding,
+    FP8Linear,
+    fp8_scales,
+    quantize_fp8,
+    shape_supports_scaled_mm,
+)
 
 log = logging.getLogger(__name__)
 
 MODES = ("scaled_mm", "emulate")
+
+
+class _ActivationDtype(Protocol):
+    """A module carrying open_clip's ``int8_original_dtype`` (the dtype its activations run in)."""
+
+    int8_original_dtype: torch.dtype
+
+
+class _Heads(Protocol):
+    """An attention module that passed ``_is_explicit_attention``: its head count is an int."""
+
+    num_heads: int
 
 
 @dataclass
@@ -39,7 +60,8 @@ class ConversionReport:
 
     def to_dict(self) -> dict[str, object]:
         return {"fp8": self.fp8, "emulated": [list(e) for e in self.emulated],
-                "high_precision": self.high_precision, "attention": self.attention, "notes": sorted(set(self.notes))}
+                "high_precision": self.high_precision, "attention": self.attention,
+                "notes": sorted(set(self.notes))}
 
     def summary(self) -> str:
         return (f"{len(self.fp8)} FP8 GEMMs, {len(self.emulated)} emulated, {len(self.high_precision)} "
@@ -105,13 +127,18 @@ def _convert_embedding(module: nn.Embedding, name: str, report: ConversionReport
 
 def _convert_layer_norm(module: nn.LayerNorm, name: str, report: ConversionReport) -> nn.Module:
     new = nn.LayerNorm(module.normalized_shape, eps=module.eps, elementwise_affine=module.elementwise_affine,
-                       bias=module.bias is not None, device=module.weight.device if module.weight is not None else None)
+                       bias=module.bias is not None,
+                       device=module.weight.device if module.weight is not None else None)
     new.load_state_dict({k: v for k, v in module.state_dict().items() if "_quantizer" not in k})
     iq = _quantizer(module, "input_quantizer")
     if iq is None:
         return new
+    amax = _per_tensor_amax(iq)
+    if amax is None:
+        raise ValueError(f"{name}: FP8 runtime needs a calibrated per-tensor input amax "
+                         f"(input amax {getattr(iq, 'amax', None)})")
     report.emulated.append((name, "LayerNorm input FP8 rounding kept by fake quant"))
-    return nn.Sequential(FakeQuantFP8(_per_tensor_amax(iq)), new)
+    return nn.Sequential(FakeQuantFP8(amax), new)
 
 
 def _convert_other(module: nn.Module, name: str, report: ConversionReport) -> nn.Module:
@@ -130,8 +157,10 @@ def _convert_other(module: nn.Module, name: str, report: ConversionReport) -> nn
                device=module.weight.device, dtype=module.weight.dtype)
     weight = module.weight.detach()
     wq, iq = _quantizer(module, "weight_quantizer"), _quantizer(module, "input_quantizer")
-    if wq is not None and _per_tensor_amax(wq) is not None:
-        qmul, s = fp8_scales(_per_tensor_amax(wq))
+    # None for a disabled quantizer or one without a per-tensor amax.
+    w_amax, i_amax = _per_tensor_amax(wq), _per_tensor_amax(iq)
+    if w_amax is not None:
+        qmul, s = fp8_scales(w_amax)
         weight = (quantize_fp8(weight, qmul).float() * s).to(weight.dtype)
     new.weight.data.copy_(weight)
     if module.bias is not None:
@@ -140,21 +169,21 @@ def _convert_other(module: nn.Module, name: str, report: ConversionReport) -> nn
         report.high_precision.append(name)
         return new
     report.emulated.append((name, f"{base.__name__} has no FP8 kernel; FP8 rounding emulated"))
-    if iq is not None and _per_tensor_amax(iq) is not None:
-        return nn.Sequential(FakeQuantFP8(_per_tensor_amax(iq)), new)
+    if i_amax is not None:
+        return nn.Sequential(FakeQuantFP8(i_amax), new)
     return new
 
 
 def _convert_attention(module: nn.Module, name: str, report: ConversionReport, mode: str,
                        exact_softmax: bool, fast_accum: bool) -> nn.Module:
-    projs = [convert_linear(getattr(module, p), f"{name}.{p}", report, mode, fast_accum)
-             for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    q, k, v, out = (convert_linear(getattr(module, p), f"{name}.{p}", report, mode, fast_accum)
+                    for p in ("q_proj", "k_proj", "v_proj", "out_proj"))
     qkv, softmax, notes = qkv_quantizers(module)
     if not exact_softmax:
         report.notes.extend(notes)
     report.attention.append(name)
-    heads = int(getattr(module, "num_heads"))
-    return FP8Attention(heads, *projs, qkv_quant=qkv, softmax_quant=softmax, exact_softmax=exact_softmax)
+    heads = int(cast(_Heads, module).num_heads)
+    return FP8Attention(heads, q, k, v, out, qkv_quant=qkv, softmax_quant=softmax, exact_softmax=exact_softmax)
 
 
 def _standin_attention_quantizers(module: nn.Module, name: str, report: ConversionReport,
@@ -168,8 +197,8 @@ def _standin_attention_quantizers(module: nn.Module, name: str, report: Conversi
         if not hasattr(module, qname):
             continue
         amax = _per_tensor_amax(_quantizer(module, qname))
-        keep = amax is not None and (qname != "softmax_quantizer" or exact_softmax)
-        setattr(module, qname, FakeQuantFP8(amax) if keep else DisabledQuantizer())
+        keep = qname != "softmax_quantizer" or exact_softmax
+        setattr(module, qname, FakeQuantFP8(amax) if amax is not None and keep else DisabledQuantizer())
     report.attention.append(name)
 
 
@@ -223,20 +252,25 @@ def cast_for_runtime(model: nn.Module, device: torch.device | str, dtype: torch.
     for module in model.modules():
         keep_fp32 = isinstance(module, (FP8Linear, FakeQuantFP8, FP8Embedding))
         if hasattr(module, "int8_original_dtype"):
-            module.int8_original_dtype = dtype
-        for store in (module._parameters, module._buffers):
-            for key, t in store.items():
-                if t is None:
-                    continue
-                if t.dtype == torch.float8_e4m3fn or not t.is_floating_point() or (keep_fp32 and key != "bias"):
-                    new = t.to(device)
-                else:
-                    new = t.to(device=device, dtype=dtype)
-                if isinstance(t, nn.Parameter):
-                    store[key] = nn.Parameter(new, requires_grad=False)
-                else:
-                    store[key] = new
+            # A plain attribute, not a tensor: nn.Module's typed __setattr__ does not describe it.
+            cast(_ActivationDtype, module).int8_original_dtype = dtype
+        for key, p in module._parameters.items():
+            if p is not None:
+                module._parameters[key] = nn.Parameter(_moved(p, key, keep_fp32, device, dtype),
+                                                       requires_grad=False)
+        for key, b in module._buffers.items():
+            if b is not None:
+                new = _moved(b, key, keep_fp32, device, dtype)
+                module._buffers[key] = nn.Parameter(new, requires_grad=False) if isinstance(b, nn.Parameter) else new
     return model
+
+
+def _moved(t: torch.Tensor, key: str, keep_fp32: bool, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` on ``device``; cast to ``dtype`` unless it is FP8, not floating point, or an fp32
+    scale of an FP8 module (``keep_fp32``; its bias still follows ``dtype``)."""
+    if t.dtype == torch.float8_e4m3fn or not t.is_floating_point() or (keep_fp32 and key != "bias"):
+        return t.to(device)
+    return t.to(device=device, dtype=dtype)
 
 
 def weight_bytes(module: nn.Module) -> int:
@@ -245,4 +279,5 @@ def weight_bytes(module: nn.Module) -> int:
     return int(sum(t.numel() * t.element_size() for t in tensors))
 
 
-__all__ = ["ConversionReport", "convert_to_fp8", "convert_linear", "cast_for_runtime", "weight_bytes", "MODES"]
+__all__ = ["ConversionReport", "convert_to_fp8", "convert_linear", "cast_for_runtime", "weight_bytes",
+           "MODES"]

@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from clipfp8.quant.core.fileio import atomic_path, atomic_write_text
+from clipfp8.quant.core.protocols import as_clip, tower_image_size
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +43,12 @@ class _Tower(nn.Module):
         super().__init__()
         if tower not in ("image", "text"):
             raise ValueError(f"tower must be 'image' or 'text', got {tower!r}")
+        as_clip(model)  # fail here, not inside the exporter
         self.model, self.tower = model, tower
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(x) if self.tower == "image" else self.model.encode_text(x)
+        clip = as_clip(self.model)
+        return clip.encode_image(x) if self.tower == "image" else clip.encode_text(x)
 
 
 @dataclass(frozen=True)
@@ -60,8 +64,7 @@ class ExportReport:
 
 def example_input(model: nn.Module, tower: str, batch: int = 2, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     if tower == "image":
-        size = model.visual.image_size
-        h, w = (size, size) if isinstance(size, int) else size
+        h, w = tower_image_size(model)
         return torch.randn(batch, 3, h, w, dtype=dtype)
     ctx = int(getattr(model, "context_length", 77))
     return torch.randint(1, int(getattr(model, "vocab_size", 49408)), (batch, ctx))
@@ -174,7 +177,7 @@ def export_tower(model: nn.Module, tower: str, path: Path, *, opset: int = MIN_O
 
     if opset < MIN_OPSET:
         raise ValueError(f"opset must be >= {MIN_OPSET} for FP8 QuantizeLinear, got {opset}")
-    from clipfp8.quant.runtime.calibrate import avoid_modelopt_cuda_jit
+    from clipfp8.quant.ptq import avoid_modelopt_cuda_jit
 
     avoid_modelopt_cuda_jit()
     wrapped = _Tower(model, tower).eval().to(dtype=dtype)
@@ -182,21 +185,15 @@ def export_tower(model: nn.Module, tower: str, path: Path, *, opset: int = MIN_O
     name = "images" if tower == "image" else "tokens"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:  # fsynced and renamed over ``path`` only when all went well
         with torch.no_grad():
-            torch.onnx.export(wrapped, (x,), tmp, opset_version=opset, dynamo=False, input_names=[name],
+            torch.onnx.export(wrapped, (x,), str(tmp), opset_version=opset, dynamo=False, input_names=[name],
                               output_names=["embeddings"],
                               dynamic_axes={name: {0: "batch"}, "embeddings": {0: "batch"}})
-        proto = to_standard_qdq(onnx.load(tmp))
+        proto = to_standard_qdq(onnx.load(str(tmp)))
         if fold_weights:
             log.info("%s tower: %d weights stored as FP8", tower, fold_weight_quantization(proto))
-        onnx.save(proto, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        onnx.save(proto, str(tmp))
     return qdq_report(proto)
 
 
@@ -225,10 +222,7 @@ def export_towers(loaded: Any, out_dir: Path, towers: Sequence[str] = ("image", 
                  rep.covered + len(rep.uncovered))
         paths.append(path)
     cfg_path = out_dir / "preprocess.json"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(preprocess_config(loaded), f, indent=1)
-    os.replace(tmp, cfg_path)
+    atomic_write_text(cfg_path, json.dumps(preprocess_config(loaded), indent=1))
     return paths + [cfg_path]
 
 

@@ -9,31 +9,22 @@
 """
 from __future__ import annotations
 
+import copy
 import logging
-import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from clipfp8.quant.core.encoder import Encoder, EncoderIdentity
+from clipfp8.quant.runtime.compile_cache import configure_compile_cache  # re-exported (bench uses it here)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GRAPH_BUCKETS: tuple[int, ...] = (2, 4, 8, 16, 32)
-
-
-def configure_compile_cache(cache_dir: Path | None = None) -> Path:
-    """Point Inductor's FX-graph/autotune caches at a persistent folder (env wins if set)."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clipfp8" / "inductor"
-    path = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir or default)))
-    path.mkdir(parents=True, exist_ok=True)
-    import torch._inductor.config as inductor_config
-
-    inductor_config.fx_graph_cache = True
-    return path
 
 
 class BatchRunner:
@@ -56,6 +47,10 @@ class BatchRunner:
 
     def _call_fn(self, x: torch.Tensor) -> torch.Tensor:
         if self.compiled:
+            if not x.is_inference():
+                # Padded and graph-captured inputs are inference tensors; one that is not has
+                # another dispatch-key set, and Dynamo would recompile the whole tower for it.
+                x = x.clone()
             torch._dynamo.mark_dynamic(x, 0)
         return self._fn(x)
 
@@ -119,8 +114,12 @@ class FastTorchEncoder(Encoder):
                  tokenizer: Callable[[list[str]], torch.Tensor], *, precision: str, device: str,
                  name: str, model_id: str, checksum: str, dim: int, image_size: tuple[int, int],
                  batch_size: int = 64, dtype: torch.dtype = torch.float16, compile: bool = True,
-                 runners: tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None = None) -> None:
+                 runners: tuple[Callable[[torch.Tensor], torch.Tensor],
+                                Callable[[torch.Tensor], torch.Tensor]] | None = None,
+                 engine_variant: str = "") -> None:
         self.model, self.dtype = model.eval(), dtype
+        #: How the model was built (e.g. "attention=sdpa"); recorded in a compiled engine's key.
+        self.engine_variant = engine_variant
         self._preprocess, self._tokenizer = preprocess, tokenizer
         self.precision, self.device, self.name, self.dim = precision, device, name, dim
         self.image_size, self.batch_size = image_size, batch_size
@@ -139,6 +138,17 @@ class FastTorchEncoder(Encoder):
     def identity(self) -> EncoderIdentity:
         return self._identity
 
+    def with_model(self, model: nn.Module) -> FastTorchEncoder:
+        """A copy running ``model`` (same identity, preprocessing, batch size, dtype and compile
+        setting) through fresh runners -- e.g. the FP8 model rebuilt from an engine's files."""
+        new = copy.copy(self)
+        clip: Any = model.eval()  # an open_clip CLIP (typed nn.Module: attributes are Tensor | Module)
+        new.model = clip
+        compiled = bool(getattr(self.image_runner, "compiled", False))
+        new.image_runner = BatchRunner(clip.encode_image, compile=compiled)
+        new.text_runner = BatchRunner(clip.encode_text, compile=compiled)
+        return new
+
     def encode_images(self, images: torch.Tensor) -> np.ndarray:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"encode_images expects (N, 3, H, W), got {tuple(images.shape)}")
@@ -155,21 +165,73 @@ class FastTorchEncoder(Encoder):
         return _normalize(torch.cat(out))
 
 
-def create_fast_fp16_encoder(spec: Any) -> FastTorchEncoder:
-    """The best FP16 encoder for ``spec`` (an ``EncoderSpec``): compiled + CUDA graphs on CUDA."""
+_HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+#: ``attention`` of ``create_fast_fp16_encoder``: "sdpa" rewrites nn.MultiheadAttention into
+#: explicit projections + F.scaled_dot_product_attention before compiling (issue 12: compiled
+#: nn.MultiheadAttention was slower than its eager fast path); "mha" compiles the model as is.
+ATTENTION_MODES = ("sdpa", "mha")
+
+
+def create_fast_fp16_encoder(spec: Any, *, attention: str = "sdpa", engine: str | None = None,
+                             engine_dir: Path | None = None, cache: Any = None) -> FastTorchEncoder:
+    """The best FP16 (or BF16, after ``spec.precision``) encoder for ``spec`` (an ``EncoderSpec``)
+    on CUDA: torch.compile + CUDA graphs, its compile served by a stored engine when one matches
+    (``quant.runtime.engine``; ``engine``: policy, default ``$CLIPFP8_ENGINE``; ``eager`` skips
+    compiling). Embeddings carry the same identity as the eager ``TorchEncoder``'s."""
     from clipfp8.quant.core.errors import UnsupportedPrecisionError
     from clipfp8.quant.core.models import load_model
+    from clipfp8.quant.runtime.engine import engine_policy, prepare_engine
 
     device = spec.resolved_device()
     if not device.startswith("cuda"):
         raise UnsupportedPrecisionError("the compiled FP16 encoder needs a CUDA device (use precision fp32 on the CPU)")
+    if spec.precision not in _HALF_DTYPES:
+        raise UnsupportedPrecisionError(f"create_fast_fp16_encoder serves fp16 and bf16, got {spec.precision!r}")
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+    policy = engine_policy(engine)
     loaded = load_model(spec.model)
-    model = loaded.model.to(device=device, dtype=torch.float16)
-    return FastTorchEncoder(model, loaded.preprocess, loaded.tokenizer, precision="fp16", device=device,
-                            name=f"{loaded.spec.name}-fp16", model_id=loaded.spec.model_id(),
-                            checksum=loaded.weights_checksum(), dim=loaded.embed_dim,
-                            image_size=loaded.image_size, batch_size=spec.batch_size)
+    checksum = loaded.weights_checksum()  # before the attention rewrite: same identity as eager
+    if attention == "sdpa":
+        from clipfp8.quant.runtime.fp8_attention import ensure_explicit_attention
+
+        ensure_explicit_attention(loaded.model)
+    variant = f"attention={attention}"
+    compiled = policy != "eager"
+    if compiled:
+        prepare_engine(spec, checksum=checksum, model_id=loaded.spec.model_id(), variant=variant, engine=policy,
+                       engine_dir=engine_dir, cache=cache)
+    dtype = _HALF_DTYPES[spec.precision]
+    model = loaded.model.to(device=device, dtype=dtype)
+    return FastTorchEncoder(model, loaded.preprocess, loaded.tokenizer, precision=spec.precision, device=device,
+                            name=f"{loaded.spec.name}-{spec.precision}", model_id=loaded.spec.model_id(),
+                            checksum=checksum, dim=loaded.embed_dim, image_size=loaded.image_size,
+                            batch_size=spec.batch_size, dtype=dtype, compile=compiled, engine_variant=variant)
+
+
+def create_half_encoder(spec: Any) -> Encoder:
+    """Registered factory of precisions ``fp16`` and ``bf16`` (entry points, preferred over the
+    core's eager registration): the compiled encoder on CUDA, the core's eager ``TorchEncoder``
+    on the CPU, without Triton, or with ``CLIPFP8_ENGINE=eager``."""
+    from clipfp8.quant.core.encoder import create_torch_encoder
+    from clipfp8.quant.runtime.engine import engine_policy
+
+    if not spec.resolved_device().startswith("cuda") or engine_policy() == "eager":
+        return create_torch_encoder(spec)
+    if not _has_triton():
+        log.info("torch.compile needs Triton, which this torch lacks: %s runs eagerly", spec.precision)
+        return create_torch_encoder(spec)
+    return create_fast_fp16_encoder(spec)
+
+
+def _has_triton() -> bool:
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:  # pragma: no cover - private helper of torch, present since 2.1
+        return False
+    return bool(has_triton())
 
 
 __all__ = ["BatchRunner", "FastTorchEncoder", "configure_compile_cache", "create_fast_fp16_encoder",
+           "create_half_encoder", "ATTENTION_MODES",
            "DEFAULT_GRAPH_BUCKETS"]

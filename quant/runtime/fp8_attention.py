@@ -13,6 +13,7 @@ QK^T -> softmax -> FP8 round -> PV path instead (bit-faithful to fake quant, slo
 from __future__ import annotations
 
 import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,17 +22,20 @@ from clipfp8.quant.runtime.fp8_linear import FakeQuantFP8
 
 log = logging.getLogger(__name__)
 
+#: FP8 rounding modules of Q, K and V (``nn.Identity`` where one is not quantized).
+QKVQuant = tuple[nn.Module, nn.Module, nn.Module]
+
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, L, E) -> (B, heads, L, E / heads)."""
-    b, l, e = x.shape
-    return x.view(b, l, heads, e // heads).transpose(1, 2)
+    b, n, e = x.shape
+    return x.view(b, n, heads, e // heads).transpose(1, 2)
 
 
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     """(B, heads, L, d) -> (B, L, heads * d)."""
-    b, h, l, d = x.shape
-    return x.transpose(1, 2).reshape(b, l, h * d)
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
 
 
 def _float_mask(attn_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -66,7 +70,7 @@ class FP8Attention(nn.Module):
     """
 
     def __init__(self, num_heads: int, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module,
-                 out_proj: nn.Module, qkv_quant: tuple[nn.Module, nn.Module, nn.Module] | None = None,
+                 out_proj: nn.Module, qkv_quant: QKVQuant | None = None,
                  softmax_quant: nn.Module | None = None, exact_softmax: bool = False) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -85,34 +89,36 @@ class FP8Attention(nn.Module):
         k = _split_heads(self.k_quant(self.k_proj(key)), self.num_heads)
         v = _split_heads(self.v_quant(self.v_proj(value)), self.num_heads)
         mask = _float_mask(attn_mask, q.dtype)
-        if self.exact_softmax:
+        sq = self.softmax_quant  # set exactly when exact_softmax is
+        if self.exact_softmax and sq is not None:
             # Same op order as quant.attention.attend (the fake-quant reference).
             scores = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
             if mask is not None:
                 scores = scores + mask
-            p = self.softmax_quant(torch.softmax(scores.float(), dim=-1).to(q.dtype))
+            p = sq(torch.softmax(scores.float(), dim=-1).to(q.dtype))
             out = torch.matmul(p, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(_merge_heads(out)), None
 
 
-def qkv_quantizers(module: nn.Module) -> tuple[tuple[nn.Module, nn.Module, nn.Module] | None, nn.Module | None, list[str]]:
+def qkv_quantizers(module: nn.Module) -> tuple[QKVQuant | None, nn.Module | None, list[str]]:
     """FP8 Q/K/V and softmax rounding modules from a quantized ExplicitAttention's bmm quantizers.
 
     Returns ((q, k, v) or None when none is enabled, softmax or None, notes on what is skipped).
     """
     notes: list[str] = []
     amaxes = [_enabled_amax(module, f"{n}_bmm_quantizer") for n in ("q", "k", "v")]
-    qkv = None
+    qkv: QKVQuant | None = None
     if any(a is not None for a in amaxes):
-        qkv = tuple(nn.Identity() if a is None else FakeQuantFP8(a) for a in amaxes)
+        q, k, v = (nn.Identity() if a is None else FakeQuantFP8(a) for a in amaxes)
+        qkv = (q, k, v)
     sm_amax = _enabled_amax(module, "softmax_quantizer")
     softmax = None
     if sm_amax is not None:
         softmax = FakeQuantFP8(sm_amax)
         notes.append("softmax FP8 rounding applied only with exact_softmax=True (fused SDPA keeps P in 16 bit)")
-    return qkv, softmax, notes  # type: ignore[return-value]
+    return qkv, softmax, notes
 
 
 __all__ = ["FP8Attention", "ensure_explicit_attention", "qkv_quantizers"]

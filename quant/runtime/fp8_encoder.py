@@ -6,7 +6,10 @@ LayerNorm/GELU/residual kernel that produces it) + CUDA graphs for small batches
 """
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,7 +17,9 @@ from torch import nn
 from clipfp8.quant.core.config import EncoderSpec
 from clipfp8.quant.core.errors import UnsupportedPrecisionError
 from clipfp8.quant.runtime.convert import ConversionReport, cast_for_runtime, convert_to_fp8
+from clipfp8.quant.runtime.engine import engine_policy, prepare_engine
 from clipfp8.quant.runtime.fast_fp16 import FastTorchEncoder
+from clipfp8.quant.runtime.runtime_state import load_from_engine
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +56,20 @@ def build_fp8_model(fake_quant_model: nn.Module, device: str | torch.device = "c
     return model, report
 
 
-def create_fp8_encoder(spec: EncoderSpec, *, compile: bool = True, exact_softmax: bool = False) -> FastTorchEncoder:
+def create_fp8_encoder(spec: EncoderSpec, *, compile: bool = True, exact_softmax: bool = False,
+                       engine: str | None = None, engine_dir: Path | None = None,
+                       cache: Any = None) -> FastTorchEncoder:
     """Real-FP8 ``Encoder`` for ``spec`` (precision ``fp8``, ``quantized`` dir required).
 
     ``exact_softmax``: keep the checkpoint's FP8 rounding of the softmax output P (bit-faithful
     to the fake-quant model, but explicit attention: measured 0.79x the best FP16 on the H200
     for ViT-L/14, docs/benchmarks.md). The default, False, runs FP8 Q/K/V into the fused 16-bit
     SDPA kernel (1.32x), i.e. it skips only the rounding of P, which moves results towards FP16.
-    Raises ``UnsupportedPrecisionError`` without a CUDA GPU of compute capability >= 8.9.
+    ``engine``: compiled-engine policy (``quant.runtime.engine``; default ``$CLIPFP8_ENGINE``):
+    a stored engine matching this GPU/torch/checkpoint is loaded before the first compile, so
+    that compile is a cache hit; a mismatching one raises ``EngineMismatchError``; ``eager``
+    does not compile. Raises ``UnsupportedPrecisionError`` without a CUDA GPU of compute
+    capability >= 8.9.
     """
     if spec.precision != "fp8":
         raise UnsupportedPrecisionError(f"create_fp8_encoder serves precision 'fp8', got {spec.precision!r}")
@@ -69,8 +80,20 @@ def create_fp8_encoder(spec: EncoderSpec, *, compile: bool = True, exact_softmax
     if spec.quantized is None:
         raise UnsupportedPrecisionError("precision 'fp8' needs --quantized (a directory written by `clipfp8 quantize`)")
     check_same_model(spec.quantized, spec.model)
-    loaded, checksum = load_quantized(spec.quantized)
-    model, report = build_fp8_model(loaded.model, device, exact_softmax=exact_softmax)
+    compile = compile and engine_policy(engine) != "eager"
+    variant = f"softmax={'exact' if exact_softmax else 'fused'}"
+    stored = stored_checksum(spec.quantized)
+    runtime = None
+    if compile and stored is not None:  # before the slow checkpoint load: a mismatch fails fast
+        status = prepare_engine(spec, checksum=stored, model_id=spec.model.model_id(), variant=variant,
+                                engine=engine, engine_dir=engine_dir, cache=cache)
+        if status.folder is not None:  # the engine's converted model: no ModelOpt, no conversion
+            runtime = load_from_engine(spec, status.folder, status.rebuild, device)
+    if runtime is not None and stored is not None:
+        (loaded, model, report), checksum = runtime, stored
+    else:
+        loaded, checksum = load_quantized(spec.quantized)  # verifies the stored checksum
+        model, report = build_fp8_model(loaded.model, device, exact_softmax=exact_softmax)
     log.info("FP8 runtime for %s: %s", spec.quantized, report.summary())
     if not exact_softmax:
         log.info("FP8 runtime: softmax output kept in 16 bit (fused SDPA); exact_softmax=True rounds it to FP8")
@@ -79,9 +102,19 @@ def create_fp8_encoder(spec: EncoderSpec, *, compile: bool = True, exact_softmax
     enc = FastTorchEncoder(model, loaded.preprocess, loaded.tokenizer, precision="fp8", device=device,
                            name=f"{loaded.spec.name}-fp8", model_id=loaded.spec.model_id(), checksum=checksum,
                            dim=loaded.embed_dim, image_size=loaded.image_size, batch_size=spec.batch_size,
-                           compile=compile)
+                           compile=compile, engine_variant=variant)
     enc.conversion_report = report  # type: ignore[attr-defined]
     return enc
 
 
-__all__ = ["create_fp8_encoder", "build_fp8_model", "check_fp8_device", "MIN_CAPABILITY"]
+def stored_checksum(quantized: Path) -> str | None:
+    """The checksum recorded in ``quantized/manifest.json`` (cheap: no model is loaded), or None
+    when it cannot be read -- ``load_quantized`` then reports the problem."""
+    try:
+        value = json.loads((Path(quantized) / "manifest.json").read_text(encoding="utf-8")).get("checksum")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+__all__ = ["create_fp8_encoder", "stored_checksum", "build_fp8_model", "check_fp8_device", "MIN_CAPABILITY"]

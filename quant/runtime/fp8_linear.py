@@ -65,11 +65,19 @@ class FP8Linear(nn.Module):
     dtype of the input (fp16 on CUDA, fp32 in emulation).
     """
 
+    # Buffers (register_buffer), declared so their type is known.
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    input_qmul: torch.Tensor
+    input_scale: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, input_qmul: torch.Tensor,
                  bias: torch.Tensor | None, *, mode: str = "emulate", fast_accum: bool = True) -> None:
         super().__init__()
         if weight_fp8.dtype != FP8_DTYPE or weight_fp8.ndim != 2:
-            raise ValueError(f"FP8Linear needs a 2-D float8_e4m3fn weight, got {weight_fp8.dtype} {tuple(weight_fp8.shape)}")
+            raise ValueError("FP8Linear needs a 2-D float8_e4m3fn weight, "
+                             f"got {weight_fp8.dtype} {tuple(weight_fp8.shape)}")
         if mode not in ("scaled_mm", "emulate"):
             raise ValueError(f"FP8Linear mode must be 'scaled_mm' or 'emulate', got {mode!r}")
         self.out_features, self.in_features = (int(s) for s in weight_fp8.shape)
@@ -87,7 +95,7 @@ class FP8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight_amax: torch.Tensor, input_amax: torch.Tensor,
-                    *, mode: str = "emulate", fast_accum: bool = True) -> "FP8Linear":
+                    *, mode: str = "emulate", fast_accum: bool = True) -> FP8Linear:
         """Quantize ``linear.weight`` with the calibrated per-tensor amax values."""
         w_qmul, w_scale = fp8_scales(weight_amax)
         w_fp8 = quantize_fp8(linear.weight.detach(), w_qmul)
@@ -120,6 +128,9 @@ class FP8Embedding(nn.Module):
     """An embedding table stored as float8_e4m3fn (V, D) with one fp32 scale; rows are
     dequantized after the gather: int64 (...) -> (..., D) in ``int8_original_dtype``."""
 
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+
     def __init__(self, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, dtype: torch.dtype) -> None:
         super().__init__()
         self.register_buffer("weight", weight_fp8.contiguous())
@@ -127,7 +138,7 @@ class FP8Embedding(nn.Module):
         self.int8_original_dtype = dtype
 
     @classmethod
-    def from_embedding(cls, emb: nn.Embedding, weight_amax: torch.Tensor) -> "FP8Embedding":
+    def from_embedding(cls, emb: nn.Embedding, weight_amax: torch.Tensor) -> FP8Embedding:
         qmul, scale = fp8_scales(weight_amax)
         return cls(quantize_fp8(emb.weight.detach(), qmul), scale, emb.weight.dtype)
 
@@ -144,6 +155,8 @@ class FakeQuantFP8(nn.Module):
     attention code that checks it (``quant.attention.attend``)."""
 
     is_enabled = True
+    qmul_scale: torch.Tensor
+    scale: torch.Tensor
 
     def __init__(self, amax: torch.Tensor) -> None:
         super().__init__()
@@ -161,5 +174,5 @@ class DisabledQuantizer(nn.Identity):
     is_enabled = False
 
 
-__all__ = ["FP8Linear", "FP8Embedding", "FakeQuantFP8", "DisabledQuantizer", "fp8_scale", "fp8_scales", "quantize_fp8", "shape_supports_scaled_mm",
-           "FP8_MAX", "FP8_DTYPE"]
+__all__ = ["FP8Linear", "FP8Embedding", "FakeQuantFP8", "DisabledQuantizer", "fp8_scale", "fp8_scales",
+           "quantize_fp8", "shape_supports_scaled_mm", "FP8_MAX", "FP8_DTYPE"]

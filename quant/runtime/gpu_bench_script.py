@@ -1,7 +1,9 @@
-"""The device-machine entry point: environment facts, then ``run_bench`` on ViT-L/14.
+"""The device-machine entry point of the encoder-only tower table (``clipfp8 bench-towers``):
+environment facts, then ``run_bench`` on ViT-L/14. The shipped-path benchmark is ``clipfp8 bench``
+(``scripts/device_bench.sh``).
 
 Usage (on the GPU machine): ``python -m clipfp8.quant.runtime.gpu_bench_script OUT_DIR [--quick]``.
-Writes OUT_DIR/bench.json, OUT_DIR/bench_h200.png and OUT_DIR/bench.md.
+Writes OUT_DIR/bench_towers.json, OUT_DIR/bench_h200.png and OUT_DIR/bench_towers.md.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 def main(argv: list[str]) -> int:
     import torch
 
+    from clipfp8.quant.core.fileio import atomic_write_text
     from clipfp8.quant.runtime.bench import BenchConfig, run_bench
     from clipfp8.quant.runtime.bench_report import markdown, plot, write_json_atomic
 
@@ -28,12 +31,12 @@ def main(argv: list[str]) -> int:
                       min_time_s=0.4 if quick else 0.6)
     cmd = "python -m clipfp8.quant.runtime.gpu_bench_script $OUT" + (" --quick" if quick else "")
     result = run_bench(cfg, command=cmd, progress=lambda s: print(f"[{time.time() - t0:6.1f}s] {s}", flush=True),
-                       save=lambda r: write_json_atomic(r, out / "bench.json"))
+                       save=lambda r: write_json_atomic(r, out / "bench_towers.json"))
     result["meta"]["wall_s"] = time.time() - t0
-    write_json_atomic(result, out / "bench.json")
+    write_json_atomic(result, out / "bench_towers.json")
     plot(result, out / "bench_h200.png")
     md = markdown(result)
-    (out / "bench.md").write_text(md)
+    atomic_write_text(out / "bench_towers.md", md)
     print(md)
     return 0
 

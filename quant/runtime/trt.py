@@ -153,7 +153,8 @@ def create_trt_encoder(spec: EncoderSpec, cfg: EngineConfig = EngineConfig()) ->
     from clipfp8.quant.runtime.fast_fp16 import FastTorchEncoder
 
     if spec.quantized is None:
-        raise UnsupportedPrecisionError("precision 'trt-fp8' needs --quantized (a directory written by `clipfp8 quantize`)")
+        raise UnsupportedPrecisionError(
+            "precision 'trt-fp8' needs --quantized (a directory written by `clipfp8 quantize`)")
     check_same_model(spec.quantized, spec.model)
     loaded, checksum = load_quantized(spec.quantized)
     paths = {t: engine_paths(spec.quantized, t) for t in ("image", "text")}

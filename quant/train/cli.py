@@ -2,9 +2,9 @@
 
     clipfp8 train-prep --out-dir .carry/pack                 # shards -> compact pack (CPU, ~6 min)
     clipfp8 train --pack-dir .carry/pack --out-dir run/      # GPU training (see docs/training.md)
-    clipfp8 train --pack-dir .carry/smoke --out-dir /tmp/s --smoke   # a few CPU steps
+    clipfp8 train --pack-dir .carry/smoke --out-dir smoke-run/ --smoke   # a few CPU steps
     clipfp8 train-ship --run-dir run/                        # -> data/default_model/
-    clipfp8 train-eval --output eval.json                    # fp32 CPU metrics of the shipped model
+    clipfp8 train-eval --output eval/                        # fp32 CPU metrics of the shipped model
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from clipfp8.quant.core.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +48,14 @@ def ship(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from clipfp8.quant.core.models import load_model
-    from clipfp8.quant.train.evaluate import evaluate_loaded
+    from clipfp8.quant.train.evaluate import evaluate_default
 
-    res = evaluate_loaded(load_model(), args.eval_root, limit_per_class=args.limit_per_class)
-    text = json.dumps(res, indent=2)
+    report = evaluate_default(args.eval_root, limit=args.limit, seed=args.seed, batch_size=args.batch_size,
+                              workers=args.workers)
+    print(report.format_table())
     if args.output:
-        atomic_write_text(args.output, text + "\n")
-    print(text)
+        json_path, csv_path = report.write(args.output)
+        print(f"wrote {json_path} and {csv_path}")
     return 0
 
 
@@ -89,8 +88,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument("--dest", type=Path, default=None)
     p.set_defaults(func=ship)
-    p = sub.add_parser("train-eval", help="fp32 zero-shot/retrieval metrics of the shipped model")
+    p = sub.add_parser("train-eval", help="fp32 zero-shot/retrieval metrics of the shipped model "
+                                          "(clipfp8 evaluate --preset shared --precision fp32 on the CPU)")
     p.add_argument("--eval-root", type=Path, default=Path("../shared/data/eval"))
-    p.add_argument("--limit-per-class", type=int, default=None)
-    p.add_argument("--output", type=Path, default=None)
+    p.add_argument("--limit", type=int, default=None, help="evaluate a seeded random subset of N images per set")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="image-decoding threads (0 = the main thread)")
+    p.add_argument("--output", type=Path, default=None, help="folder for results.json and results.csv")
     p.set_defaults(func=evaluate)

@@ -11,9 +11,9 @@ import json
 import logging
 import re
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -146,7 +146,7 @@ def decode_square(jpeg: bytes, size: int | None) -> np.ndarray:
         w, h = im.size
         s = size / min(w, h)
         nw, nh = max(size, round(w * s)), max(size, round(h * s))
-        im = im.resize((nw, nh), Image.BICUBIC)
+        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
         left, top = (nw - size) // 2, (nh - size) // 2
         im = im.crop((left, top, left + size, top + size))
     return np.asarray(im, dtype=np.uint8)
@@ -181,5 +181,6 @@ def save_jpeg(grid: np.ndarray, path: Path, quality: int) -> int:
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
     """Named arrays -> ``.npz`` written atomically (fsync'd temp file, rename)."""
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    # No object arrays: np.load (allow_pickle=False) could not read them back anyway.
+    np.savez(buf, allow_pickle=False, **arrays)
     atomic_write_bytes(path, buf.getvalue())

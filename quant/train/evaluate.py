@@ -1,131 +1,67 @@
-"""Straightforward evaluation used while training the default model.
+"""Evaluation of the default model, on ``quant.eval``'s dataset readers and metrics (no copies).
 
-* zero-shot top-1 on CIFAR-10-test and Imagenette-val (class folders; prompt ensemble of
-  ``EVAL_TEMPLATES``, text embeddings averaged per class), and
-* Flickr8k-1k text->image (and image->text) Recall@K.
-
-Two paths share the metric code: ``evaluate_loaded`` runs a ``LoadedModel`` on the original
-files (the reference fp32 numbers), ``evaluate_pack`` runs the training parts on the compact eval
-copy carried to the GPU machine (quick check right after training).
+* Reference numbers (``clipfp8 train-eval``): :func:`evaluate_default` runs ``quant.eval``'s
+  ``evaluate`` on the three shared sets (CIFAR-10-test, Imagenette-val: zero-shot with CLIP's 18
+  CIFAR prompts; Flickr8k-1k: retrieval Recall@K) in fp32 on the CPU -- the same code and metric
+  definitions as ``clipfp8 evaluate``.
+* Quick check right after training, on the GPU machine: :func:`build_eval_pack` carries subsets of
+  the same sets (read with ``quant.eval.datasets``) as JPEG mosaics plus the MiniLM features of
+  every prompt and caption; :func:`evaluate_pack` embeds them with the training parts and scores
+  them with ``quant.eval.metrics``.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from clipfp8.quant.core.errors import DatasetError
+from clipfp8.quant.eval import metrics as M
+from clipfp8.quant.eval.data import ClassificationData, RetrievalData
+from clipfp8.quant.eval.report import EvalReport
+from clipfp8.quant.eval.run import Progress
+from clipfp8.quant.eval.templates import DEFAULT_TEMPLATES, fill
 
 log = logging.getLogger(__name__)
 
-#: CLIP's CIFAR-10 prompt family (as in CLIP_benchmark), used for both zero-shot sets.
-EVAL_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}.", "a blurry photo of a {}.", "a black and white photo of a {}.",
-    "a low contrast photo of a {}.", "a high contrast photo of a {}.", "a bad photo of a {}.",
-    "a good photo of a {}.", "a photo of a small {}.", "a photo of a big {}.", "a photo of the {}.",
-    "a blurry photo of the {}.", "a black and white photo of the {}.", "a low contrast photo of the {}.",
-    "a high contrast photo of the {}.", "a bad photo of the {}.", "a good photo of the {}.",
-    "a photo of the small {}.", "a photo of the big {}.",
-)
-IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+#: The shared evaluation sets (under ``../shared/data/eval``) the pack carries, in pack order.
+CIFAR, IMAGENETTE, FLICKR = "cifar10-test", "imagenette-val", "flickr8k-1k"
 
 
-def class_folder(root: Path, limit_per_class: int | None = None) -> tuple[list[Path], np.ndarray, list[str]]:
-    """(files sorted, int64 labels (N,), class names) of a ``<class>/*.jpg`` folder.
+def evaluate_default(eval_root: Path, limit: int | None = None, seed: int = 0, batch_size: int = 64,
+                     workers: int = 0, progress: Progress | None = None) -> EvalReport:
+    """fp32 CPU metrics of the embedded default model on the shared sets in ``eval_root``
+    (``--preset shared`` of ``clipfp8 evaluate``); ``limit``: a seeded subset per set.
+    Raises ``DatasetError`` naming a missing or malformed set."""
+    from clipfp8.quant.core.config import EncoderSpec
+    from clipfp8.quant.core.encoder import create_encoder
+    from clipfp8.quant.eval.datasets import DatasetSpec, preset_datasets
+    from clipfp8.quant.eval.run import evaluate
 
-    ``classes.json`` (wnid -> name), when present, names the classes; else the folder names do.
-    """
-    if not root.is_dir():
-        raise DatasetError(f"evaluation folder not found: {root}")
-    names_file = root / "classes.json"
-    mapping = json.loads(names_file.read_text()) if names_file.is_file() else {}
-    dirs = sorted(d for d in root.iterdir() if d.is_dir())
-    files, labels = [], []
-    for i, d in enumerate(dirs):
-        fs = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTS)[:limit_per_class]
-        files += fs
-        labels += [i] * len(fs)
-    if not files:
-        raise DatasetError(f"no images under {root}")
-    return files, np.array(labels, np.int64), [mapping.get(d.name, d.name) for d in dirs]
+    specs = [DatasetSpec.parse(d, limit=limit, seed=seed) for d in preset_datasets("shared", Path(eval_root))]
+    encoder = create_encoder(EncoderSpec(precision="fp32", device="cpu", batch_size=batch_size))
+    return evaluate([encoder], specs, batch_size=batch_size, labels=["fp32"], progress=progress, workers=workers)
 
 
-def flickr_folder(root: Path, limit: int | None = None) -> tuple[list[Path], list[str], np.ndarray]:
-    """(image files, captions, int64 (n_captions,) image index of each caption)."""
-    cap_file = root / "captions.json"
-    if not cap_file.is_file():
-        raise DatasetError(f"captions file not found: {cap_file}")
-    caps = json.loads(cap_file.read_text())
-    files, texts, owner = [], [], []
-    for i, name in enumerate(sorted(caps)[:limit]):
-        files.append(root / "images" / name)
-        texts += caps[name]
-        owner += [i] * len(caps[name])
-    return files, texts, np.array(owner, np.int64)
+def first_per_class(data: ClassificationData, k: int | None) -> ClassificationData:
+    """The first ``k`` images of each class (in the dataset's sorted order); all when ``k`` is None."""
+    if k is None:
+        return data
+    keep = np.sort(np.concatenate([np.flatnonzero(data.labels == c)[:k] for c in range(len(data.classnames))]))
+    return ClassificationData(data.name, [data.images[i] for i in keep], [data.ids[i] for i in keep],
+                              data.labels[keep], data.classnames)
 
 
-def zero_shot_top1(img: torch.Tensor, class_txt: torch.Tensor, labels: np.ndarray) -> float:
-    """img: float (N, D) unit rows; class_txt: float (K, T, D) prompt embeddings -> top-1 accuracy."""
-    w = torch.nn.functional.normalize(class_txt.float(), dim=-1).mean(1)
-    w = torch.nn.functional.normalize(w, dim=-1)
-    pred = (img.float() @ w.T).argmax(1).cpu().numpy()
-    return float((pred == labels).mean())
+def first_images(data: RetrievalData, n: int | None) -> RetrievalData:
+    """The first ``n`` images (sorted by file name) with all their captions."""
+    return RetrievalData(data.name, data.images[:n], data.ids[:n], data.captions[:n])
 
 
-def retrieval_recall(img: torch.Tensor, txt: torch.Tensor, owner: np.ndarray,
-                     ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """img (N, D), txt (M, D) unit rows; owner[m] = image of caption m -> t2i/i2t Recall@K."""
-    sim = (txt.float() @ img.float().T).cpu()
-    own = torch.from_numpy(owner)
-    rank_t2i = (sim > sim[torch.arange(len(own)), own][:, None]).sum(1)  # images scored above the true one
-    out = {f"t2i_R@{k}": float((rank_t2i < k).float().mean()) for k in ks}
-    order = sim.T.argsort(dim=1, descending=True)  # i2t: rank of each image's best true caption
-    hit = own[order] == torch.arange(img.shape[0])[:, None]
-    best = hit.float().argmax(1)
-    out.update({f"i2t_R@{k}": float((best < k).float().mean()) for k in ks})
-    return out
-
-
-def _embed_files(encode: Callable[[torch.Tensor], torch.Tensor], preprocess: Callable, files: Sequence[Path],
-                 batch: int = 256) -> torch.Tensor:
-    from PIL import Image
-
-    out = []
-    for i in range(0, len(files), batch):
-        x = torch.stack([preprocess(Image.open(f).convert("RGB")) for f in files[i:i + batch]])
-        out.append(torch.nn.functional.normalize(encode(x).float(), dim=-1))
-    return torch.cat(out)
-
-
-@torch.inference_mode()
-def evaluate_loaded(loaded: Any, eval_root: Path, limit_per_class: int | None = None,
-                    flickr_limit: int | None = None, sets: Sequence[str] = ("cifar10-test", "imagenette-val", "flickr8k-1k")
-                    ) -> dict[str, Any]:
-    """fp32 metrics of a ``quant.core.models.LoadedModel`` on the original eval files (CPU)."""
-    model, pre, tok = loaded.model.eval(), loaded.preprocess, loaded.tokenizer
-
-    def enc_txt(texts: Sequence[str]) -> torch.Tensor:
-        out = [model.encode_text(tok(list(texts[i:i + 256]))) for i in range(0, len(texts), 256)]
-        return torch.nn.functional.normalize(torch.cat(out).float(), dim=-1)
-
-    res: dict[str, Any] = {}
-    for name in sets:
-        root = Path(eval_root) / name
-        if name == "flickr8k-1k":
-            files, texts, owner = flickr_folder(root, flickr_limit)
-            res[name] = retrieval_recall(_embed_files(model.encode_image, pre, files), enc_txt(texts), owner)
-        else:
-            files, labels, classes = class_folder(root, limit_per_class)
-            txt = enc_txt([t.format(c) for c in classes for t in EVAL_TEMPLATES])
-            txt = txt.reshape(len(classes), len(EVAL_TEMPLATES), -1)
-            img = _embed_files(model.encode_image, pre, files)
-            res[name] = {"top1": zero_shot_top1(img, txt, labels), "n": len(files)}
-        log.info("%s: %s", name, res[name])
-    return res
+def _prompts(classnames: list[str]) -> list[str]:
+    """Every (class, template) prompt, class-major, as ``quant.eval.run`` embeds them."""
+    return [fill(t, c) for c in classnames for t in DEFAULT_TEMPLATES]
 
 
 def build_eval_pack(eval_root: Path, out_dir: Path, model_cfg: dict[str, Any], size: int, quality: int,
@@ -133,32 +69,43 @@ def build_eval_pack(eval_root: Path, out_dir: Path, model_cfg: dict[str, Any], s
     """Compact eval copy for the GPU machine: the first ``n_cifar``/10 CIFAR-10-test images of each
     class as 32x32 tiles, ``n_imagenette``/10 Imagenette-val images per class and the first
     ``n_flickr`` Flickr images as ``size`` squares (the eval transform's geometry), and the MiniLM
-    features of every prompt and caption. Subsets: it must fit the 64 MiB transfer."""
+    features of every prompt and caption. Subsets: it must fit the 64 MiB transfer. ``limit``
+    (smoke packs) replaces all three counts."""
     from PIL import Image
 
+    from clipfp8.quant.eval.datasets import load_class_folder, load_retrieval_folder
     from clipfp8.quant.train.data import decode_square, mosaic, save_jpeg, save_npz
     from clipfp8.quant.train.model import quantize_rows_int8, text_features
 
-    cf, cl, cc = class_folder(eval_root / "cifar10-test", (n_cifar // 10) if limit is None else limit)
-    nf, nl, nc = class_folder(eval_root / "imagenette-val", (n_imagenette // 10) if limit is None else limit)
-    ff, ft, fo = flickr_folder(eval_root / "flickr8k-1k", n_flickr if limit is None else limit)
-    c32 = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in cf])
-    s64 = np.stack([decode_square(f.read_bytes(), size) for f in list(nf) + list(ff)])
-    sizes = {"eval32.jpg": save_jpeg(mosaic(c32, 256), out_dir / "eval32.jpg", quality),
-             "eval64.jpg": save_jpeg(mosaic(s64, 128), out_dir / "eval64.jpg", quality)}
-    prompts = [t.format(c) for c in list(cc) + list(nc) for t in EVAL_TEMPLATES]
-    q, s = quantize_rows_int8(text_features(prompts + list(ft), model_cfg))
-    save_npz(out_dir / "eval.npz", cifar_labels=cl, imagenette_labels=nl, flickr_owner=fo,
-              n=np.array([len(cf), len(nf), len(ff), len(cc), len(nc), len(EVAL_TEMPLATES)]),
-              feats=q.numpy(), feat_scale=s.numpy())
-    return {"n_cifar": len(cf), "n_imagenette": len(nf), "n_flickr": len(ff), "jpeg_bytes": sizes}
+    root = Path(eval_root)
+    cifar = first_per_class(load_class_folder(root / CIFAR, CIFAR), n_cifar // 10 if limit is None else limit)
+    inet = first_per_class(load_class_folder(root / IMAGENETTE, IMAGENETTE),
+                           n_imagenette // 10 if limit is None else limit)
+    flickr = first_images(load_retrieval_folder(root / FLICKR, FLICKR), n_flickr if limit is None else limit)
+    captions, owner = flickr.flat_captions()
+    c32 = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in cifar.images])
+    s64 = np.stack([decode_square(Path(f).read_bytes(), size) for f in [*inet.images, *flickr.images]])
+    sizes = {"eval32.jpg": save_jpeg(mosaic(c32, 256), Path(out_dir) / "eval32.jpg", quality),
+             "eval64.jpg": save_jpeg(mosaic(s64, 128), Path(out_dir) / "eval64.jpg", quality)}
+    prompts = _prompts(cifar.classnames) + _prompts(inet.classnames)
+    q, s = quantize_rows_int8(text_features(prompts + captions, model_cfg))
+    save_npz(Path(out_dir) / "eval.npz", cifar_labels=cifar.labels, imagenette_labels=inet.labels,
+             flickr_owner=owner,
+             n=np.array([len(cifar.images), len(inet.images), len(flickr.images), len(cifar.classnames),
+                         len(inet.classnames), len(DEFAULT_TEMPLATES)]),
+             feats=q.numpy(), feat_scale=s.numpy())
+    return {"n_cifar": len(cifar.images), "n_imagenette": len(inet.images), "n_flickr": len(flickr.images),
+            "jpeg_bytes": sizes}
 
 
 @torch.inference_mode()
 def evaluate_pack(parts: Any, pack_dir: Path, to_input: Callable[[torch.Tensor], torch.Tensor],
-                  device: str) -> dict[str, Any]:
-    """Metrics of ``TrainableParts`` on the compact eval copy. ``to_input`` maps uint8 (N, 3, S, S)
-    on ``device`` to the normalised float input at the model's resolution."""
+                  device: str) -> dict[str, dict[str, float]]:
+    """``quant.eval.metrics`` of ``TrainableParts`` on the compact eval copy -> {set: metrics + "n"}.
+
+    ``to_input`` maps uint8 (N, 3, S, S) on ``device`` to the normalised float input at the
+    model's resolution. The embedding runs on ``device``; the scoring on float32 numpy arrays.
+    """
     from PIL import Image
 
     from clipfp8.quant.train.data import unmosaic
@@ -167,20 +114,34 @@ def evaluate_pack(parts: Any, pack_dir: Path, to_input: Callable[[torch.Tensor],
     z = np.load(Path(pack_dir) / "eval.npz")
     n_c, n_n, n_f, k_c, k_n, t = (int(v) for v in z["n"])
     feats = dequantize_rows_int8(torch.from_numpy(z["feats"]), torch.from_numpy(z["feat_scale"])).to(device)
-    txt = torch.nn.functional.normalize(parts.encode_text_features(feats).float(), dim=-1)
+    txt = _unit_rows(parts.encode_text_features(feats))
 
-    def embed(u8: np.ndarray) -> torch.Tensor:
+    def embed(u8: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(u8.transpose(0, 3, 1, 2))).to(device)
-        out = [parts.encode_image(to_input(c)).float() for c in x.split(1024)]
-        return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+        return _unit_rows(torch.cat([parts.encode_image(to_input(c)) for c in x.split(1024)]))
 
     c32 = unmosaic(np.asarray(Image.open(Path(pack_dir) / "eval32.jpg").convert("RGB")), n_c, 32)
     g64 = np.asarray(Image.open(Path(pack_dir) / "eval64.jpg").convert("RGB"))
-    s64 = unmosaic(g64, n_n + n_f, g64.shape[1] // 128)
-    ic, i64 = embed(c32), embed(s64)
-    d = txt.shape[1]
-    res = {"cifar10-test": {"top1": zero_shot_top1(ic, txt[:k_c * t].reshape(k_c, t, d), z["cifar_labels"]), "n": n_c},
-           "imagenette-val": {"top1": zero_shot_top1(i64[:n_n], txt[k_c * t:(k_c + k_n) * t].reshape(k_n, t, d),
-                                                     z["imagenette_labels"]), "n": n_n},
-           "flickr8k-1k": retrieval_recall(i64[n_n:], txt[(k_c + k_n) * t:], z["flickr_owner"])}
-    return res
+    i32, i64 = embed(c32), embed(unmosaic(g64, n_n + n_f, g64.shape[1] // 128))
+    cifar_cls = M.class_embeddings(txt[:k_c * t], k_c)
+    inet_cls = M.class_embeddings(txt[k_c * t:(k_c + k_n) * t], k_n)
+    return {CIFAR: {**M.zero_shot_metrics(i32, cifar_cls, z["cifar_labels"]), "n": n_c},
+            IMAGENETTE: {**M.zero_shot_metrics(i64[:n_n], inet_cls, z["imagenette_labels"]), "n": n_n},
+            FLICKR: {**M.retrieval_metrics(i64[n_n:], txt[(k_c + k_n) * t:], z["flickr_owner"]), "n": n_f}}
+
+
+def _unit_rows(x: torch.Tensor) -> np.ndarray:
+    """float (N, D) on any device -> float32 (N, D) numpy with unit rows."""
+    return torch.nn.functional.normalize(x.float(), dim=-1).cpu().numpy()
+
+
+def report_metrics(report: EvalReport | dict[str, Any], label: str | None = None) -> dict[str, dict[str, float]]:
+    """{set: metrics} of one encoder (default: the baseline) from an ``EvalReport`` or its JSON
+    (``results.json`` of ``clipfp8 train-eval``/``evaluate``) -- the shape ``evaluate_pack`` returns."""
+    rep = report if isinstance(report, EvalReport) else EvalReport.from_dict(report)
+    label = label or rep.baseline
+    return {r.name: dict(r.metrics[label], n=r.n_images) for r in rep.datasets}
+
+
+__all__ = ["evaluate_default", "build_eval_pack", "evaluate_pack", "first_per_class", "first_images",
+           "report_metrics", "CIFAR", "IMAGENETTE", "FLICKR"]

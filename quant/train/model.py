@@ -11,7 +11,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,6 +39,15 @@ def default_model_cfg(vision_cfg: dict[str, Any] | None = None, embed_dim: int =
     return {"embed_dim": embed_dim, "vision_cfg": copy.deepcopy(vision_cfg or VISION_CFG), "text_cfg": text}
 
 
+class _TextHead(nn.Module):
+    """The trainable part of the text tower: ``proj`` float (N, 384) -> (N, D), under the
+    state-dict name ``CustomTextCLIP`` gives it (``text.proj.weight``)."""
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(TEXT_FEATURE_DIM, embed_dim, bias=False)
+
+
 class TrainableParts(nn.Module):
     """Image tower + text projection + logit scale; ``state_dict`` keys match ``CustomTextCLIP``.
 
@@ -50,8 +60,7 @@ class TrainableParts(nn.Module):
         from open_clip.model import _build_vision_tower
 
         self.visual = _build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"])
-        self.text = nn.Module()
-        self.text.proj = nn.Linear(TEXT_FEATURE_DIM, model_cfg["embed_dim"], bias=False)
+        self.text = _TextHead(model_cfg["embed_dim"])
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -79,9 +88,10 @@ def text_features(captions: Sequence[str], model_cfg: dict[str, Any], batch_size
     from clipfp8.quant.core.models import build_from_config, minilm_path
 
     model = build_from_config(model_cfg, pretrained_text=True).eval()
-    text = model.text
+    text: Any = model.text  # open_clip's HFTextEncoder (untyped); its ``config`` is the HF config
     text.proj = nn.Identity()  # the pooled feature is what the trainable projection consumes
-    tok = open_clip.tokenizer.HFTokenizer(str(minilm_path()), context_length=model_cfg["text_cfg"]["context_length"])
+    tok = open_clip.tokenizer.HFTokenizer(str(minilm_path()),
+                                          context_length=model_cfg["text_cfg"]["context_length"])
     pad = text.config.pad_token_id
     order = sorted(range(len(captions)), key=lambda i: len(captions[i]))  # similar lengths per batch
     out = torch.zeros(len(captions), TEXT_FEATURE_DIM)

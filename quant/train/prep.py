@@ -11,12 +11,11 @@ Layout of ``out_dir`` (all written atomically):
   MiniLM mean-pooled feature of every distinct caption, row-quantised.
 * ``pack.json`` -- sources, counts, group names, captions, model config, settings.
 * ``eval.npz`` / ``eval32.jpg`` / ``eval64.jpg`` (optional) -- a compact copy of the evaluation sets
-  for the quick GPU-side eval (the reference numbers come from ``quant.train.evaluate`` on the
-  original files).
+  for the quick GPU-side eval (the reference numbers come from ``clipfp8 train-eval``, i.e.
+  ``quant.eval``, on the original files).
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from clipfp8.quant.core.fileio import atomic_write_bytes
+from clipfp8.quant.core.fileio import atomic_write_text
 from clipfp8.quant.train.data import (SOURCES, CaptionTable, TrainDataError, decode_square, group_of, iter_shards,
                                      mosaic, save_jpeg, save_npz)
 from clipfp8.quant.train.evaluate import build_eval_pack
@@ -123,9 +122,7 @@ def build_pack(cfg: PrepConfig, progress: Progress | None = None) -> dict[str, A
                "jpeg_bytes": sizes, "model_cfg": cfg.model_cfg,
                "settings": {k: str(v) for k, v in asdict(cfg).items() if k != "model_cfg"},
                "groups": table.groups, "captions": table.captions}
-    tmp = cfg.out_dir / "pack.json.tmp"
-    tmp.write_text(json.dumps(summary))
-    tmp.replace(cfg.out_dir / "pack.json")
+    atomic_write_text(cfg.out_dir / "pack.json", json.dumps(summary))
     if cfg.with_eval:
 
         summary["eval"] = build_eval_pack(cfg.data_root / "eval", cfg.out_dir, cfg.model_cfg,

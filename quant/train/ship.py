@@ -12,13 +12,13 @@ import hashlib
 import json
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
 from clipfp8.quant.core.errors import ModelLoadError
-from clipfp8.quant.core.fileio import atomic_write_text
+from clipfp8.quant.core.fileio import atomic_write_text, replace_dir
 from clipfp8.quant.core.models import DEFAULT_MODEL_DIR, LoadedModel
+from clipfp8.quant.core.protocols import as_clip
 from clipfp8.quant.train.data import TrainDataError, read_json_object
 
 
@@ -63,8 +63,14 @@ def verify_model_dir(folder: Path) -> LoadedModel:
     import torch
 
     from clipfp8.quant.core.config import ModelSpec
-    from clipfp8.quant.core.models import (DEFAULT_CONFIG_FILE, DEFAULT_WEIGHTS_FILE, _resolve_text_cfg,
-                              _transforms_and_tokenizer, build_from_config, load_safetensors_into)
+    from clipfp8.quant.core.models import (
+        DEFAULT_CONFIG_FILE,
+        DEFAULT_WEIGHTS_FILE,
+        _resolve_text_cfg,
+        _transforms_and_tokenizer,
+        build_from_config,
+        load_safetensors_into,
+    )
 
     folder = Path(folder)
     cfg_file, weights = folder / DEFAULT_CONFIG_FILE, folder / DEFAULT_WEIGHTS_FILE
@@ -76,8 +82,9 @@ def verify_model_dir(folder: Path) -> LoadedModel:
         pre, tok, size = _transforms_and_tokenizer(model, model_cfg)
         loaded = LoadedModel(model, pre, tok, ModelSpec(), size, int(model_cfg["embed_dim"]))
         with torch.no_grad():
-            img = model.encode_image(torch.zeros(1, 3, *size))
-            txt = model.encode_text(tok(["a photo of a dog."]))
+            clip = as_clip(model)
+            img = clip.encode_image(torch.zeros(1, 3, *size))
+            txt = clip.encode_text(tok(["a photo of a dog."]))
     except ModelLoadError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure to build/load means the folder is not shippable
@@ -102,7 +109,10 @@ def ship_run(run_dir: Path, dest: Path | None = None) -> dict[str, Any]:
     if dest.exists() and not dest.is_dir():
         raise TrainDataError(f"ship destination is not a folder: {dest}")
     meta = {"model_cfg": summary["model_cfg"],
-            "training": {"config": summary["config"], "timing": summary["timing"], "device": summary["device"],
+            # the run's out_dir is a folder of the training machine: meaningless here, and no
+            # committed file names a machine's paths
+            "training": {"config": {k: v for k, v in summary["config"].items() if k != "out_dir"},
+                         "timing": summary["timing"], "device": summary["device"],
                          "torch": summary["torch"], "final_loss": summary["final_loss"], "pack": summary["pack"]},
             "preprocess": "open_clip eval transform: resize shortest side to 64 (bicubic), centre crop, "
                           "OpenAI CLIP mean/std",
@@ -125,7 +135,7 @@ def ship_run(run_dir: Path, dest: Path | None = None) -> dict[str, Any]:
             raise ModelLoadError(f"training run {run_dir} does not give a loadable model (nothing shipped to "
                                  f"{dest}): {e}") from e
         sha = sha256_file(stage / "model.safetensors")
-        _swap_in(stage, dest)
+        replace_dir(stage, dest)  # fsyncs the stage; the old folder is restored if the swap fails
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
@@ -133,30 +143,19 @@ def ship_run(run_dir: Path, dest: Path | None = None) -> dict[str, Any]:
             "embed_dim": loaded.embed_dim, "image_size": list(loaded.image_size)}
 
 
-def _swap_in(stage: Path, dest: Path) -> None:
-    """Replace ``dest`` by ``stage`` with renames (same parent folder); the old ``dest`` comes
-    back if the second rename fails."""
-    if not dest.exists():
-        stage.rename(dest)
-        return
-    old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:12]}")
-    dest.rename(old)
-    try:
-        stage.rename(dest)
-    except BaseException:
-        old.rename(dest)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
 def _eval_rows(ev: dict[str, Any] | None) -> tuple[str, str, str, str]:
-    ev = ev or {}
-    return (_pct(ev.get("cifar10-test", {}).get("top1")), _pct(ev.get("imagenette-val", {}).get("top1")),
-            _pct(ev.get("flickr8k-1k", {}).get("t2i_R@5")), _pct(ev.get("flickr8k-1k", {}).get("i2t_R@5")))
+    """The card's four numbers from {set: quant.eval metrics} (``evaluate_pack``) or from a
+    ``results.json`` of ``clipfp8 train-eval`` (converted by ``report_metrics``)."""
+    from clipfp8.quant.train.evaluate import CIFAR, FLICKR, IMAGENETTE, report_metrics
+
+    ev = report_metrics(ev) if ev and "datasets" in ev else (ev or {})
+    return (_pct(ev.get(CIFAR, {}).get("acc1")), _pct(ev.get(IMAGENETTE, {}).get("acc1")),
+            _pct(ev.get(FLICKR, {}).get("image_retrieval_recall@5")),
+            _pct(ev.get(FLICKR, {}).get("text_retrieval_recall@5")))
 
 
 def _final_scale(dest: Path) -> float:
@@ -167,17 +166,21 @@ def _final_scale(dest: Path) -> float:
 
 def write_model_card(dest: Path, run_dir: Path, cpu_eval: dict[str, Any] | None, command: str,
                      notes: str = "") -> Path:
-    """Render ``MODEL_CARD.md`` from the run's ``summary.json``, the fp32 CPU eval and the device
-    command; names the sha256 of the shipped ``model.safetensors``."""
+    """Render ``MODEL_CARD.md`` from the run's ``summary.json``, the fp32 CPU eval (the
+    ``results.json`` of ``clipfp8 train-eval``, as a dict) and the device command; names the
+    sha256 of the shipped ``model.safetensors``."""
     summary = json.loads((Path(run_dir) / "summary.json").read_text())
     cfg, t, pack = summary["config"], summary["timing"], summary["pack"]
     vis = summary["model_cfg"]["vision_cfg"]
     sha = sha256_file(Path(dest) / "model.safetensors")
     size_mb = (Path(dest) / "model.safetensors").stat().st_size / 2**20
     rows = [("fp32, CPU, original eval files (reference)", *_eval_rows(cpu_eval)),
-            ("bf16 autocast, GPU, carried eval subsets (quick check)", *_eval_rows(summary.get("eval_gpu_pack")))]
+            ("bf16 autocast, GPU, carried eval subsets (quick check)",
+             *_eval_rows(summary.get("eval_gpu_pack")))]
     table = "\n".join(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} |" for r in rows)
-    text = f"""# Default model: FP8-CLIP tiny (ViT-{vis['width']}x{vis['layers']} @ {vis['image_size']} px + frozen MiniLM-L6)
+    px, dim = vis["image_size"], summary["model_cfg"]["embed_dim"]
+    ctx = summary["model_cfg"]["text_cfg"]["context_length"]
+    text = f"""# Default model: FP8-CLIP tiny (ViT-{vis['width']}x{vis['layers']} @ {px} px + frozen MiniLM-L6)
 
 sha256 of `model.safetensors`: {sha}
 
@@ -187,13 +190,13 @@ sha256 of `model.safetensors`: {sha}
 the training metadata. Load with `quant.core.models.load_model()` (offline).
 
 ## Architecture
-- Image tower, trained from scratch: open_clip VisionTransformer, {vis['image_size']}x{vis['image_size']} input,
+- Image tower, trained from scratch: open_clip VisionTransformer, {px}x{px} input,
   patch {vis['patch_size']}, width {vis['width']}, {vis['layers']} layers, head width {vis['head_width']},
-  MLP ratio {vis['mlp_ratio']}, projection to {summary['model_cfg']['embed_dim']}-d.
+  MLP ratio {vis['mlp_ratio']}, projection to {dim}-d.
 - Text tower: frozen all-MiniLM-L6-v2 (HFTextEncoder, mean pooling, context length
-  {summary['model_cfg']['text_cfg']['context_length']}) + trainable linear projection 384 -> {summary['model_cfg']['embed_dim']}.
+  {ctx}) + trainable linear projection 384 -> {dim}.
 - Learnable logit scale (ends at {_final_scale(dest):.1f}).
-- Preprocess: open_clip eval transform (shortest side to {vis['image_size']}, bicubic, centre crop, OpenAI mean/std).
+- Preprocess: open_clip eval transform (shortest side to {px}, bicubic, centre crop, OpenAI mean/std).
 
 ## Data (what was carried to the GPU)
 All of `../shared/data/train`, not subsampled: {pack['per_source']} ({pack['n32'] + pack['n64']} images,

@@ -17,15 +17,16 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipfp8.quant.core.fileio import atomic_write_text
+from clipfp8.quant.core.fileio import atomic_path, atomic_write_text
 from clipfp8.quant.train.model import TrainableParts, export_state
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,8 @@ def augment(u8: torch.Tensor, size: int, scale: tuple[float, float], jitter: flo
         return torch.rand(n, device=dev, generator=gen) * (hi - lo) + lo
 
     area = rand(*scale)
-    ratio = torch.exp(rand(math.log(ratio[0]), math.log(ratio[1])))
-    w, h = (area * ratio).sqrt().clamp(max=1.0), (area / ratio).sqrt().clamp(max=1.0)
+    aspect = torch.exp(rand(math.log(ratio[0]), math.log(ratio[1])))
+    w, h = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)
     cx, cy = rand(-1, 1) * (1 - w), rand(-1, 1) * (1 - h)
     flip = torch.where(torch.rand(n, device=dev, generator=gen) < 0.5, -1.0, 1.0)
     theta = torch.zeros(n, 2, 3, device=dev)
@@ -180,7 +181,7 @@ class GpuBatcher:
     def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> images float (B, 3, S, S) normalised, caption features (B, 384), groups int64 (B,)."""
         xs, gs = [], []
-        for (is32, idx), n in zip(self.pools, self.counts):
+        for (is32, idx), n in zip(self.pools, self.counts, strict=True):
             pick = idx[torch.randint(len(idx), (n,), device=idx.device, generator=self.gen)]
             src, grp = (self.img32, self.g32) if is32 else (self.img64, self.g64)
             sc = self.cfg.scale32 if is32 else self.cfg.scale64
@@ -192,7 +193,8 @@ class GpuBatcher:
 
 
 def _optimizer(parts: TrainableParts, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in parts.named_parameters():
         # no decay for gains/biases, embeddings and the temperature (standard CLIP/ViT practice)
         (no_decay if p.ndim < 2 or "embedding" in name or "logit_scale" in name else decay).append(p)
@@ -231,7 +233,7 @@ def _step_fn(parts: TrainableParts, visual: Callable, opt: torch.optim.Optimizer
     return step
 
 
-def _warm_compiled(parts: TrainableParts, cfg: TrainConfig, batcher: "GpuBatcher",
+def _warm_compiled(parts: TrainableParts, cfg: TrainConfig, batcher: GpuBatcher,
                    opt: torch.optim.Optimizer) -> Callable:
     """torch.compile the image tower when asked and it works here; else eager. Two warm-up steps
     at lr 0 trigger compilation (Adam moments are reset afterwards)."""
@@ -308,8 +310,8 @@ def _finish(parts: TrainableParts, cfg: TrainConfig, model_cfg: dict[str, Any], 
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
     # weights and log first: a failing quick eval must not lose the run
-    save_file(export_state(parts), str(out / "model.safetensors.tmp"))
-    (out / "model.safetensors.tmp").replace(out / "model.safetensors")
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(export_state(parts), str(tmp))
     log_csv = io.StringIO()
     w = csv.DictWriter(log_csv, fieldnames=list(rows[0]))
     w.writeheader()
@@ -325,7 +327,8 @@ def _finish(parts: TrainableParts, cfg: TrainConfig, model_cfg: dict[str, Any], 
             log.warning("quick eval failed: %s: %s", type(e).__name__, e)
     timing["eval_s"] = round(time.perf_counter() - t0, 1)
     summary = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-               "model_cfg": model_cfg, "pack": {k: meta[k] for k in ("n32", "n64", "per_source", "n_groups", "n_captions")},
+               "model_cfg": model_cfg,
+               "pack": {k: meta[k] for k in ("n32", "n64", "per_source", "n_groups", "n_captions")},
                "timing": timing, "final_loss": rows[-1]["loss"], "eval_gpu_pack": metrics,
                "device": torch.cuda.get_device_name() if cfg.device.startswith("cuda") else "cpu",
                "torch": torch.__version__}
@@ -350,5 +353,6 @@ def plot_loss(rows: list[dict[str, Any]], path: Path) -> None:
     ax2.set_ylabel("logit scale")
     fig.legend(loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)

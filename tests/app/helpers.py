@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -62,3 +63,9 @@ class MemIndex:
 
     def resolve(self, rel_path: str) -> Path:
         return safe_resolve(self.corpus_root, rel_path)
+
+    def path_of(self, hit_id: int) -> str | None:
+        return self.paths[hit_id] if 0 <= hit_id < len(self.paths) else None
+
+    def indexed_paths(self) -> list[str]:
+        return list(self.paths)

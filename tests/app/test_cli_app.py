@@ -1,10 +1,12 @@
-"""The serve/demo subcommands: safe defaults and argument errors."""
+"""The serve/demo subcommands: safe defaults, argument errors, the URL they announce."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 
-from clipfp8.app.cli import build_parser, main
+import clipfp8.app.demo
+from clipfp8.app.cli import EXIT_BAD_INPUT, EXIT_ERROR, build_parser, main
 from tests.app.helpers import make_corpus
 
 
@@ -23,47 +25,84 @@ def test_demo_defaults():
 
 
 def test_serve_missing_index_dir_is_a_one_line_error(tmp_path, capsys):
-    assert main(["serve", "--index-dir", str(tmp_path / "nope")]) == 2
+    assert main(["serve", "--index-dir", str(tmp_path / "nope")]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert "clipfp8 serve: error:" in err and "nope" in err and "Traceback" not in err
 
 
 def test_serve_dir_without_index_is_a_one_line_error(tmp_path, capsys):
-    assert main(["serve", "--index-dir", str(tmp_path)]) == 2
+    assert main(["serve", "--index-dir", str(tmp_path)]) == EXIT_BAD_INPUT
     assert "clipfp8 serve: error:" in capsys.readouterr().err
 
 
-def _capture_launch(monkeypatch) -> dict:
+def _capture_launch(monkeypatch, url: str | None = None, error: Exception | None = None) -> dict:
+    """Replace gr.Blocks.launch: record its arguments; like Gradio, set ``local_url`` once
+    "bound" (``url``), or raise ``error``."""
     import gradio as gr
 
     seen: dict = {}
 
     def fake_launch(self, **kwargs):
         seen.update(kwargs)
+        if error is not None:
+            raise error
+        self.local_url = url
         return None
 
     monkeypatch.setattr(gr.Blocks, "launch", fake_launch)
     return seen
 
 
-def test_serve_launches_loopback_with_only_the_corpus_allowed(tmp_path, monkeypatch):
-    from clipfp8.app.backend import FAKE_ENCODER_ENV, fake_encoders
+def _fake_index(tmp_path: Path) -> tuple[Path, Path]:
+    from clipfp8.app.backend import fake_encoders
     from clipfp8.indexing import index_corpus
 
     corpus = make_corpus(tmp_path / "c", per_colour=1)
     index_corpus(corpus, tmp_path / "idx", list(fake_encoders().values()), workers=1)
+    return corpus, tmp_path / "idx"
+
+
+def test_serve_launches_loopback_with_only_the_corpus_allowed(tmp_path, monkeypatch):
+    from clipfp8.app.backend import FAKE_ENCODER_ENV
+
+    corpus, idx = _fake_index(tmp_path)
     monkeypatch.setenv(FAKE_ENCODER_ENV, "1")
     seen = _capture_launch(monkeypatch)
-    assert main(["serve", "--index-dir", str(tmp_path / "idx"), "--port", "7999"]) == 0
+    assert main(["serve", "--index-dir", str(idx), "--port", "7999"]) == 0
     assert seen["server_name"] == "127.0.0.1" and seen["server_port"] == 7999 and seen["share"] is False
     # Nothing is served from disk: results go out as thumbnails; corpus and index are blocked.
-    assert seen["allowed_paths"] == [] and seen["max_file_size"] == "10mb"
-    assert set(seen["blocked_paths"]) == {str(corpus.resolve()), str((tmp_path / "idx").resolve())}
+    assert seen["allowed_paths"] == []
+    assert set(seen["blocked_paths"]) == {str(corpus.resolve()), str(idx.resolve())}
     assert seen["inbrowser"] is False and seen["show_error"] is False
 
 
-def test_demo_prepares_then_serves_without_share(tmp_path, monkeypatch):
-    import clipfp8.app.demo
+def test_serve_prints_the_url_once_gradio_has_bound_it(tmp_path, monkeypatch, capsys):
+    from clipfp8.app.backend import FAKE_ENCODER_ENV
+
+    _, idx = _fake_index(tmp_path)
+    monkeypatch.setenv(FAKE_ENCODER_ENV, "1")
+    _capture_launch(monkeypatch, url="http://127.0.0.1:7999/")
+    assert main(["serve", "--index-dir", str(idx), "--port", "7999"]) == 0
+    out, err = capsys.readouterr()
+    lines = [line for line in out.splitlines() if "http://" in line]
+    assert lines == [f"clipfp8: serving {(tmp_path / 'c').resolve()} on http://127.0.0.1:7999/ (Ctrl+C to stop)"]
+    assert "clipfp8: stopped" in err
+
+
+def test_serve_port_in_use_names_the_flag(tmp_path, monkeypatch, capsys):
+    from clipfp8.app.backend import FAKE_ENCODER_ENV
+
+    _, idx = _fake_index(tmp_path)
+    monkeypatch.setenv(FAKE_ENCODER_ENV, "1")
+    gradio_error = OSError("Cannot find empty port in range: 7999-7999. You can specify a different port by "
+                           "setting the GRADIO_SERVER_PORT environment variable or passing the `server_port`")
+    _capture_launch(monkeypatch, error=gradio_error)
+    assert main(["serve", "--index-dir", str(idx), "--port", "7999"]) == EXIT_ERROR
+    out, err = capsys.readouterr()
+    assert "--port 7999 is in use" in err and "GRADIO_SERVER_PORT" not in err and "http://" not in out
+
+
+def test_demo_prepares_then_serves_without_share(tmp_path, monkeypatch, capsys):
     from clipfp8.app.backend import fake_encoders
     from clipfp8.indexing import index_corpus
 
@@ -77,8 +116,16 @@ def test_demo_prepares_then_serves_without_share(tmp_path, monkeypatch):
         return cfg.index_dir, encs
 
     monkeypatch.setattr(clipfp8.app.demo, "prepare_demo", fake_prepare)
-    seen = _capture_launch(monkeypatch)
+    seen = _capture_launch(monkeypatch, url="http://127.0.0.1:7998/")
     assert main(["demo", "--no-browser", "--work-dir", str(tmp_path / "w"), "--port", "7998"]) == 0
     assert calls and calls[0].work_dir == tmp_path / "w"
     assert seen["share"] is False and seen["inbrowser"] is False and seen["server_name"] == "127.0.0.1"
     assert seen["allowed_paths"] == [] and str(corpus.resolve()) in seen["blocked_paths"]
+    assert "clipfp8: demo on http://127.0.0.1:7998/ (Ctrl+C to stop)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("device", ["nvidia", "cuda:x"])
+def test_demo_rejects_a_bad_device_as_a_usage_error(device, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["demo", "--device", device])
+    assert e.value.code == 2 and "--device" in capsys.readouterr().err

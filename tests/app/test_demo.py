@@ -28,6 +28,24 @@ def test_bundled_samples_are_small_captioned_jpegs_with_a_licence():
         assert im.format == "JPEG" and max(im.size) <= 128
 
 
+def test_bundled_samples_hold_no_picture_twice():
+    import hashlib
+
+    by_hash: dict[str, list[str]] = {}
+    for p in sorted(SAMPLES.rglob("*.jpg")):
+        by_hash.setdefault(hashlib.sha256(p.read_bytes()).hexdigest(), []).append(p.relative_to(SAMPLES).as_posix())
+    assert [v for v in by_hash.values() if len(v) > 1] == []
+
+
+def test_the_search_placeholder_names_captions_of_the_bundled_samples():
+    from clipfp8.app.search import placeholder_text
+
+    caps = [c for cs in json.loads((SAMPLES / "captions.json").read_text()).values() for c in cs]
+    text = placeholder_text(caps, [])
+    words = text.removeprefix("e.g. ").split(" — ")[0].replace(" or ", ", ").split(", ")
+    assert len(words) == 3 and all(w in caps for w in words), text
+
+
 def test_clean_title_drops_numbers_and_short_names():
     from clipfp8.app.samples import clean_title
 
@@ -76,7 +94,7 @@ def test_quantize_step_is_cached_by_weights_checksum(tmp_path, monkeypatch):
     assert D.quantize_step(cfg) == out
     assert not list(cfg.work_dir.glob(".quantized-*"))  # no temp dir left behind
     encs = D.demo_encoders(cfg, out)
-    assert {k: e.precision for k, e in encs.items()} == {"FP16": "fp16", "FP8": "fp8-fake"}
+    assert {k: e.precision for k, e in encs.items()} == {"FP32 (CPU baseline)": "fp32", "FP8": "fp8-fake"}
     emb = encs["FP8"].encode_texts(["a red square", "a cat"])
     assert emb.shape == (2, encs["FP8"].dim) and abs(float((emb ** 2).sum(1).mean()) - 1.0) < 1e-3
 
@@ -102,11 +120,12 @@ def test_prepare_demo_indexes_the_corpus_with_injected_encoders(tmp_path):
 
 
 def test_demo_pipeline_with_a_tiny_real_model(tmp_path):
-    """quantize -> FP16 + FP8-fake encoders -> index -> app search, all with a tiny open_clip model."""
+    """quantize -> FP32 (the CPU baseline) + FP8-fake encoders -> index -> app search, all with a tiny
+    open_clip model."""
     import torch
 
     import clipfp8.app.search as S
-    from clipfp8.app.backend import CPU_FP8_NOTE, open_context
+    from clipfp8.app.backend import CPU_BASELINE_LABEL, CPU_BASELINE_NOTE_MD, CPU_FP8_NOTE, open_context
 
     corpus = make_corpus(tmp_path / "c", per_colour=2)
     cfg = D.DemoConfig(work_dir=tmp_path / "w", corpus=corpus, model=ModelSpec(name="tiny", config=tiny_config()),
@@ -117,13 +136,14 @@ def test_demo_pipeline_with_a_tiny_real_model(tmp_path):
     encoders = D.demo_encoders(cfg, quantized)
     index_dir, _ = D.prepare_demo(cfg, encoders=encoders)
     ctx = open_context(index_dir, encoders=encoders)
-    assert ctx.device_note == CPU_FP8_NOTE
+    assert list(encoders) == [CPU_BASELINE_LABEL, "FP8"]  # on the CPU the 16-bit baseline runs as fp32
+    assert ctx.device_note == f"{CPU_BASELINE_NOTE_MD} {CPU_FP8_NOTE}"
     target = "blue/blue_1.png"
     with Image.open(corpus / target) as im:
         res = S.search(im.convert("RGB"), ctx.encoders, ctx.index, k=3, mode="side_by_side")
-    for label in ("FP16", "FP8"):
+    for label in (CPU_BASELINE_LABEL, "FP8"):
         top = res.results[label].items[0]
         assert top.path == target and top.score > 0.99  # an indexed image finds itself
-    q16 = encoders["FP16"].encode_texts(["a blue square"])
+    q16 = encoders[CPU_BASELINE_LABEL].encode_texts(["a blue square"])
     q8 = encoders["FP8"].encode_texts(["a blue square"])
     assert not torch.allclose(torch.from_numpy(q16), torch.from_numpy(q8))  # FP8 rounding is really applied

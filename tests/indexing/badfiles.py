@@ -75,3 +75,60 @@ def non_utf8_name(folder: Path) -> Path:
     with open(raw, "wb") as f:
         f.write(buf.getvalue())
     return Path(os.fsdecode(raw))
+
+
+# ----- hostile files: each would cost unbounded memory, disk reads or a blocked open -----------
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def thin_strip(path: Path, width: int, height: int) -> Path:
+    """A valid RGB PNG of width x height (e.g. 1 x 300000): few pixels, extreme aspect ratio.
+    Resizing its short side to a model's input size builds a huge intermediate."""
+    Image.new("RGB", (width, height), (200, 60, 20)).save(path)
+    return path
+
+
+def zlib_bomb_png(path: Path, width: int, height: int) -> Path:
+    """A real, valid greyscale PNG of width x height black pixels, compressed about 1000:1 and
+    written row by row (never held in memory): it decodes to ``width * height`` bytes."""
+    comp = zlib.compressobj(9)
+    row = b"\0" * (width + 1)  # filter byte + pixels
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)))
+        pending = bytearray()
+        for _ in range(height):
+            pending += comp.compress(row)
+            if len(pending) > 1 << 20:
+                f.write(_png_chunk(b"IDAT", bytes(pending)))
+                pending.clear()
+        pending += comp.flush()
+        f.write(_png_chunk(b"IDAT", bytes(pending)) + _png_chunk(b"IEND", b""))
+    return path
+
+
+def sparse_file(path: Path, size: int) -> Path:
+    """A file claiming ``size`` bytes (zeros) that takes no disk space (truncate)."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def fifo(path: Path) -> Path:
+    """A named pipe: opening it for reading blocks until a writer appears."""
+    os.mkfifo(path)
+    return path
+
+
+def hostile_corpus(root: Path, strip: int = 300_000, sparse_bytes: int = 3 << 30) -> dict[str, str]:
+    """Thin strips both ways, a sparse multi-GB .jpg, a real decompression bomb, a FIFO and a
+    symlink to a device, in ``root``. Returns name -> expected skip reason ("" = indexed)."""
+    root.mkdir(parents=True, exist_ok=True)
+    thin_strip(root / "strip_tall.png", 1, strip)
+    thin_strip(root / "strip_wide.png", strip, 1)
+    sparse_file(root / "sparse.jpg", sparse_bytes)
+    zlib_bomb_png(root / "bomb.png", 20_000, 20_000)
+    fifo(root / "pipe.png")
+    os.symlink("/dev/zero", root / "device.jpg")
+    return {"strip_tall.png": "", "strip_wide.png": "", "sparse.jpg": "file_too_large",
+            "bomb.png": "oversized", "pipe.png": "not_regular_file", "device.jpg": "not_regular_file"}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipfp8.indexing.decode import imap_bounded, open_image
+from clipfp8.indexing.decode import imap_bounded, open_image, pixel_limit
 from clipfp8.indexing.errors import DecodeError
 from tests.indexing import badfiles as bf
 
@@ -58,13 +58,42 @@ def test_bad_bytes(data: bytes, reason: str) -> None:
 
 
 def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path) -> None:
-    bomb = bf.png_with_dims(tmp_path / "b.png", 60_000, 60_000)
+    bomb = bf.png_with_dims(tmp_path / "b.png", 60_000, 60_000)  # above Pillow's own limit too
     with pytest.raises(DecodeError) as e:
-        open_image(bomb.read_bytes(), 10**12)  # beyond our limit: Pillow's own bomb error
-    assert e.value.reason == "oversized"
+        open_image(bomb.read_bytes(), 64_000_000)
+    # our limit and flag are named, not Pillow's 178,956,970
+    assert e.value.reason == "oversized" and "64,000,000 (--max-pixels)" in str(e.value)
+    assert "178" not in str(e.value)
     with pytest.raises(DecodeError) as e:
         open_image(bf.png_with_dims(tmp_path / "s.png", 300, 300).read_bytes(), 1000)
-    assert e.value.reason == "oversized"
+    assert e.value.reason == "oversized" and "300x300 = 90,000 pixels > the limit of 1,000" in str(e.value)
+
+
+def test_max_pixels_is_exact_and_per_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow's process-wide limit (shrunk here to 2 x 2,000 pixels to stand for its default
+    178,956,970) neither refuses below our limit nor is loosened for anyone else."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2_000)
+    path = tmp_path / "a.png"
+    Image.new("RGB", (120, 100), (1, 2, 3)).save(path)
+    assert open_image(path.read_bytes(), 20_000).size == (120, 100)  # 12,000 > Pillow's 4,000
+    with pytest.raises(DecodeError, match="the limit of 10,000"):
+        open_image(path.read_bytes(), 10_000)
+    with pytest.raises(Image.DecompressionBombError):  # outside our calls: Pillow's own check
+        Image.open(path)
+    results: list[object] = []
+
+    def other_thread() -> None:  # the per-call limit belongs to the calling thread only
+        try:
+            Image.open(path)
+            results.append("opened")
+        except Image.DecompressionBombError:
+            results.append("refused")
+
+    with pixel_limit(10**9):
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join()
+    assert results == ["refused"]
 
 
 def test_imap_bounded_keeps_order_and_bounds_lookahead() -> None:

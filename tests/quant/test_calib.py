@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipfp8.quant.calib import CalibConfig, CalibrationSet, default_sizes, find_images, load_captions, prompt_for
+from clipfp8.quant.calib import CalibConfig, CalibrationSet, default_sizes, find_images, prompt_for
+from clipfp8.quant.core.captions import read_captions
 from clipfp8.quant.core.errors import CalibrationDataError
 from tests.quant.conftest import make_images
 
@@ -67,7 +68,7 @@ def test_captions_json_and_csv(tmp_path: Path) -> None:
     assert dict((p.name, c) for p, c in cs.pairs) == {"x_000.png": "a black cat", "x_001.png": "a dog"}
     csv_file = tmp_path / "caps.csv"
     csv_file.write_text("image,caption\nx/x_000.png,first\nx/x_000.png,second\n")
-    assert load_captions(csv_file) == {"x/x_000.png": ["first", "second"]}
+    assert read_captions(csv_file, strict=False) == {"x/x_000.png": ["first", "second"]}
     cs = CalibrationSet(CalibConfig(root, captions=csv_file), _pre, _Tok())
     assert dict((p.name, c) for p, c in cs.pairs)["x_001.png"] == "a photo of a x."
     assert len(paths) == 2
@@ -79,7 +80,7 @@ def test_bad_captions_files(tmp_path: Path, image_folder: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("[1, 2")
     with pytest.raises(CalibrationDataError, match="bad.json"):
-        load_captions(bad)
+        read_captions(bad, strict=False)
 
 
 def test_missing_empty_and_not_a_folder(tmp_path: Path) -> None:

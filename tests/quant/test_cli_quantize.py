@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from clipfp8.app.cli import main
+from clipfp8.app.cli import EXIT_AUDIT_FAILED, EXIT_BAD_INPUT, main
 from clipfp8.quant.core.models import tiny_config
 from tests.quant.conftest import make_images
 
@@ -92,26 +92,26 @@ def test_quantize_bad_input(workdir: Path, tmp_path: Path, capsys, case: str) ->
     out = tmp_path / "out"
     rc = main(["quantize", "--calib", str(calib), "--output", str(out), "--model", model, "--device", "cpu"])
     err = capsys.readouterr().err
-    assert rc == 2
+    assert rc == EXIT_BAD_INPUT
     assert "clipfp8 quantize: error:" in err and expect in err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
 def test_audit_bad_input(quantized_dir: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    assert main(["audit", "--quantized", str(tmp_path / "missing")]) == 2
+    assert main(["audit", "--quantized", str(tmp_path / "missing")]) == EXIT_BAD_INPUT
     assert "missing" in capsys.readouterr().err
     import shutil
 
     bad = tmp_path / "corrupt"
     shutil.copytree(quantized_dir, bad)
     (bad / "model.safetensors").write_bytes(b"junk")
-    assert main(["audit", "--quantized", str(bad)]) == 2
+    assert main(["audit", "--quantized", str(bad)]) == EXIT_BAD_INPUT
     assert "model.safetensors" in capsys.readouterr().err
     spec = json.loads((quantized_dir / "model_spec.json").read_text())
     spec["config"]["text_cfg"]["width"] = 32
     shutil.copytree(quantized_dir, tmp_path / "mismatch")
     (tmp_path / "mismatch" / "model_spec.json").write_text(json.dumps(spec))
-    assert main(["audit", "--quantized", str(tmp_path / "mismatch")]) == 2
+    assert main(["audit", "--quantized", str(tmp_path / "mismatch")]) == EXIT_BAD_INPUT
     assert "does not match" in capsys.readouterr().err
 
 
@@ -133,4 +133,4 @@ def test_audit_cli_fails_on_fp8_default_cfg_trap(tmp_path: Path, capsys) -> None
     save_quantized(loaded, tmp_path / "trap", QuantConfig())
     rc = main(["audit", "--quantized", str(tmp_path / "trap")])
     err = capsys.readouterr().err
-    assert rc == 2 and "image tower runs no GEMM in FP8" in err
+    assert rc == EXIT_AUDIT_FAILED and "image tower runs no GEMM in FP8" in err

@@ -73,15 +73,15 @@ def test_evaluate_cli_limit_and_templates(tmp_path, tiny_model, colour_classes):
 
 
 def test_evaluate_cli_errors_through_clipfp8(tmp_path, tiny_model, colour_classes, capsys):
-    from clipfp8.app.cli import main
+    from clipfp8.app.cli import EXIT_BAD_INPUT, EXIT_USAGE, main
 
-    assert main(["evaluate", "--dataset", str(tmp_path / "nope"), "--device", "cpu"]) == 2
+    assert main(["evaluate", "--dataset", str(tmp_path / "nope"), "--device", "cpu"]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert "clipfp8 evaluate: error:" in err and str(tmp_path / "nope") in err and not tiny_model
     assert main(["evaluate", "--dataset", str(colour_classes), "--precision", "fp16", "fp8-fake",
-                 "--device", "cpu"]) == 2
+                 "--device", "cpu"]) == EXIT_USAGE
     assert "--quantized" in capsys.readouterr().err
-    assert main(["evaluate", "--device", "cpu"]) == 2
+    assert main(["evaluate", "--device", "cpu"]) == EXIT_USAGE
     assert "--preset" in capsys.readouterr().err
 
 
@@ -128,6 +128,6 @@ def test_evaluate_refuses_fp8_of_another_model(tmp_path, colour_captions, capsys
     q = _quantized_dir(tmp_path / "q", ("image", "text"))
     rc = main(["evaluate", "--dataset", str(colour_captions), "--precision", "fp8-fake", "--quantized", str(q),
                "--device", "cpu", "--no-progress"])
-    assert rc == 2
+    assert rc == 3  # bad input: the two models differ
     err = capsys.readouterr().err
     assert "config:tiny" in err and "'default'" in err

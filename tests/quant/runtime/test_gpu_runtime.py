@@ -37,14 +37,13 @@ def gpu_models():
     """fp16 reference, fake-quant (fp16, CUDA) and real-FP8 versions of a small CLIP."""
     from clipfp8.quant.core.config import ModelSpec
     from clipfp8.quant.core.models import load_model
-    from clipfp8.quant.runtime.calibrate import fp8_quantize
     from clipfp8.quant.runtime.fp8_encoder import build_fp8_model
+    from tests.quant.runtime.conftest import fake_quantize
 
     torch.manual_seed(0)
     base = load_model(ModelSpec(name="small", config=SMALL)).model.cuda().half().eval()
     calib = [small_inputs(16, seed=s) for s in (1, 2)]
-    fake = fp8_quantize(base, [i.cuda().half() for i, _ in calib], [t.cuda() for _, t in calib],
-                        softmax=True).eval()
+    fake = fake_quantize(base, [(i.cuda().half(), t.cuda()) for i, t in calib])
     fp8, report = build_fp8_model(copy.deepcopy(fake), "cuda")  # exact softmax rounding (default)
     return base, fake, fp8, report
 
@@ -108,14 +107,14 @@ def test_single_fp8_gemm_equals_modelopt_fake_quant(fast_accum):
     """One ViT-L-sized Linear: FP8 GEMM vs ModelOpt's fake-quant QuantLinear computed in fp32."""
     import modelopt.torch.quantization as mtq
 
-    from clipfp8.quant.runtime.calibrate import avoid_modelopt_cuda_jit, runtime_fp8_config
+    from clipfp8.quant.ptq import QuantConfig, avoid_modelopt_cuda_jit, build_mtq_config
     from clipfp8.quant.runtime.fp8_linear import FP8Linear
 
     avoid_modelopt_cuda_jit()
     torch.manual_seed(0)
     x = torch.randn(512, 1024, device="cuda").half()
     lin = torch.nn.Sequential(torch.nn.Linear(1024, 4096)).cuda()
-    fq = mtq.quantize(lin, runtime_fp8_config(exclude=()), lambda m: m(x.float()))
+    fq = mtq.quantize(lin, build_mtq_config(QuantConfig(exclude=()), lin), lambda m: m(x.float()))
     fp8 = FP8Linear.from_linear(fq[0], fq[0].weight_quantizer.amax, fq[0].input_quantizer.amax,
                                 mode="scaled_mm", fast_accum=fast_accum)
     fp8.bias.data = fp8.bias.half()

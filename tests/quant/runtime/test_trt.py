@@ -27,11 +27,11 @@ def test_engine_config_validates():
 
 
 def test_bench_rejects_trt_without_tensorrt(monkeypatch, tmp_path):
-    from clipfp8.quant.runtime.cli import bench
+    from clipfp8.quant.runtime.cli import bench_towers
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(UnsupportedPrecisionError):
-        bench(precisions="fp16-eager,trt", cpu_smoke=True, out=tmp_path / "b.json")
+        bench_towers(precisions="fp16-eager,trt", cpu_smoke=True, out=tmp_path / "b.json")
 
 
 @pytest.mark.gpu

@@ -1,0 +1,394 @@
+"""Stage 2 on the GPU: batched nvJPEG decode and preprocessing on the encoders' device.
+
+``GpuDecoder`` is a ``Decoder`` whose ``imap`` runs three overlapping steps:
+
+1. worker threads read and hash files (bounded prefetch: at most ``lookahead`` files and
+   ``max_bytes_in_flight`` bytes) and check each JPEG header (``jpeg_header.gpu_refusal``:
+   the ``max_pixels`` bomb guard, EXIF rotation, CMYK, truncation...);
+2. a producer thread decodes batches with ``torchvision.io.decode_jpeg(list, device=...)``
+   (nvJPEG on CUDA) and preprocesses them on the device (``gpu_transform``, the encoders' own
+   open_clip transform), on its own CUDA stream, while the caller encodes the previous batch;
+3. the caller receives ``Decoded`` items in task order whose tensors live on the device.
+
+Every file the header check refuses, and every file nvJPEG fails on, goes through the CPU path
+(``ImageDecoder``, Pillow) unchanged: same pixels, same error reasons. The device is a parameter,
+so the same code runs on the CPU (libjpeg via torchvision) for tests.
+``choose_decoder`` picks this decoder or the CPU one (``IndexConfig.decode``).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Generator, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from clipfp8.indexing.config import IndexConfig
+from clipfp8.indexing.decode import Decoded, Decoder, DecodeTask, ImageDecoder, read_and_hash
+from clipfp8.indexing.errors import DecodeError, IndexConfigError
+from clipfp8.indexing.gpu_transform import TransformSpec, preprocess_images, transform_spec
+from clipfp8.indexing.jpeg_header import gpu_refusal
+from clipfp8.quant.core.encoder import Encoder
+
+log = logging.getLogger(__name__)
+
+JPEG_SUFFIXES = (b".jpg", b".jpeg", b".jpe", b".jfif")
+_DONE = object()
+
+
+@dataclass
+class _Item:
+    """A file on its way: ``out`` is final unless ``data`` (the JPEG bytes) awaits the device,
+    which must decode it to ``shape`` (3, height, width) as its header says. ``held``: bytes
+    counted against ``max_bytes_in_flight`` (the scanned size) until the device is done."""
+
+    task: DecodeTask
+    out: Decoded
+    held: int
+    data: bytes | None = None
+    shape: tuple[int, int, int] | None = None
+
+
+class GpuDecoder:
+    """Batched JPEG decode + preprocess on ``device``, CPU fallback per file.
+
+    ``specs``: encoder name -> its transform's parameters; ``cpu``: the CPU decoder used for
+    fallbacks (its limits ``max_pixels``, ``max_file_bytes``, ``max_aspect`` apply here too).
+    ``batch_size``: files per device batch; ``max_batch_pixels``: decoded pixels per
+    ``decode_jpeg`` call (bounds device memory). ``stats`` counts files by route:
+    ``gpu``, ``cpu:<refusal reason>``, ``cpu:device_failed``.
+    """
+
+    def __init__(self, specs: dict[str, TransformSpec], cpu: ImageDecoder, device: str,
+                 batch_size: int = 64, max_bytes_in_flight: int = 1 << 30,
+                 max_batch_pixels: int = 256_000_000, prefetch_batches: int = 2) -> None:
+        if set(specs) != set(cpu.preprocess):
+            raise ValueError(f"GpuDecoder: specs for {sorted(specs)} but CPU preprocess for {sorted(cpu.preprocess)}")
+        self.specs, self.cpu, self.device = specs, cpu, torch.device(device)
+        self.batch_size, self.prefetch = max(1, batch_size), max(1, prefetch_batches)
+        self.max_bytes_in_flight = max(max_bytes_in_flight, cpu.max_file_bytes)
+        self.max_batch_pixels = max_batch_pixels
+        self.stats: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    # ----- one file --------------------------------------------------------------------------
+    def __call__(self, task: DecodeTask) -> Decoded:
+        """Decode one file synchronously (on the caller's current stream)."""
+        item = self._read(task, 0)
+        if item.data is not None:
+            self._decode_group([item], stream=None)
+        return item.out
+
+    def _count(self, route: str, n: int = 1) -> None:
+        with self._lock:
+            self.stats[route] += n
+
+    def _read(self, task: DecodeTask, held: int) -> _Item:
+        """Read + hash + header check (a worker thread). Refused files are finished here by the
+        CPU path; the others keep their bytes for the device."""
+        item = _Item(task, Decoded(task.entry), held)
+        if not task.entry.rel.lower().endswith(JPEG_SUFFIXES):
+            self._count("cpu:not_jpeg")
+            item.out = self.cpu(task)
+            return item
+        t0 = time.perf_counter()
+        out = item.out
+        try:
+            data, out.sha256 = read_and_hash(task.path, self.cpu.max_file_bytes)
+            t1 = time.perf_counter()
+            out.parts["read"] = t1 - t0
+            if out.sha256 not in task.skip_hashes:
+                reason, head = gpu_refusal(data, self.cpu.max_pixels, self.cpu.max_aspect)
+                out.parts["header"] = time.perf_counter() - t1
+                if reason is not None or head is None:
+                    self._count(f"cpu:{reason or 'bad_header'}")
+                    return self._fallback(item)
+                item.data, item.shape = data, (3, head.height, head.width)
+                out.width, out.height = head.width, head.height
+        except DecodeError as e:
+            out.error = str(e)
+        except Exception as e:  # one broken file must never stop the run
+            log.warning("unexpected error reading %s: %r", task.path, e)
+            out.error = f"decode_failed: {type(e).__name__}: {e}"
+        out.seconds = time.perf_counter() - t0
+        return item
+
+    def _fallback(self, item: _Item) -> _Item:
+        """The CPU path for this file (it reads the file again: its rules, its reasons)."""
+        before = item.out.parts
+        item.out, item.data = self.cpu(item.task), None
+        for part, sec in before.items():
+            item.out.parts[part] = item.out.parts.get(part, 0.0) + sec
+        item.out.seconds += sum(before.values())
+        return item
+
+    # ----- batches on the device -------------------------------------------------------------
+    def _pixel_chunks(self, items: list[_Item]) -> Iterator[list[_Item]]:
+        chunk: list[_Item] = []
+        pixels = 0
+        for it in items:
+            _, h, w = it.shape or (0, 0, 0)
+            n = h * w
+            if chunk and pixels + n > self.max_batch_pixels:
+                yield chunk
+                chunk, pixels = [], 0
+            chunk.append(it)
+            pixels += n
+        if chunk:
+            yield chunk
+
+    def _decode_jpegs(self, chunk: list[_Item]) -> list[torch.Tensor | None]:
+        """uint8 (3, h, w) per file on the device; None where the decoder failed (a batch that
+        fails is retried file by file to find the culprits)."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        raw = [torch.frombuffer(bytearray(it.data or b""), dtype=torch.uint8) for it in chunk]
+        try:
+            images: list[torch.Tensor | None] = list(decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device))
+        except RuntimeError:
+            images = []
+            for it, r in zip(chunk, raw, strict=True):
+                try:
+                    images.append(decode_jpeg([r], mode=ImageReadMode.RGB, device=self.device)[0])
+                except RuntimeError as e:
+                    log.debug("device JPEG decode failed for %s: %s", it.task.path, e)
+                    images.append(None)
+        for k, (it, im) in enumerate(zip(chunk, images, strict=True)):
+            if im is not None and tuple(im.shape) != it.shape:
+                images[k] = None  # not what the header promised: let Pillow judge
+        return images
+
+    def _preprocess(self, items: list[_Item], images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Fill each item's tensors (one preprocessing per distinct transform, shared by the
+        encoders that use it); returns the batch tensors that back them."""
+        batches = {spec: preprocess_images(images, spec) for spec in set(self.specs.values())}
+        for name, spec in self.specs.items():
+            for j, it in enumerate(items):
+                it.out.tensors[name] = batches[spec][j]
+        return list(batches.values())
+
+    def _decode_group(self, group: list[_Item], stream: Any) -> list[torch.Tensor]:
+        """Decode and preprocess the group's pending files on the device; returns the batch
+        tensors behind their ``Decoded.tensors``. Files the device fails on take the CPU path."""
+        items = [it for it in group if it.data is not None]
+        if not items:
+            return []
+        t0 = time.perf_counter()
+        bases: list[torch.Tensor] = []
+        failed: list[_Item] = []
+        with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
+            for chunk in self._pixel_chunks(items):
+                images = self._decode_jpegs(chunk)
+                ok = [(it, im) for it, im in zip(chunk, images, strict=True) if im is not None]
+                failed += [it for it, im in zip(chunk, images, strict=True) if im is None]
+                del images
+                try:
+                    if ok:
+                        bases += self._preprocess([it for it, _ in ok], [im for _, im in ok])
+                except RuntimeError as e:  # e.g. device out of memory: the CPU path still works
+                    log.warning("device preprocessing failed (%s); %d files fall back to the CPU", e, len(ok))
+                    failed += [it for it, _ in ok]
+            if stream is not None:
+                stream.synchronize()  # the consumer may use the tensors on any stream
+        share = (time.perf_counter() - t0) / len(items)
+        self._count("gpu", len(items) - len(failed))
+        for it in items:
+            it.data = None
+            it.out.parts["gpu"] = share
+            it.out.seconds += share
+        for it in failed:
+            it.out.tensors = {}
+            self._count("cpu:device_failed")
+            self._fallback(it)
+        return bases
+
+    # ----- the stream --------------------------------------------------------------------------
+    def imap(self, tasks: Iterable[DecodeTask], workers: int, lookahead: int) -> Iterator[Decoded]:
+        """``Decoded`` for every task, in order; decoding runs ahead on threads (see module doc).
+        Tensors of device-decoded files are views of batch tensors on ``device``."""
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        producer = threading.Thread(target=self._produce, args=(tasks, workers, lookahead, q, stop),
+                                    name="gpu-decode", daemon=True)
+        producer.start()
+        try:
+            while True:
+                msg = q.get()
+                if msg is _DONE:
+                    break
+                if isinstance(msg, BaseException):
+                    raise msg
+                bases, outs = msg
+                if self.device.type == "cuda":
+                    for b in bases:  # made on the producer's stream, used and freed on ours
+                        b.record_stream(torch.cuda.current_stream(self.device))
+                yield from outs
+        finally:
+            stop.set()
+            while producer.is_alive():
+                _drain(q)
+                producer.join(timeout=0.05)
+            self._log_stats()
+
+    def _produce(self, tasks: Iterable[DecodeTask], workers: int, lookahead: int,
+                 q: queue.Queue, stop: threading.Event) -> None:
+        try:
+            stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+            held = [0]  # bytes in flight; touched by this thread only
+            with closing(self._reads(tasks, workers, lookahead, held)) as reads:
+                self._pump(reads, held, q, stop, stream)
+        except BaseException as e:  # hand the failure to the consumer instead of hanging it
+            _put(q, e, stop)
+
+    def _pump(self, reads: Iterator[_Item | None], held: list[int], q: queue.Queue,
+              stop: threading.Event, stream: Any) -> None:
+        for group in self._groups(reads, held):
+            bases = self._decode_group(group, stream)
+            held[0] -= sum(it.held for it in group if it.shape is not None)
+            if not _put(q, (bases, [it.out for it in group]), stop):
+                return
+        _put(q, _DONE, stop)
+
+    def _reads(self, tasks: Iterable[DecodeTask], workers: int, lookahead: int,
+               held: list[int]) -> Generator[_Item | None, None, None]:
+        """``_read`` on ``workers`` threads, in order, with at most ``lookahead`` files and
+        ``max_bytes_in_flight`` bytes (``held``) in flight. Yields None when the byte budget is
+        spent and nothing is being read: the caller must then decode what it holds."""
+        it = iter(tasks)
+        nxt = next(it, None)
+        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="gpu-read") as ex:
+            pending: deque = deque()
+            try:
+                while True:
+                    while nxt is not None and len(pending) < max(1, lookahead) and (
+                            held[0] == 0 or held[0] + nxt.entry.size <= self.max_bytes_in_flight):
+                        held[0] += nxt.entry.size
+                        pending.append(ex.submit(self._read, nxt, nxt.entry.size))
+                        nxt = next(it, None)
+                    if pending:
+                        yield pending.popleft().result()
+                    elif nxt is None:
+                        return
+                    else:
+                        yield None
+            finally:
+                for fut in pending:
+                    fut.cancel()
+
+    def _groups(self, reads: Iterator[_Item | None], held: list[int]) -> Iterator[list[_Item]]:
+        """Consecutive items holding ``batch_size`` device files (or fewer when the byte budget
+        asks for a flush, or at the end); finished items pass at once when nothing waits."""
+        group: list[_Item] = []
+        waiting = 0
+        for item in reads:
+            if item is not None:
+                group.append(item)
+                if item.shape is None:  # finished on the CPU or failed: its bytes are gone
+                    held[0] -= item.held
+                else:
+                    waiting += 1
+                if waiting and waiting < self.batch_size:
+                    continue
+            if group:
+                yield group
+            group, waiting = [], 0
+        if group:
+            yield group
+
+    def _log_stats(self) -> None:
+        with self._lock:
+            stats = dict(self.stats)
+        if stats:
+            log.info("decode routes: %s", ", ".join(f"{k} {v}" for k, v in sorted(stats.items())))
+
+
+def _put(q: queue.Queue, msg: Any, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            q.put(msg, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _drain(q: queue.Queue) -> None:
+    try:
+        while True:
+            q.get_nowait()
+    except queue.Empty:
+        pass
+
+
+# ----- choosing the path -------------------------------------------------------------------------
+def device_decode_available(device: str) -> bool:
+    """torchvision can decode JPEGs on ``device`` (tried on a tiny image: nvJPEG may be missing)."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+    except ImportError:
+        return False
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        return False
+    try:
+        probe = encode_jpeg(torch.full((3, 8, 8), 128, dtype=torch.uint8))
+        out = decode_jpeg([probe], mode=ImageReadMode.RGB, device=device)
+        return tuple(out[0].shape) == (3, 8, 8)
+    except Exception as e:  # any failure means: not usable here
+        log.info("JPEG decoding on %s is unavailable: %s", device, e)
+        return False
+
+
+def _same_device(encoders: Sequence[Encoder]) -> str | None:
+    devices = {str(e.device) for e in encoders}
+    cuda = {torch.device(d) for d in devices}
+    if len(cuda) == 1:
+        return devices.pop()
+    if all(d.type == "cuda" for d in cuda) and len({d.index or 0 for d in cuda}) == 1:
+        return devices.pop()  # "cuda" and "cuda:0" (current device 0)
+    return None
+
+
+def device_path_problem(encoders: Sequence[Encoder], require_cuda: bool) -> tuple[str | None, dict[str, TransformSpec]]:
+    """(why the device path cannot serve these encoders or None, their transform specs)."""
+    specs: dict[str, TransformSpec] = {}
+    for e in encoders:
+        spec = transform_spec(getattr(e, "preprocess_transform", None))
+        if spec is None:
+            return f"encoder {e.name!r}: its preprocessing is not a recognised open_clip eval transform", {}
+        specs[e.name] = spec
+    device = _same_device(encoders)
+    if device is None:
+        return f"the encoders are on different devices ({sorted({str(e.device) for e in encoders})})", {}
+    if require_cuda and torch.device(device).type != "cuda":
+        return f"the encoders run on {device}, not CUDA", {}
+    if not device_decode_available(device):
+        return f"torchvision cannot decode JPEGs on {device}", {}
+    return None, specs
+
+
+def choose_decoder(encoders: Sequence[Encoder], cfg: IndexConfig, cpu: ImageDecoder) -> Decoder:
+    """The decoder for ``cfg.decode``: ``"cpu"`` -> ``cpu``; ``"auto"`` -> a ``GpuDecoder``
+    when every encoder runs on one CUDA device that torchvision decodes JPEGs on and has a
+    recognised transform, else ``cpu``; ``"gpu"`` -> a ``GpuDecoder`` on the encoders' device
+    (the CPU too: the same batched torch code, for tests), or ``IndexConfigError``."""
+    if cfg.decode == "cpu":
+        return cpu
+    problem, specs = device_path_problem(encoders, require_cuda=cfg.decode == "auto")
+    if problem is not None:
+        if cfg.decode == "gpu":
+            raise IndexConfigError(f"--decode gpu: {problem}")
+        log.info("decoding on the CPU: %s", problem)
+        return cpu
+    device = str(encoders[0].device)
+    log.info("decoding JPEGs on %s (batched torchvision.io.decode_jpeg)", device)
+    return GpuDecoder(specs, cpu, device, batch_size=cfg.batch_size)
+
+
+__all__ = ["GpuDecoder", "choose_decoder", "device_decode_available", "device_path_problem", "JPEG_SUFFIXES"]

@@ -1,0 +1,195 @@
+"""open_clip's eval preprocessing, re-done in torch on decoded uint8 tensors (any device).
+
+``transform_spec(compose)`` recognises the torchvision ``Compose`` that
+``open_clip.image_transform(..., is_train=False)`` builds -- Resize (shortest side, or both sides)
+or ResizeKeepRatio, CenterCrop, RGB conversion, ToTensor, Normalize -- and returns its parameters;
+anything else gives None (the caller keeps the Pillow path). ``preprocess_images`` applies them
+to a batch of images the way torchvision does on a PIL image: the same output size arithmetic,
+antialiased bicubic/bilinear resampling (torch's ``antialias=True`` kernels are Pillow's), the
+result rounded to uint8 levels like Pillow's, the same crop offsets and zero padding, then
+``/255``, ``-mean``, ``/std`` in float32.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+_INTERPOLATIONS = {"bicubic", "bilinear"}
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    """Parameters of a recognised eval transform.
+
+    ``resize``: ``"shortest"`` (torchvision ``Resize(int)``: the shorter side becomes
+    ``resize_size[0]``, the longer is truncated, capped by ``max_size``), ``"keep_ratio"``
+    (open_clip ``ResizeKeepRatio``: both sides divided by the smaller ratio to ``resize_size``
+    (h, w), rounded) or ``"exact"`` (``Resize((h, w))``). ``crop``: CenterCrop (h, w) or None.
+    """
+
+    resize: str
+    resize_size: tuple[int, ...]
+    crop: tuple[int, int] | None
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    max_size: int | None = None
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        """(H, W) of every preprocessed image."""
+        if self.crop is not None:
+            return self.crop
+        return int(self.resize_size[0]), int(self.resize_size[1])
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (h, w) the resize step gives an image of ``height`` x ``width``."""
+        if self.resize == "exact":
+            return int(self.resize_size[0]), int(self.resize_size[1])
+        if self.resize == "keep_ratio":  # ResizeKeepRatio.get_params with longest=0, no jitter
+            ratio = min(height / self.resize_size[0], width / self.resize_size[1])
+            return round(height / ratio), round(width / ratio)
+        # torchvision.transforms.functional._compute_resized_output_size, one size given
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = self.resize_size[0], int(self.resize_size[0] * long / short)
+        if self.max_size is not None and new_long > self.max_size:
+            new_short, new_long = int(self.max_size * new_short / new_long), self.max_size
+        return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def _pair(size: Any) -> tuple[int, int] | None:
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, (list, tuple)) and len(size) in (1, 2) and all(isinstance(s, int) for s in size):
+        return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+    return None
+
+
+def _interpolation(mode: Any) -> str | None:
+    name = str(getattr(mode, "value", mode)).lower()
+    return name if name in _INTERPOLATIONS else None
+
+
+def _resize_step(t: Any) -> tuple[str, tuple[int, ...], int | None, str] | None:
+    """(kind, size, max_size, interpolation) of a resize transform, None if not one we know."""
+    from torchvision import transforms as T
+
+    if type(t).__name__ == "ResizeKeepRatio" and type(t).__module__.startswith("open_clip"):
+        size, interp = _pair(getattr(t, "size", None)), _interpolation(getattr(t, "interpolation", None))
+        jitter = float(getattr(t, "random_scale_prob", 1.0)) or float(getattr(t, "random_aspect_prob", 1.0))
+        if size is None or interp is None or float(getattr(t, "longest", 1.0)) != 0.0 or jitter:
+            return None
+        return "keep_ratio", size, None, interp
+    if type(t) is T.Resize:
+        interp = _interpolation(t.interpolation)
+        if interp is None:
+            return None
+        if isinstance(t.size, int) or (isinstance(t.size, (list, tuple)) and len(t.size) == 1):
+            s = t.size if isinstance(t.size, int) else t.size[0]
+            return "shortest", (int(s),), t.max_size, interp
+        size = _pair(t.size)
+        return ("exact", size, None, interp) if size is not None else None
+    return None
+
+
+def _is_rgb_step(t: Any) -> bool:
+    """open_clip's no-op-on-RGB conversions (``MaybeConvertMode('RGB')``, ``_convert_to_rgb``)."""
+    if type(t).__name__ == "MaybeConvertMode" and type(t).__module__.startswith("open_clip"):
+        return getattr(t, "mode", None) == "RGB"
+    return getattr(t, "__name__", None) == "_convert_to_rgb"
+
+
+def transform_spec(transform: Any) -> TransformSpec | None:
+    """The parameters of an open_clip eval ``Compose``, or None when it has another shape."""
+    try:
+        from torchvision import transforms as T
+    except ImportError:
+        return None
+    steps = list(getattr(transform, "transforms", None) or []) if isinstance(transform, T.Compose) else []
+    if len(steps) < 3:
+        return None
+    resize = _resize_step(steps[0])
+    if resize is None:
+        return None
+    kind, size, max_size, interp = resize
+    rest, crop = steps[1:], None
+    if rest and type(rest[0]) is T.CenterCrop:
+        crop = _pair(rest[0].size)
+        rest = rest[1:]
+    if crop is None and kind != "exact":  # the output size would vary with the input
+        return None
+    while rest and _is_rgb_step(rest[0]):
+        rest = rest[1:]
+    if len(rest) != 2 or not isinstance(rest[0], T.ToTensor) or type(rest[1]) is not T.Normalize:
+        return None
+    mean, std = tuple(float(m) for m in rest[1].mean), tuple(float(s) for s in rest[1].std)
+    if len(mean) != 3 or len(std) != 3:
+        return None
+    return TransformSpec(kind, size, crop, interp, (mean[0], mean[1], mean[2]), (std[0], std[1], std[2]), max_size)
+
+
+def _center_crop(x: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:
+    """torchvision's CenterCrop on (N, 3, h, w): zero padding when smaller, round() offsets."""
+    ch, cw = crop
+    h, w = x.shape[-2:]
+    if ch > h or cw > w:
+        pad_w, pad_h = max(cw - w, 0), max(ch - h, 0)
+        x = F.pad(x, [pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2], value=0.0)
+        h, w = x.shape[-2:]
+        if (h, w) == (ch, cw):
+            return x
+    top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+    return x[..., top:top + ch, left:left + cw]
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """Pillow's resampling of float32 (N, 3, h, w) uint8 levels to ``size``: a horizontal pass,
+    then a vertical one, each rounded and clipped to uint8 levels as Pillow stores them (one
+    2-D pass differs by up to ~12 levels at edges; this by at most 2, ~0.001 on average).
+    torch's ``antialias=True`` kernels are Pillow's (support scaled on downsampling, a=-0.5)."""
+    for step in ((int(x.shape[-2]), size[1]), size):  # an unchanged side is skipped, as Pillow does
+        if step != tuple(x.shape[-2:]):
+            x = F.interpolate(x, size=step, mode=mode, antialias=True, align_corners=False)
+            x = x.clamp_(0.0, 255.0).round_()
+    return x
+
+
+def _chunks(idx: list[int], pixels: int, budget: int) -> list[list[int]]:
+    """Split same-size image indices so one float32 resize input stays within ``budget`` pixels."""
+    per = max(1, budget // max(pixels, 1))
+    return [idx[i:i + per] for i in range(0, len(idx), per)]
+
+
+def preprocess_images(images: Sequence[torch.Tensor], spec: TransformSpec,
+                      pixel_budget: int = 64_000_000) -> torch.Tensor:
+    """uint8 (3, h_i, w_i) images on one device -> float32 (N, 3, H, W) on that device, where
+    (H, W) = ``spec.out_size``. Images of equal size are resized together, at most
+    ``pixel_budget`` source pixels per call (bounds the float32 working memory)."""
+    if not images:
+        raise ValueError("preprocess_images: no images")
+    device = images[0].device
+    out = torch.empty((len(images), 3, *spec.out_size), dtype=torch.float32, device=device)
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, im in enumerate(images):
+        if im.ndim != 3 or im.shape[0] != 3 or im.dtype != torch.uint8:
+            raise ValueError(f"preprocess_images: image {i} is {im.dtype} {tuple(im.shape)}, expected uint8 (3, h, w)")
+        groups[(int(im.shape[1]), int(im.shape[2]))].append(i)
+    for (h, w), idx in groups.items():
+        size = spec.resized_size(h, w)
+        for chunk in _chunks(idx, h * w, pixel_budget):
+            x = _resize(torch.stack([images[i] for i in chunk]).float(), size, spec.interpolation)
+            if spec.crop is not None:
+                x = _center_crop(x, spec.crop)
+            for i, row in zip(chunk, x, strict=True):  # row copies: no index tensor to upload
+                out[i].copy_(row)
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return out.div_(255.0).sub_(mean).div_(std)
+
+
+__all__ = ["TransformSpec", "transform_spec", "preprocess_images"]

@@ -1,0 +1,196 @@
+"""The converted FP8 model of an engine, stored without pickle, so that a start with a built
+engine needs neither ModelOpt nor the fake-quant checkpoint load (``load_quantized`` ->
+``restore_from_modelopt_state`` -> ``convert_to_fp8``).
+
+Two files in the engine folder (written by ``engine.write_engine``, sha256 in its manifest):
+
+* ``fp8_runtime_safetensors``: the converted model's state dict (float8_e4m3fn weights, fp32
+  scales, 16-bit rest);
+* ``fp8_runtime_plan_json``: ``{"format": 1, "modules": [{"path", "kind", ...}], "report": ...}``:
+  which modules of the plain model (``load_model`` + ``convert_attention``) the conversion
+  replaced and by what, parents before children; ``report`` is ``ConversionReport.to_dict()``.
+
+``export_runtime`` returns None for a model holding a module it cannot rebuild (e.g. a ModelOpt
+class, as the embedded default model's quantized BERT attention); ``runtime_files`` also checks
+that the rebuilt model computes exactly what the converted one does before anything is stored.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from clipfp8.quant.core.config import ModelSpec
+from clipfp8.quant.core.models import LoadedModel
+from clipfp8.quant.runtime.convert import ConversionReport, cast_for_runtime
+from clipfp8.quant.runtime.fp8_attention import FP8Attention
+from clipfp8.quant.runtime.fp8_linear import DisabledQuantizer, FakeQuantFP8, FP8Embedding, FP8Linear
+
+log = logging.getLogger(__name__)
+
+PLAN_FORMAT = 1
+STATE_FILE, PLAN_FILE = "fp8_runtime_safetensors", "fp8_runtime_plan_json"
+_WRAPPABLE = (nn.LayerNorm, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def plain_model(model: ModelSpec) -> LoadedModel:
+    """``load_model`` + ``convert_attention``: the model ``convert_to_fp8`` started from, minus
+    ModelOpt's wrappers (fp32, CPU)."""
+    from clipfp8.quant.attention import convert_attention
+    from clipfp8.quant.core.models import load_model
+
+    loaded = load_model(model)
+    convert_attention(loaded.model)
+    return loaded
+
+
+def _describe(module: nn.Module, parent: dict[str, Any] | None) -> dict[str, Any] | None:
+    """How to rebuild ``module`` (kind + constructor arguments), None when it cannot be."""
+    if isinstance(module, FP8Linear):
+        return {"kind": "fp8_linear", "mode": module.mode, "fast_accum": bool(module.fast_accum)}
+    if isinstance(module, FP8Embedding):
+        return {"kind": "fp8_embedding"}
+    if isinstance(module, FP8Attention):
+        return {"kind": "fp8_attention", "heads": int(module.num_heads), "exact_softmax": bool(module.exact_softmax)}
+    if isinstance(module, FakeQuantFP8):
+        return {"kind": "fake_quant"}
+    if isinstance(module, DisabledQuantizer):
+        return {"kind": "disabled_quantizer"}
+    if type(module) is nn.Identity:
+        return {"kind": "identity"}
+    if type(module) is nn.Linear:
+        return {"kind": "linear", "in": module.in_features, "out": module.out_features, "bias": module.bias is not None}
+    if type(module) is nn.Sequential and len(module) == 2 and isinstance(module[0], FakeQuantFP8):
+        return {"kind": "sequential"}
+    if parent is not None and parent["kind"] == "sequential" and isinstance(module, _WRAPPABLE):
+        return {"kind": "wrapped"}  # the plain model's own module, put inside the Sequential
+    return None
+
+
+def export_runtime(model: nn.Module, plain: nn.Module,
+                   report: ConversionReport | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """(state dict on the CPU, plan) of the converted ``model`` relative to ``plain`` (see the
+    module docstring); None when a module cannot be rebuilt (the reason is logged)."""
+    plain_modules = dict(plain.named_modules())
+    entries: dict[str, dict[str, Any]] = {}
+    for path, module in model.named_modules():
+        if not path:
+            continue
+        base = plain_modules.get(path)
+        parent = entries.get(path.rpartition(".")[0])
+        if base is not None and type(base) is type(module) and parent is None:
+            continue
+        entry = _describe(module, parent)
+        if entry is None:
+            log.info("FP8 runtime state not stored: %s (%s.%s) cannot be rebuilt without ModelOpt", path,
+                     type(module).__module__, type(module).__name__)
+            return None
+        entries[path] = {"path": path, **entry}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    plan = {"format": PLAN_FORMAT, "modules": list(entries.values()),
+            "report": report.to_dict() if report is not None else None}
+    return state, plan
+
+
+def _construct(entry: dict[str, Any], current: nn.Module | None, state: dict[str, torch.Tensor]) -> nn.Module | None:
+    kind, p = entry["kind"], entry["path"]
+    if kind == "fp8_linear":
+        return FP8Linear(state[f"{p}.weight"], state[f"{p}.weight_scale"], state[f"{p}.input_qmul"],
+                         state.get(f"{p}.bias"), mode=entry["mode"], fast_accum=entry["fast_accum"])
+    if kind == "fp8_embedding":
+        return FP8Embedding(state[f"{p}.weight"], state[f"{p}.weight_scale"], torch.float16)
+    if kind == "fp8_attention":
+        if current is None or not all(hasattr(current, a) for a in ("q_proj", "k_proj", "v_proj", "out_proj")):
+            raise KeyError(f"{p}: the plain model has no attention with q/k/v/out projections there")
+        softmax = FakeQuantFP8(torch.ones(1)) if entry["exact_softmax"] else None
+        q, k, v, o = (current.get_submodule(a) for a in ("q_proj", "k_proj", "v_proj", "out_proj"))
+        return FP8Attention(entry["heads"], q, k, v, o, softmax_quant=softmax, exact_softmax=entry["exact_softmax"])
+    if kind == "fake_quant":
+        return FakeQuantFP8(torch.ones(1))  # scales come with the state dict
+    if kind == "disabled_quantizer":
+        return DisabledQuantizer()
+    if kind == "identity":
+        return nn.Identity()
+    if kind == "linear":
+        return nn.Linear(entry["in"], entry["out"], bias=entry["bias"])
+    if kind == "sequential":
+        if not isinstance(current, _WRAPPABLE):
+            raise KeyError(f"{p}: expected a LayerNorm or Conv in the plain model, found {type(current).__name__}")
+        return nn.Sequential(FakeQuantFP8(torch.ones(1)), current)
+    if kind == "wrapped":
+        return None
+    raise KeyError(f"{p}: unknown module kind {kind!r}")
+
+
+def rebuild_runtime(plain: nn.Module, plan: dict[str, Any], state: dict[str, torch.Tensor],
+                    device: str | torch.device, dtype: torch.dtype = torch.float16) -> nn.Module:
+    """Apply ``plan`` to ``plain`` (in place), load ``state`` (every key must match) and move it to
+    ``device``/``dtype`` as ``build_fp8_model`` does. Raises ``KeyError``/``RuntimeError``/
+    ``ValueError`` when the plan or state does not fit ``plain``."""
+    if plan.get("format") != PLAN_FORMAT:
+        raise ValueError(f"FP8 runtime plan format {plan.get('format')!r}, this version reads {PLAN_FORMAT}")
+    for entry in sorted(plan["modules"], key=lambda e: e["path"].count(".")):  # parents first
+        parent_path, _, name = entry["path"].rpartition(".")
+        parent = plain.get_submodule(parent_path) if parent_path else plain
+        new = _construct(entry, getattr(parent, name, None), state)
+        if new is not None:
+            setattr(parent, name, new)
+    plain.load_state_dict(state, strict=True)
+    return cast_for_runtime(plain, device, dtype).eval()
+
+
+def report_from_plan(plan: dict[str, Any]) -> ConversionReport:
+    d = plan.get("report") or {}
+    return ConversionReport(fp8=list(d.get("fp8", [])), emulated=[tuple(e) for e in d.get("emulated", [])],
+                            high_precision=list(d.get("high_precision", [])),
+                            attention=list(d.get("attention", [])), notes=list(d.get("notes", [])))
+
+
+def encode_plan(state: dict[str, torch.Tensor], plan: dict[str, Any]) -> dict[str, bytes]:
+    """The two engine files (name -> bytes) for ``write_engine``."""
+    from safetensors.torch import save
+
+    return {STATE_FILE: save(state), PLAN_FILE: json.dumps(plan, indent=1).encode("utf-8")}
+
+
+def decode_plan(files: dict[str, bytes]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Inverse of ``encode_plan``; ``ValueError`` on unreadable content."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return load(files[STATE_FILE]), json.loads(files[PLAN_FILE].decode("utf-8"))
+    except (SafetensorError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"unreadable FP8 runtime state ({type(e).__name__}: {e})") from e
+
+
+def load_from_engine(spec: Any, folder: Path, rebuild: str, device: str,
+                     dtype: torch.dtype = torch.float16) -> tuple[LoadedModel, nn.Module, ConversionReport] | None:
+    """The FP8 runtime model stored in engine ``folder`` -> (the plain ``LoadedModel`` for
+    preprocess/tokenizer, the runtime model on ``device``, its conversion report); None when the
+    engine holds no runtime state. Raises ``EngineError`` naming the folder and ``rebuild``."""
+    from clipfp8.quant.core.errors import EngineError
+    from clipfp8.quant.runtime.engine import EngineManifest, read_engine_file
+
+    manifest = EngineManifest.read(folder, rebuild)
+    if STATE_FILE not in manifest.files or PLAN_FILE not in manifest.files:
+        return None
+    files = {name: read_engine_file(folder, manifest, name, rebuild) for name in (STATE_FILE, PLAN_FILE)}
+    loaded = plain_model(spec.model)
+    try:
+        state, plan = decode_plan(files)
+        model = rebuild_runtime(loaded.model, plan, state, device, dtype)
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise EngineError(f"engine {folder}: its FP8 runtime state does not fit {spec.model.model_id()} "
+                          f"({type(e).__name__}: {e}); rebuild it with `{rebuild}`") from e
+    loaded.model = model
+    log.info("FP8 runtime model loaded from engine %s (ModelOpt not needed)", folder)
+    return loaded, model, report_from_plan(plan)
+
+
+__all__ = ["load_from_engine", "plain_model", "export_runtime", "rebuild_runtime", "report_from_plan",
+           "encode_plan", "decode_plan", "STATE_FILE", "PLAN_FILE"]

@@ -1,0 +1,254 @@
+"""The GPU data path (``indexing.gpu_decode``) against the Pillow path: the same code runs on
+the CPU here (torchvision's libjpeg decoder, torch resize on the CPU); ``@pytest.mark.gpu``
+tests repeat it with nvJPEG on CUDA."""
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clipfp8.indexing.config import IndexConfig
+from clipfp8.indexing.decode import Decoded, DecodeTask, ImageDecoder, imap_bounded
+from clipfp8.indexing.errors import IndexConfigError
+from clipfp8.indexing.gpu_decode import GpuDecoder, choose_decoder
+from clipfp8.indexing.gpu_transform import transform_spec
+from clipfp8.indexing.pipeline import index_corpus
+from clipfp8.quant.core.config import EncoderSpec
+from clipfp8.quant.core.encoder import Encoder, create_encoder
+from tests.fakes import FakeEncoder
+from tests.indexing import badfiles as bf
+from tests.indexing.conftest import index_state, write_image
+from tests.indexing.gpujpeg import bogus_huffman, exif_block, photo_bytes, tasks, with_save, write_photos
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision.io's decoders
+
+MAX_PIXELS = 350_000  # above every generated photo, below big.jpg
+QUERIES = ["a dog running on grass", "a child playing", "people walking in a city street", "a man riding a bike",
+           "a boat on the water", "snow on a mountain", "a black and white dog", "a girl in a red dress"]
+
+
+@pytest.fixture(scope="module")
+def encoder() -> Encoder:
+    return create_encoder(EncoderSpec(precision="fp32", device="cpu"))
+
+
+def decoders(enc: Encoder, device: str, **limits: object) -> tuple[ImageDecoder, GpuDecoder]:
+    cpu = ImageDecoder({enc.name: enc.preprocess}, **limits)  # type: ignore[arg-type]
+    spec = transform_spec(enc.preprocess_transform)
+    assert spec is not None
+    return cpu, GpuDecoder({enc.name: spec}, cpu, device, batch_size=16)
+
+
+def both_paths(enc: Encoder, paths: list[Path], root: Path,
+               device: str) -> tuple[list[Decoded], list[Decoded], Counter]:
+    cpu, gpu = decoders(enc, device)
+    ts = tasks(paths, root)
+    return list(imap_bounded(cpu, ts, 2, 32)), list(gpu.imap(ts, 2, 32)), gpu.stats
+
+
+def embed(enc: Encoder, decoded: list[Decoded]) -> np.ndarray:
+    return enc.encode_images(torch.stack([d.tensors[enc.name].to(enc.device) for d in decoded]))
+
+
+def check_agreement(enc: Encoder, paths: list[Path], root: Path, device: str, queries: bool) -> float:
+    """Embeddings through both paths: every file decoded on the torch path, cosine >= 0.995 on
+    average (>= 0.9999 on the CPU, where the decoder is the same libjpeg and only the resize's
+    rounding differs; measured: 0.999999), and (``queries``) the same top-10 images for every
+    text query. Returns the mean cosine."""
+    ref, got, stats = both_paths(enc, paths, root, device)
+    if device == "cpu":
+        assert stats == Counter(gpu=len(paths))
+    else:  # nvJPEG may refuse an odd file (it then takes the Pillow path): most must pass
+        assert stats["gpu"] >= 0.75 * len(paths) and set(stats) <= {"gpu", "cpu:device_failed"}, stats
+    on_device = sum(all(t.device.type == torch.device(device).type for t in d.tensors.values()) for d in got)
+    assert on_device == stats["gpu"] and all(d.error is None for d in ref + got)
+    assert [d.entry for d in got] == [d.entry for d in ref]
+    assert [(d.sha256, d.width, d.height) for d in got] == [(d.sha256, d.width, d.height) for d in ref]
+    a, b = embed(enc, ref), embed(enc, got)
+    cos = (a * b).sum(1)
+    floor = 0.9999 if device == "cpu" else 0.995
+    assert cos.mean() >= floor and cos.min() >= floor - 0.01, (cos.mean(), cos.min())
+    if queries:
+        text = enc.encode_texts(QUERIES)
+        for q, t in zip(QUERIES, text, strict=True):
+            assert set(np.argsort(-a @ t)[:10]) == set(np.argsort(-b @ t)[:10]), q
+    return float(cos.mean())
+
+
+@pytest.mark.slow
+def test_photos_embed_alike_on_both_paths(encoder: Encoder, shared_data: Path) -> None:
+    src = shared_data / "eval" / "flickr8k-1k" / "images"
+    if not src.is_dir():
+        pytest.skip(f"{src} is absent")
+    paths = sorted(src.glob("*.jpg"))[:64]
+    check_agreement(encoder, paths, src, "cpu", queries=True)
+
+
+def test_generated_jpegs_embed_alike_on_both_paths(encoder: Encoder, tmp_path: Path) -> None:
+    paths = write_photos(tmp_path / "c", 36)
+    check_agreement(encoder, paths, tmp_path / "c", "cpu", queries=False)
+
+
+def bad_corpus(root: Path) -> dict[str, str]:
+    """Files the torch path must hand to Pillow -> the route ``GpuDecoder.stats`` counts."""
+    root.mkdir(parents=True, exist_ok=True)
+    good = photo_bytes((120, 90), 3)
+    files = {"a.png": None, "cmyk.jpg": None, "trunc.jpg": good[:len(good) * 2 // 3],
+             "rot.jpg": with_save((40, 20), exif=exif_block(6, big_endian=False)),
+             "rot_mm.jpg": with_save((40, 20), exif=exif_block(8, big_endian=True)),
+             "big.jpg": photo_bytes((800, 500), 4), "wide.jpg": photo_bytes((1000, 40), 5),
+             "huffman.jpg": bogus_huffman(good), "empty.jpg": b"", "text.jpg": b"hello", "ok.jpg": good}
+    for name, data in files.items():
+        if data is not None:
+            (root / name).write_bytes(data)
+    write_image(root / "a.png", 1, fmt="PNG")
+    bf.cmyk_jpeg(root / "cmyk.jpg")
+    return {"a.png": "cpu:not_jpeg", "cmyk.jpg": "cpu:colour", "trunc.jpg": "cpu:no_eoi",
+            "rot.jpg": "cpu:orientation", "rot_mm.jpg": "cpu:orientation", "big.jpg": "cpu:oversized",
+            "wide.jpg": "cpu:aspect", "huffman.jpg": "cpu:device_failed", "empty.jpg": "cpu:not_jpeg",
+            "text.jpg": "cpu:not_jpeg", "ok.jpg": "gpu"}
+
+
+def test_fallbacks_give_the_cpu_paths_results(encoder: Encoder, tmp_path: Path) -> None:
+    routes = bad_corpus(tmp_path / "c")
+    paths = sorted((tmp_path / "c").iterdir())
+    cpu, gpu = decoders(encoder, "cpu", max_pixels=MAX_PIXELS)
+    ts = tasks(paths, tmp_path / "c")
+    ref, got = list(imap_bounded(cpu, ts, 2, 8)), list(gpu.imap(ts, 2, 8))
+    assert gpu.stats == Counter(routes.values())
+    for r, g in zip(ref, got, strict=True):
+        name = r.entry.rel.decode()
+        assert (g.entry, g.error, g.sha256, g.width, g.height) == (r.entry, r.error, r.sha256, r.width, r.height), name
+        assert g.tensors.keys() == r.tensors.keys(), name
+        for k, t in r.tensors.items():
+            if routes[name] == "gpu":
+                assert torch.allclose(g.tensors[k], t, atol=0.05), name
+            else:
+                assert torch.equal(g.tensors[k], t), name  # Pillow's own pixels
+    reasons = {r.entry.rel.decode(): (r.error or "ok").split(":")[0] for r in ref}
+    assert reasons == {"a.png": "ok", "cmyk.jpg": "ok", "trunc.jpg": "corrupt", "rot.jpg": "ok", "rot_mm.jpg": "ok",
+                       "big.jpg": "oversized", "wide.jpg": "ok", "huffman.jpg": "corrupt",
+                       "empty.jpg": "empty_file", "text.jpg": "not_an_image", "ok.jpg": "ok"}
+    one = gpu(ts[-1])  # a single file outside the stream: same answer
+    assert one.sha256 == got[-1].sha256 and torch.equal(one.tensors[encoder.name], got[-1].tensors[encoder.name])
+
+
+def test_stream_keeps_order_under_a_tight_byte_budget(encoder: Encoder, tmp_path: Path) -> None:
+    paths = write_photos(tmp_path / "c", 30)
+    ts = tasks(paths, tmp_path / "c")
+    skip = frozenset({_sha(paths[4])})
+    ts[4] = DecodeTask(ts[4].entry, ts[4].path, skip)  # an unchanged/moved file: hashed, not decoded
+    _, roomy = decoders(encoder, "cpu")
+    _, tight = decoders(encoder, "cpu")
+    tight.max_bytes_in_flight = 20_000  # one or two files at a time (larger ones alone): early flushes
+    a, b = list(roomy.imap(ts, 2, 64)), list(tight.imap(ts, 3, 64))
+    assert [d.entry for d in b] == [t.entry for t in ts] == [d.entry for d in a]
+    assert a[4].tensors == {} == b[4].tensors and a[4].sha256 == next(iter(skip)) == b[4].sha256
+    for x, y in zip(a, b, strict=True):
+        assert x.sha256 == y.sha256 and all(torch.equal(x.tensors[k], y.tensors[k]) for k in x.tensors)
+
+
+def test_closing_the_stream_early_stops_its_threads(encoder: Encoder, tmp_path: Path) -> None:
+    paths = write_photos(tmp_path / "c", 40)
+    _, gpu = decoders(encoder, "cpu")
+    stream = gpu.imap(tasks(paths, tmp_path / "c"), 2, 8)
+    assert next(stream).error is None
+    stream.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith(("gpu-decode", "gpu-read"))]
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_choose_decoder(encoder: Encoder) -> None:
+    def cfg(mode: str) -> IndexConfig:
+        return IndexConfig(decode=mode)
+
+    cpu = ImageDecoder({encoder.name: encoder.preprocess})
+    assert choose_decoder([encoder], cfg("cpu"), cpu) is cpu
+    assert choose_decoder([encoder], cfg("auto"), cpu) is cpu  # encoder on the CPU
+    forced = choose_decoder([encoder], cfg("gpu"), cpu)
+    assert isinstance(forced, GpuDecoder) and forced.device == torch.device("cpu")
+    fake = FakeEncoder()
+    fake_cpu = ImageDecoder({fake.name: fake.preprocess})
+    assert choose_decoder([fake], cfg("auto"), fake_cpu) is fake_cpu  # no open_clip transform to re-do
+    with pytest.raises(IndexConfigError, match="--decode gpu: encoder 'fake-fp16'"):
+        choose_decoder([fake], cfg("gpu"), fake_cpu)
+    with pytest.raises(ValueError, match="--decode"):
+        IndexConfig(decode="nvjpeg")
+
+
+def index_rows(index_dir: Path) -> list[tuple]:
+    with sqlite3.connect(index_dir / "metadata.sqlite") as db:
+        return db.execute("SELECT id, path, sha256, width, height, status, error FROM images ORDER BY id").fetchall()
+
+
+def check_same_index(cpu_dir: Path, gpu_dir: Path, min_cos: float) -> None:
+    a, b = index_state(cpu_dir), index_state(gpu_dir)
+    assert a["rows"] == b["rows"] and index_rows(cpu_dir) == index_rows(gpu_dir)
+    for name in set(a) - {"rows"}:
+        assert a[name][0] == b[name][0]  # the same ids
+        cos = (np.array(a[name][1]) * np.array(b[name][1])).sum(1)
+        assert cos.min() >= min_cos, (name, cos.min())
+
+
+def index_both(enc: Encoder, corpus: Path, tmp_path: Path, gpu_mode: str, run: int) -> None:
+    kw = dict(batch_size=8, workers=2, max_pixels=MAX_PIXELS, commit_every=16)
+    s_cpu = index_corpus(corpus, tmp_path / "cpu", [enc], config=IndexConfig(decode="cpu", **kw))
+    s_gpu = index_corpus(corpus, tmp_path / "gpu", [enc], config=IndexConfig(decode=gpu_mode, **kw))
+    assert (s_cpu.indexed, s_cpu.moved, s_cpu.skipped) == (s_gpu.indexed, s_gpu.moved, s_gpu.skipped), run
+    assert {"decode:read", "decode:header", "decode:gpu", "decode_wait"} <= set(s_gpu.stage_seconds)
+
+
+@pytest.mark.slow
+def test_index_built_on_the_torch_path_equals_the_pillow_index(encoder: Encoder, tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    write_photos(corpus / "d0", 14)
+    write_photos(corpus / "d1", 10, start=14)
+    bad_corpus(corpus / "odd")
+    index_both(encoder, corpus, tmp_path, "gpu", 1)
+    check_same_index(tmp_path / "cpu", tmp_path / "gpu", 0.9999)
+    (corpus / "d0" / "photo003.jpg").rename(corpus / "d1" / "moved.jpg")  # a move keeps its id
+    write_photos(corpus / "d2", 3, start=40)
+    index_both(encoder, corpus, tmp_path, "gpu", 2)
+    check_same_index(tmp_path / "cpu", tmp_path / "gpu", 0.9999)
+
+
+@pytest.mark.gpu
+def test_gpu_index_equals_the_pillow_index(tmp_path: Path) -> None:
+    enc = create_encoder(EncoderSpec(precision="fp32", device="cuda"))
+    cpu = ImageDecoder({enc.name: enc.preprocess})
+    assert isinstance(choose_decoder([enc], IndexConfig(), cpu), GpuDecoder)  # auto picks nvJPEG
+    corpus = tmp_path / "corpus"
+    paths = write_photos(corpus / "d0", 36)
+    check_agreement(enc, paths, corpus, "cuda", queries=False)
+    bad_corpus(corpus / "odd")
+    index_both(enc, corpus, tmp_path, "auto", 1)
+    check_same_index(tmp_path / "cpu", tmp_path / "gpu", 0.995)  # nvJPEG's IDCT differs a little
+
+
+@pytest.mark.gpu
+def test_gpu_photos_embed_alike(shared_data: Path) -> None:
+    src = shared_data / "eval" / "flickr8k-1k" / "images"
+    if not src.is_dir():
+        pytest.skip(f"{src} is absent")
+    enc = create_encoder(EncoderSpec(precision="fp32", device="cuda"))
+    check_agreement(enc, sorted(src.glob("*.jpg"))[:64], src, "cuda", queries=True)
+
+
+def test_cli_decode_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from clipfp8.indexing.__main__ import main
+
+    monkeypatch.setenv("CLIPFP8_TEST_FAKE_ENCODER", "1")
+    write_photos(tmp_path / "c", 3)
+    args = ["index", str(tmp_path / "c"), "--index-dir", str(tmp_path / "i"), "--precision", "fake", "--no-progress"]
+    assert main([*args, "--decode", "gpu"]) == 2  # the fake encoder has no open_clip transform
+    assert "--decode gpu: encoder 'fake-fp16'" in capsys.readouterr().err
+    assert main([*args, "--decode", "cpu"]) == 0 and "indexed 3," in capsys.readouterr().out

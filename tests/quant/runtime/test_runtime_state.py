@@ -1,0 +1,161 @@
+"""The FP8 runtime model stored in an engine (``quant.runtime.runtime_state``), on the CPU with
+emulated FP8 GEMMs: rebuilt from the plain model + plan + safetensors state, it computes exactly
+what the converted model computes, and what it cannot rebuild it refuses to store."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from clipfp8.quant.core.config import EncoderSpec, ModelSpec
+from clipfp8.quant.core.errors import EngineError
+from clipfp8.quant.core.models import tiny_config
+from clipfp8.quant.runtime import runtime_state as rs
+from clipfp8.quant.runtime.engine import EngineKey, write_engine
+from clipfp8.quant.runtime.fp8_encoder import build_fp8_model
+from clipfp8.quant.runtime.fp8_linear import FP8Linear
+from tests.quant.runtime.conftest import tiny_inputs
+
+TINY = ModelSpec(name="tiny", config=tiny_config())
+
+
+def _converted(fake: nn.Module, exact_softmax: bool) -> tuple[nn.Module, object]:
+    return build_fp8_model(copy.deepcopy(fake), "cpu", dtype=torch.float32, mode="emulate",
+                           exact_softmax=exact_softmax)
+
+
+def _outputs(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    imgs, toks = tiny_inputs(6, seed=3)
+    with torch.inference_mode():
+        return model.encode_image(imgs), model.encode_text(toks)
+
+
+@pytest.mark.parametrize("exact_softmax", [False, True])
+def test_rebuilt_model_equals_the_converted_one(tiny_fake_quant, exact_softmax):
+    model, report = _converted(tiny_fake_quant, exact_softmax)
+    exported = rs.export_runtime(model, rs.plain_model(TINY).model, report)
+    assert exported is not None
+    files = rs.encode_plan(*exported)  # through the stored bytes: safetensors keeps float8
+    state, plan = rs.decode_plan(files)
+    assert any(t.dtype == torch.float8_e4m3fn for t in state.values())
+    kinds = {e["kind"] for e in plan["modules"]}
+    assert {"fp8_linear", "fp8_attention", "fake_quant"} <= kinds
+    rebuilt = rs.rebuild_runtime(rs.plain_model(TINY).model, plan, state, "cpu", torch.float32)
+    assert [type(m) for m in rebuilt.modules()] == [type(m) for m in model.modules()]
+    for ref, got in zip(_outputs(model), _outputs(rebuilt), strict=True):
+        assert torch.equal(ref, got)
+    assert rs.report_from_plan(plan).to_dict() == report.to_dict()
+
+
+def test_a_module_it_cannot_rebuild_is_not_exported(tiny_fake_quant):
+    class Foreign(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    model, report = _converted(tiny_fake_quant, False)
+    model.visual.ln_post = Foreign()
+    assert rs.export_runtime(model, rs.plain_model(TINY).model, report) is None
+
+
+def test_plan_that_does_not_fit_the_model_is_refused(tiny_fake_quant):
+    model, report = _converted(tiny_fake_quant, False)
+    state, plan = rs.export_runtime(model, rs.plain_model(TINY).model, report)
+    with pytest.raises((KeyError, RuntimeError)):
+        rs.rebuild_runtime(rs.plain_model(TINY).model, plan, {k: v for k, v in state.items() if "visual" not in k},
+                           "cpu", torch.float32)
+    with pytest.raises(ValueError, match="format"):
+        rs.rebuild_runtime(rs.plain_model(TINY).model, {**plan, "format": 99}, state, "cpu")
+
+
+def test_load_from_engine_and_corrupt_plan(tmp_path, tiny_fake_quant):
+    model, report = _converted(tiny_fake_quant, False)
+    files = rs.encode_plan(*rs.export_runtime(model, rs.plain_model(TINY).model, report))
+    key = EngineKey("c0ffee", TINY.model_id(), "fp8", "NVIDIA H200", (9, 0), "2.11.0", "3.6.0")
+    spec = EncoderSpec(model=TINY, precision="fp8", device="cpu", quantized=tmp_path / "q")
+    bare = write_engine(tmp_path / "a", key, {"compile_cache": b"x"})
+    assert rs.load_from_engine(spec, bare, "REBUILD", "cpu", torch.float32) is None  # no runtime state
+    folder = write_engine(tmp_path / "b", key, {"compile_cache": b"x", **files})
+    loaded, rebuilt, got_report = rs.load_from_engine(spec, folder, "REBUILD", "cpu", torch.float32)
+    assert loaded.model is rebuilt and got_report.summary() == report.summary()
+    assert any(isinstance(m, FP8Linear) for m in rebuilt.modules())
+    assert torch.equal(_outputs(model)[0], _outputs(rebuilt)[0])
+    bad = dict(files, **{rs.PLAN_FILE: b'{"format": 1, "modules": [{"path": "visual.nope", "kind": "warp"}]}'})
+    folder = write_engine(tmp_path / "c", key, {"compile_cache": b"x", **bad})
+    with pytest.raises(EngineError, match="REBUILD"):
+        rs.load_from_engine(spec, folder, "REBUILD", "cpu", torch.float32)
+
+
+def test_rebuild_covers_wrapped_conv_plain_projections_and_identities(tiny_loaded):
+    """conv1 quantized (-> FakeQuant + Conv2d), attention out_proj and Q rounding excluded (->
+    a plain Linear and an Identity inside FP8Attention)."""
+    from clipfp8.quant.ptq import QuantConfig
+    from tests.quant.runtime.conftest import fake_quantize
+
+    fake = fake_quantize(tiny_loaded.model, [tiny_inputs(8, seed=s) for s in (1, 2)], QuantConfig(exclude=()),
+                         disabled=("*attn.out_proj*", "*q_bmm_quantizer*"))
+    model, report = _converted(fake, True)
+    state, plan = rs.export_runtime(model, rs.plain_model(TINY).model, report)
+    kinds = {e["kind"] for e in plan["modules"]}
+    assert {"sequential", "wrapped", "linear", "identity"} <= kinds, kinds
+    rebuilt = rs.rebuild_runtime(rs.plain_model(TINY).model, plan, state, "cpu", torch.float32)
+    for ref, got in zip(_outputs(model), _outputs(rebuilt), strict=True):
+        assert torch.equal(ref, got)
+
+
+def test_fp8_encoder_with_an_engine_skips_the_modelopt_load(tmp_path, tiny_loaded, monkeypatch):
+    """create_fp8_encoder on a checkpoint whose engine carries the runtime state: the model comes
+    from the engine (load_quantized is never called), with the checkpoint's identity. CUDA and
+    the GPU are faked; the model is converted with emulated GEMMs and never compiled here."""
+    from clipfp8.quant import checkpoint, ptq
+    from clipfp8.quant.runtime import engine as eng
+    from clipfp8.quant.runtime import fp8_encoder
+    from tests.quant.runtime.test_engine import H200, FakeCompileCache
+
+    loaded = copy.deepcopy(tiny_loaded)
+    ptq.quantize(loaded, [tiny_inputs(8, seed=s) for s in (1, 2)], ptq.QuantConfig())
+    checkpoint.save_quantized(loaded, tmp_path / "q", ptq.QuantConfig())
+    ref, report = build_fp8_model(checkpoint.load_quantized(tmp_path / "q")[0].model, "cpu", mode="emulate",
+                                  exact_softmax=False)
+    files = rs.encode_plan(*rs.export_runtime(ref, rs.plain_model(loaded.spec).model, report))
+    stored = fp8_encoder.stored_checksum(tmp_path / "q")
+    key = EngineKey.for_machine(H200, checksum=stored, model_id=loaded.spec.model_id(), precision="fp8",
+                                max_batch=64, variant="softmax=fused")
+    write_engine(tmp_path / "q" / "engines", key, {"compile_cache": b'{"image:2": "k"}', **files})
+
+    monkeypatch.setattr(fp8_encoder, "check_fp8_device", torch.device)
+    monkeypatch.setattr(eng.MachineInfo, "current", classmethod(lambda cls, device="cuda": H200))
+    monkeypatch.setattr(checkpoint, "load_quantized", lambda *a: pytest.fail("took the ModelOpt path"))
+    cache = FakeCompileCache()
+    spec = EncoderSpec(model=loaded.spec, precision="fp8", device="cpu", quantized=tmp_path / "q")
+    enc = fp8_encoder.create_fp8_encoder(spec, engine="auto", cache=cache)
+    assert cache.installed == {"image:2": "k"} and enc.identity().checksum == stored
+    assert enc.conversion_report.summary() == report.summary()  # type: ignore[attr-defined]
+    imgs, toks = tiny_inputs(4, seed=5)
+    with torch.inference_mode():  # both fp16 on the CPU, same modules: bit-identical
+        assert torch.equal(ref.encode_image(imgs.half()), enc.model.encode_image(imgs.half()))
+        assert torch.equal(ref.encode_text(toks), enc.model.encode_text(toks))
+
+
+def test_build_stores_the_runtime_state_and_compiles_the_rebuilt_model(tiny_fake_quant):
+    """engine_build.runtime_state_of: files + the rebuilt model, which FastTorchEncoder.with_model
+    then runs (build_engine compiles that model, the one later starts load)."""
+    from clipfp8.quant.runtime.engine_build import runtime_state_of
+    from clipfp8.quant.runtime.fast_fp16 import FastTorchEncoder
+
+    plain = rs.plain_model(TINY)
+    model, report = _converted(tiny_fake_quant, False)
+    enc = FastTorchEncoder(model, plain.preprocess, plain.tokenizer, precision="fp8", device="cpu", name="tiny-fp8",
+                           model_id=TINY.model_id(), checksum="c0ffee", dim=32, image_size=(32, 32),
+                           dtype=torch.float32, compile=False)
+    enc.conversion_report = report  # type: ignore[attr-defined]
+    spec = EncoderSpec(model=TINY, precision="fp8", device="cpu", quantized="q")  # type: ignore[arg-type]
+    files, rebuilt = runtime_state_of(enc, spec)
+    assert set(files) == {rs.STATE_FILE, rs.PLAN_FILE} and rebuilt is not None and rebuilt is not model
+    swapped = enc.with_model(rebuilt)
+    assert swapped.model is rebuilt and enc.model is model and swapped.identity() == enc.identity()
+    imgs, _ = tiny_inputs(5, seed=4)
+    assert (swapped.encode_images(imgs) == enc.encode_images(imgs)).all()
+    assert (swapped.encode_texts(["a red car"]) == enc.encode_texts(["a red car"])).all()
+    assert runtime_state_of(enc, EncoderSpec(model=TINY, precision="fp16", device="cpu")) == ({}, None)

@@ -1,0 +1,55 @@
+"""The default model's text-only load (``quant.core.minilm``): the same tokens, bit-identical
+embeddings and the same identity as the full open_clip model, without importing open_clip or
+transformers."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from clipfp8.quant.core.config import EncoderSpec
+from clipfp8.quant.core.encoder import create_encoder
+from clipfp8.quant.core.errors import ModelLoadError
+from clipfp8.quant.core.models import load_model
+
+#: Cleaning, accents, CJK, emoji, HTML entities, mojibake, whitespace runs, truncation, empty.
+TEXTS = ["a red car", "  Ünïcödé  café &amp; naïve  ", "東京の夜景 and emoji 🚗🚕", "x " * 200, "",
+         "HELLO   World\n\tTabs", "l'été à Paris — “quotes”", "Mojibake: Ã©tÃ©", "a" * 300,
+         "<b>bold</b> &lt;tag&gt;", "don't-stop_believing #42 @home"]
+
+
+@pytest.fixture(scope="module")
+def both():
+    return load_model(), load_model(text_only=True)
+
+
+def test_text_only_tokens_and_embeddings_equal_the_full_model(both):
+    full, text = both
+    tokens = full.tokenizer(TEXTS)
+    assert torch.equal(text.tokenizer(TEXTS), tokens)
+    with torch.inference_mode():
+        assert torch.equal(text.model.encode_text(tokens), full.model.encode_text(tokens))
+
+
+def test_text_only_has_the_full_models_checksum_and_identity(both):
+    full, text = both
+    assert text.weights_checksum() == full.weights_checksum()
+    assert (text.image_size, text.embed_dim) == (full.image_size, full.embed_dim)
+    a = create_encoder(EncoderSpec(precision="fp32", device="cpu", text_only=True))
+    assert a.identity() == create_encoder(EncoderSpec(precision="fp32", device="cpu")).identity()
+    with pytest.raises(ModelLoadError, match="text-only"):
+        a.encode_images(torch.zeros(1, 3, *a.image_size))
+
+
+def test_text_only_search_path_imports_neither_open_clip_nor_transformers():
+    code = ("import sys, json; from clipfp8.quant.core.encoder import create_encoder; "
+            "from clipfp8.quant.core.config import EncoderSpec; "
+            "e = create_encoder(EncoderSpec(precision='fp32', device='cpu', text_only=True)); "
+            "e.encode_texts(['a dog']); "
+            "print(json.dumps(sorted(m for m in ('open_clip', 'transformers', 'timm', 'torchvision') "
+            "if m in sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
