@@ -10,9 +10,10 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from PIL import Image
@@ -135,7 +136,6 @@ def demo_encoders(cfg: DemoConfig, quantized: Path,
     "FP8": fp8 (capable GPU) or fp8-fake (CPU) encoder}."""
     from clipfp8.app.backend import baseline_label, cuda_fp8_capable
     from clipfp8.indexing.specs import resolve_precision
-
     from clipfp8.quant.core.encoder import create_encoder
 
     make = factory or create_encoder

@@ -89,8 +89,8 @@ def _candidates(shard_dir: Path) -> dict[str, list[tuple[str, str, bytes]]]:
 
 
 def _encode(data: bytes, cfg: SampleConfig) -> bytes:
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB")
+    with Image.open(io.BytesIO(data)) as src:
+        im = src.convert("RGB")
         im.thumbnail((cfg.longest_side, cfg.longest_side), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=cfg.jpeg_quality, optimize=True)
@@ -108,7 +108,7 @@ def build_samples(shard_dir: Path, out_dir: Path, cfg: SampleConfig = SampleConf
     for cat, items in _candidates(Path(shard_dir)).items():
         items.sort(key=lambda it: hashlib.sha256((cfg.seed + it[0]).encode()).hexdigest())
         seen: set[str] = set()
-        for key, caption, data in items:
+        for _key, caption, data in items:
             if len(seen) >= cfg.per_category or caption in seen:
                 continue
             seen.add(caption)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from clipfp8.indexing import cli
 from clipfp8.indexing.errors import IndexingError

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import sqlite_utils
 
@@ -28,23 +29,23 @@ DB_NAME = "metadata.sqlite"
 
 
 def _v1(db: sqlite_utils.Database) -> None:
-    db["meta"].create({"key": str, "value": str}, pk="key")
-    db["images"].create({"id": int, "path": str, "path_raw": bytes, "size": int, "mtime_ns": int,
+    db.table("meta").create({"key": str, "value": str}, pk="key")
+    db.table("images").create({"id": int, "path": str, "path_raw": bytes, "size": int, "mtime_ns": int,
                          "sha256": str, "width": int, "height": int, "status": str, "error": str},
                         pk="id")
-    db["images"].create_index(["path_raw"], unique=True)
-    db["encoders"].create({"id": int, "name": str, "precision": str, "model_id": str,
+    db.table("images").create_index(["path_raw"], unique=True)
+    db.table("encoders").create({"id": int, "name": str, "precision": str, "model_id": str,
                            "checksum": str, "dim": int, "factory": str, "index_type": str}, pk="id")
-    db["encoders"].create_index(["name"], unique=True)
-    db["embeddings"].create({"image_id": int, "encoder_id": int}, pk=("image_id", "encoder_id"))
+    db.table("encoders").create_index(["name"], unique=True)
+    db.table("embeddings").create({"image_id": int, "encoder_id": int}, pk=("image_id", "encoder_id"))
 
 
 def _v2(db: sqlite_utils.Database) -> None:
     # v2: content-hash lookups (move detection), an indexing timestamp, and per-encoder
     # generations so a commit rewrites only the FAISS files it changed.
-    db["images"].create_index(["sha256"], if_not_exists=True)
-    db["images"].add_column("indexed_at", float)
-    db["encoders"].add_column("generation", int)
+    db.table("images").create_index(["sha256"], if_not_exists=True)
+    db.table("images").add_column("indexed_at", float)
+    db.table("encoders").add_column("generation", int)
 
 
 #: MIGRATIONS[v] upgrades a database at version v-1 to version v (v1 creates the schema).
@@ -79,7 +80,7 @@ def migrate(db: sqlite_utils.Database, create: bool = False, target: int = SCHEM
     for v in range(version + 1, target + 1):
         with db.atomic():
             MIGRATIONS[v](db)
-            db["meta"].upsert({"key": "schema_version", "value": str(v)}, pk="key")
+            db.table("meta").upsert({"key": "schema_version", "value": str(v)}, pk="key")
         log.debug("migrated index database to schema version %d", v)
     return max(version, target)
 
@@ -90,7 +91,7 @@ def get_meta(db: sqlite_utils.Database, key: str, default: str | None = None) ->
 
 
 def set_meta(db: sqlite_utils.Database, key: str, value: Any) -> None:
-    db["meta"].upsert({"key": key, "value": str(value)}, pk="key")
+    db.table("meta").upsert({"key": key, "value": str(value)}, pk="key")
 
 
 def generation(db: sqlite_utils.Database) -> int:

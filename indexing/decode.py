@@ -27,11 +27,12 @@ import stat
 import threading
 import time
 from collections import deque
-from itertools import islice
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch

@@ -6,8 +6,8 @@ gets the stacked batch of the images that need its embedding.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -15,16 +15,18 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
-from clipfp8.indexing import _testhooks, db as dbm
+from clipfp8.indexing import _testhooks
+from clipfp8.indexing import db as dbm
 from clipfp8.indexing.config import IndexConfig
-from clipfp8.indexing.decode import DecodeTask, Decoded, Decoder, ImageDecoder, error_reason, imap_bounded
+from clipfp8.indexing.decode import Decoded, Decoder, DecodeTask, ImageDecoder, error_reason, imap_bounded
 from clipfp8.indexing.embed import embed_batch
 from clipfp8.indexing.gpu_decode import choose_decoder
 from clipfp8.indexing.plan import Plan, Task, make_plan, raised_limits
@@ -266,7 +268,7 @@ class _Run:
             for name, sec in res.seconds.items():
                 self.seconds[f"embed:{name}"] += sec
             made = iter(_Op(t.row["id"] if t.row else None, _row(d.entry, d), v)
-                        for (t, d), v in zip(todo, res.vectors))
+                        for (t, d), v in zip(todo, res.vectors, strict=False))
             self.summary.indexed += len(todo)
         for _, d, op in batch:
             self.ops.append(op if op is not None else next(made))

@@ -13,8 +13,9 @@
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from clipfp8.indexing.scan import FileEntry, ScanResult
 

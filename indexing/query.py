@@ -87,7 +87,7 @@ def search(store: IndexStore, encoder: Encoder, query: str | Image.Image | Path,
         keep = scores >= threshold
         scores, ids = scores[keep], ids[keep]
     paths = store.id_paths(ids)
-    return [Hit(int(i), paths[int(i)], float(s)) for i, s in zip(ids, scores) if int(i) in paths]
+    return [Hit(int(i), paths[int(i)], float(s)) for i, s in zip(ids, scores, strict=False) if int(i) in paths]
 
 
 def outside_corpus(store: IndexStore, path: str) -> bool:

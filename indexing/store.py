@@ -22,17 +22,25 @@ import logging
 import os
 import re
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import sqlite_utils
 
-from clipfp8.indexing import _testhooks, db as dbm
+from clipfp8.indexing import _testhooks
+from clipfp8.indexing import db as dbm
 from clipfp8.indexing.atomic import atomic_write_bytes, fsync_dir
-from clipfp8.indexing.errors import (EncoderMismatchError, IndexCorruptError, IndexLockedError,
-                             IndexNotFoundError, QueryError, StorageError,
-                             UnknownEncoderError)
+from clipfp8.indexing.errors import (
+    EncoderMismatchError,
+    IndexCorruptError,
+    IndexLockedError,
+    IndexNotFoundError,
+    QueryError,
+    StorageError,
+    UnknownEncoderError,
+)
 from clipfp8.indexing.vectors import VectorIndex
 from clipfp8.quant.core.encoder import EncoderIdentity
 
@@ -233,7 +241,7 @@ class IndexStore:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
 
-    def __enter__(self) -> "IndexStore":
+    def __enter__(self) -> IndexStore:
         return self
 
     def __exit__(self, *exc: Any) -> None:

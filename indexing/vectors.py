@@ -54,7 +54,7 @@ class VectorIndex:
 
     # ----- construction and serialisation -----------------------------------------------
     @classmethod
-    def new(cls, dim: int, factory: str = "Flat") -> "VectorIndex":
+    def new(cls, dim: int, factory: str = "Flat") -> VectorIndex:
         if factory.strip().lower() == "flat" or not _factory(dim, factory).is_trained:
             return cls(_flat(dim), factory, dim)
         return cls(faiss.IndexIDMap2(_factory(dim, factory)), factory, dim, raw=_flat(dim))
@@ -67,7 +67,7 @@ class VectorIndex:
         return _MAGIC + struct.pack("<Q", len(main)) + main + faiss.serialize_index(self.raw).tobytes()
 
     @classmethod
-    def from_bytes(cls, data: bytes, factory: str, dim: int) -> "VectorIndex":
+    def from_bytes(cls, data: bytes, factory: str, dim: int) -> VectorIndex:
         raw = None
         if data.startswith(_MAGIC):
             n = struct.unpack_from("<Q", data, len(_MAGIC))[0]

@@ -11,9 +11,10 @@ import copy
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -113,7 +114,6 @@ def _resolve_text_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _transforms_and_tokenizer(model: nn.Module, cfg: dict[str, Any]) -> tuple[Callable, Tokenizer, tuple[int, int]]:
     import open_clip
-
     from open_clip.transform import PreprocessCfg
 
     pp = PreprocessCfg(**getattr(model.visual, "preprocess_cfg", {}))

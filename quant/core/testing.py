@@ -9,7 +9,8 @@ Texts embed by colour words ("red", "green", "blue", ...) plus a hash of the str
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -13,8 +13,9 @@ import argparse
 import copy
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from clipfp8.quant.core.config import PRECISIONS
 from clipfp8.quant.core.errors import DatasetError

@@ -3,9 +3,10 @@ readers (``quant.eval.datasets``) and the shard reader (``quant.eval.webdataset`
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any
 
 import numpy as np
 
@@ -14,7 +15,7 @@ from clipfp8.quant.core.errors import DatasetError
 CLASSES_FILE = "classes.json"
 
 #: An image is a file on disk or the encoded bytes read from a shard.
-ImageRef = Union[Path, bytes]
+ImageRef = Path | bytes
 
 
 @dataclass
@@ -46,7 +47,7 @@ class RetrievalData:
         return texts, owner.astype(np.int64)
 
 
-EvalData = Union[ClassificationData, RetrievalData]
+EvalData = ClassificationData | RetrievalData
 
 
 def read_json(path: Path) -> Any:

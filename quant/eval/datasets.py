@@ -32,9 +32,16 @@ import numpy as np
 from clipfp8.quant.core.captions import CAPTION_FILES, find_captions_file, read_captions
 from clipfp8.quant.core.config import IMAGE_EXTS
 from clipfp8.quant.core.errors import DatasetError
+from clipfp8.quant.eval.data import (
+    CLASSES_FILE,
+    ClassificationData,
+    EvalData,
+    ImageRef,
+    RetrievalData,
+    class_names_from_json,
+    read_json,
+)
 from clipfp8.quant.eval.webdataset import detect_shard_kind, load_shards
-from clipfp8.quant.eval.data import (CLASSES_FILE, ClassificationData, EvalData, ImageRef, RetrievalData,
-                                   class_names_from_json, read_json)
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +74,7 @@ class DatasetSpec:
             object.__setattr__(self, "name", _default_name(self.path))
 
     @classmethod
-    def parse(cls, text: str, limit: int | None = None, seed: int = 0) -> "DatasetSpec":
+    def parse(cls, text: str, limit: int | None = None, seed: int = 0) -> DatasetSpec:
         """``"PATH"`` or ``"PATH:kind"`` (kind = classification/retrieval/auto), as on the CLI."""
         path, kind = text, "auto"
         head, sep, tail = text.rpartition(":")

@@ -24,7 +24,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     rows = [r for r in result["rows"] if "items_per_s" in r]
     towers = sorted({r["tower"] for r in rows})
     fig, axes = plt.subplots(1, max(len(towers), 1), figsize=(6 * max(len(towers), 1), 4.2), squeeze=False)
-    for ax, tower in zip(axes[0], towers):
+    for ax, tower in zip(axes[0], towers, strict=False):
         for prec in sorted({r["precision"] for r in rows if r["tower"] == tower}):
             sel = sorted((r["batch"], r["items_per_s"]) for r in rows if r["tower"] == tower and r["precision"] == prec)
             ax.plot([b for b, _ in sel], [v for _, v in sel], marker="o", label=prec)

@@ -27,7 +27,8 @@ def prep(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    from clipfp8.quant.train.train import TrainConfig, train as run
+    from clipfp8.quant.train.train import TrainConfig
+    from clipfp8.quant.train.train import train as run
 
     kw = dict(pack_dir=args.pack_dir, out_dir=args.out_dir, device=args.device, seed=args.seed,
               batch_size=args.batch_size, lr=args.lr, time_budget_s=args.time_budget_s,

@@ -18,16 +18,26 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from clipfp8.quant.core.fileio import atomic_write_text
-from clipfp8.quant.train.data import (SOURCES, CaptionTable, TrainDataError, decode_square, group_of, iter_shards,
-                                     mosaic, save_jpeg, save_npz)
+from clipfp8.quant.train.data import (
+    SOURCES,
+    CaptionTable,
+    TrainDataError,
+    decode_square,
+    group_of,
+    iter_shards,
+    mosaic,
+    save_jpeg,
+    save_npz,
+)
 from clipfp8.quant.train.evaluate import build_eval_pack
 from clipfp8.quant.train.model import default_model_cfg, quantize_rows_int8, text_features
 

@@ -68,8 +68,8 @@ def test_add_change_delete_rename(corpus: Path, tmp_path: Path) -> None:
     for name in ("fake-fp16",):
         path_of = {i: p for i, p, *_ in got["rows"]}
         clean_path_of = {i: p for i, p, *_ in clean["rows"]}
-        mine = {path_of[i]: v for i, v in zip(*got[name])}
-        theirs = {clean_path_of[i]: v for i, v in zip(*clean[name])}
+        mine = {path_of[i]: v for i, v in zip(*got[name], strict=False)}
+        theirs = {clean_path_of[i]: v for i, v in zip(*clean[name], strict=False)}
         assert mine.keys() == theirs.keys()
         for p in mine:
             np.testing.assert_allclose(mine[p], theirs[p], atol=1e-4)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from clipfp8.indexing.config import IndexConfig
-from clipfp8.indexing.pipeline import index_corpus
 from clipfp8.indexing.consistency import verify
+from clipfp8.indexing.pipeline import index_corpus
 from tests.indexing.conftest import REPO, encoders, index_state, make_corpus
 
 CFG = IndexConfig(batch_size=4, workers=2, commit_every=8)

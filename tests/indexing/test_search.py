@@ -29,7 +29,7 @@ def _brute(store, enc, q: np.ndarray, k: int) -> list[tuple[str, float]]:  # typ
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("search") / "c"
     make_corpus(root, 60)
-    for i, colour in enumerate(["red", "green", "blue"]):
+    for _i, colour in enumerate(["red", "green", "blue"]):
         Image.new("RGB", (20, 20), colour).save(root / f"{colour}.png")
     return root
 

@@ -10,16 +10,21 @@ import pytest
 import sqlite_utils
 
 from clipfp8.indexing import db as dbm
-from clipfp8.quant.core import fileio
-from clipfp8.indexing.errors import (EncoderMismatchError, IndexLockedError, IndexNotFoundError,
-                             StorageError, UnknownEncoderError, IndexCorruptError)
 from clipfp8.indexing.config import IndexConfig
+from clipfp8.indexing.errors import (
+    EncoderMismatchError,
+    IndexCorruptError,
+    IndexLockedError,
+    IndexNotFoundError,
+    StorageError,
+    UnknownEncoderError,
+)
 from clipfp8.indexing.pipeline import index_corpus
 from clipfp8.indexing.query import search
 from clipfp8.indexing.store import open_for_write, open_index
+from clipfp8.quant.core import fileio
 from tests.fakes import FakeEncoder
 from tests.indexing.conftest import REPO, encoders, index_state, make_corpus
-
 
 
 def test_second_writer_is_refused_while_first_holds_the_lock(corpus: Path, tmp_path: Path) -> None:

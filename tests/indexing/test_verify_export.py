@@ -8,12 +8,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from clipfp8.indexing.consistency import verify
 from clipfp8.indexing.errors import QueryError
 from clipfp8.indexing.export import export_parquet
 from clipfp8.indexing.pipeline import index_corpus
 from clipfp8.indexing.store import open_index
 from clipfp8.indexing.vectors import VectorIndex
-from clipfp8.indexing.consistency import verify
 from tests.fakes import FakeEncoder
 from tests.indexing.conftest import encoders, index_state
 
@@ -90,7 +90,7 @@ def test_parquet_round_trip(corpus: Path, tmp_path: Path) -> None:
     assert d["id"] == sorted(d["id"])
     emb = np.array(d["embedding"], np.float32)
     np.testing.assert_array_equal(emb, vec.reconstruct(np.array(d["id"])))
-    for i, path, sha, w in zip(d["id"], d["image_path"], d["sha256"], d["width"]):
+    for i, path, sha, w in zip(d["id"], d["image_path"], d["sha256"], d["width"], strict=False):
         assert (path, sha, w) == (rows[i]["path"], rows[i]["sha256"], rows[i]["width"])
     assert set(d["encoder"]) == {"fake-fp8-fake"}
 

@@ -5,8 +5,8 @@ Nothing here is autouse: other areas under tests/quant/ are unaffected.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch

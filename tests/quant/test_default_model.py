@@ -49,8 +49,9 @@ def test_load_model_gives_unit_norm_embeddings_of_config_dim(loaded) -> None:
 
 
 def test_create_encoder_default_spec_works_on_cpu() -> None:
-    from clipfp8.quant.core.encoder import create_encoder
     from PIL import Image
+
+    from clipfp8.quant.core.encoder import create_encoder
 
     enc = create_encoder(EncoderSpec())  # the documented zero-argument path (CPU here)
     e = enc.encode_pil([Image.new("RGB", (90, 70), (200, 30, 30))])
@@ -112,6 +113,6 @@ def test_augment_shapes_and_flip_only_identity() -> None:
     assert out.shape == (4, 3, 64, 64) and torch.isfinite(out).all()
     out2 = augment(u8, 64, (1.0, 1.0), 0.0, torch.Generator().manual_seed(1), ratio=(1.0, 1.0))
     # full-area crops differ only by the flip: each sample equals the other or its mirror
-    for a, b in zip(out, out2):
+    for a, b in zip(out, out2, strict=False):
         assert torch.allclose(a, b, atol=1e-3) or torch.allclose(a, b.flip(-1), atol=1e-3)
 

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from clipfp8.quant.core import fileio
-from clipfp8.quant.core.fileio import (atomic_path, atomic_write_bytes, atomic_write_text, portable_path,
-                                       replace_dir)
+from clipfp8.quant.core.fileio import atomic_path, atomic_write_bytes, atomic_write_text, portable_path, replace_dir
 
 
 def _tree(root: Path) -> dict[str, bytes]:

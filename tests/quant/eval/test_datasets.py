@@ -7,10 +7,15 @@ from pathlib import Path
 import pytest
 
 from clipfp8.quant.core.errors import DatasetError
-from clipfp8.quant.eval.datasets import (ClassificationData, DatasetSpec, RetrievalData, detect_kind, load_dataset,
-                                 open_image)
+from clipfp8.quant.eval.datasets import (
+    ClassificationData,
+    DatasetSpec,
+    RetrievalData,
+    detect_kind,
+    load_dataset,
+    open_image,
+)
 from clipfp8.quant.eval.templates import CIFAR10_TEMPLATES, fill, load_templates
-
 from tests.quant.eval.conftest import make_class_folder, make_retrieval_folder, make_shard, png_bytes
 
 
@@ -41,8 +46,8 @@ def test_retrieval_folder_json_and_csv_agree(tmp_path, colour_captions):
     assert data.captions[data.ids.index("blue_0.png")] == ["blue", "a blue thing", "the colour blue"]
     texts, owner = data.flat_captions()
     assert len(texts) == 9 and owner.tolist() == [0, 0, 0, 1, 2, 2, 3, 3, 4]
-    assert [data.ids[o] for o in owner] == [i for i, c in zip(data.ids, data.captions) for _ in c]
-    caps = dict(zip(data.ids, data.captions))
+    assert [data.ids[o] for o in owner] == [i for i, c in zip(data.ids, data.captions, strict=False) for _ in c]
+    caps = dict(zip(data.ids, data.captions, strict=False))
     csv_root = make_retrieval_folder(tmp_path / "csv", caps, fmt="csv", images_subdir=False)
     from_csv = load_dataset(DatasetSpec(csv_root, kind="retrieval"))
     assert from_csv.ids == data.ids and from_csv.captions == data.captions

@@ -177,7 +177,7 @@ def test_topk_overlap_matches_faiss_definition():
     for k in (1, 5, 10):
         ia = [sorted(range(20), key=lambda j: (-a[q, j], j))[:k] for q in range(9)]
         ib = [sorted(range(20), key=lambda j: (-b[q, j], j))[:k] for q in range(9)]
-        want = sum(len(set(x) & set(y)) for x, y in zip(ia, ib)) / (9 * k)
+        want = sum(len(set(x) & set(y)) for x, y in zip(ia, ib, strict=False)) / (9 * k)
         assert M.topk_overlap(a, b, k) == pytest.approx(want)
     assert M.topk_overlap(a, a, 5) == 1.0
     assert M.topk_overlap(a, -a, 10) == 0.0  # reversed rankings share nothing when 2k <= N
@@ -190,7 +190,7 @@ def test_spearman_identical_reversed_and_scipy_with_ties():
     assert M.spearman_rows(a, -a) == pytest.approx(-1.0)
     b = np.round(a + rng.normal(scale=0.5, size=a.shape), 0)  # heavy ties
     stats = pytest.importorskip("scipy.stats")
-    want = np.mean([stats.spearmanr(x, y).statistic for x, y in zip(a, b)])
+    want = np.mean([stats.spearmanr(x, y).statistic for x, y in zip(a, b, strict=False)])
     assert M.spearman_rows(a, b) == pytest.approx(want)
     assert M.average_ranks(np.array([3.0, 1.0, 3.0, 2.0])) == pytest.approx([2.5, 0, 2.5, 1])
 

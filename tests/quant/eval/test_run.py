@@ -5,8 +5,9 @@ import csv
 import io
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +15,6 @@ import torch
 
 from clipfp8.quant.core.encoder import Encoder, EncoderIdentity
 from clipfp8.quant.eval import DatasetSpec, EvalReport, evaluate, load_dataset
-
 from tests.quant.eval.conftest import COLOURS
 
 ORDER = list(COLOURS)  # red, green, blue, yellow, white, black

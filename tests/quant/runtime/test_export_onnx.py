@@ -5,10 +5,9 @@ import copy
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
-
-import onnx
 
 from clipfp8.quant.runtime.export_onnx import export_tower, export_towers  # noqa: E402
 from tests.quant.runtime.conftest import tiny_inputs  # noqa: E402

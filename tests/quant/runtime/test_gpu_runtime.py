@@ -87,7 +87,7 @@ def _check_close_to_fake(got: torch.Tensor, ref: torch.Tensor, ref16: torch.Tens
 
 def test_fp8_matches_fake_quant_and_fp16(gpu_models, fake_fp32):
     base, _, fp8, _ = gpu_models
-    outs = zip(_outputs(fp8), _outputs(fake_fp32, dtype=torch.float32), _outputs(base), MEAN_COS_FLOOR)
+    outs = zip(_outputs(fp8), _outputs(fake_fp32, dtype=torch.float32), _outputs(base), MEAN_COS_FLOOR, strict=False)
     for got, ref, ref16, floor in outs:
         _check_close_to_fake(got, ref, ref16, floor)
 
@@ -98,7 +98,7 @@ def test_fp8_close_to_fp16_fake_quant(gpu_models):
     the same comparison emulated in fp16 on the CPU); the cause is not isolated yet, so this
     bound records the measured level rather than the 0.999 goal."""
     _, fake, fp8, _ = gpu_models
-    for got, ref in zip(_outputs(fp8), _outputs(fake)):
+    for got, ref in zip(_outputs(fp8), _outputs(fake), strict=False):
         assert F.cosine_similarity(got, ref).mean() >= 0.997
 
 
@@ -130,7 +130,7 @@ def test_fused_sdpa_variant_stays_close(gpu_models):
 
     _, fake, _, _ = gpu_models
     fused, _ = build_fp8_model(copy.deepcopy(fake), "cuda", exact_softmax=False)
-    for got, ref in zip(_outputs(fused), _outputs(fake)):
+    for got, ref in zip(_outputs(fused), _outputs(fake), strict=False):
         assert F.cosine_similarity(got, ref).mean() >= 0.99
 
 
@@ -143,7 +143,7 @@ def test_fast_accumulation_off_also_matches(gpu_models, fake_fp32):
     for m in slow.modules():
         if isinstance(m, FP8Linear):
             m.fast_accum = False
-    outs = zip(_outputs(slow), _outputs(fake, dtype=torch.float32), _outputs(base), MEAN_COS_FLOOR)
+    outs = zip(_outputs(slow), _outputs(fake, dtype=torch.float32), _outputs(base), MEAN_COS_FLOOR, strict=False)
     for got, ref, ref16, floor in outs:
         _check_close_to_fake(got, ref, ref16, floor)
 
