@@ -2,29 +2,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import clipfp8.app.benchmark as B
-from tests.app.helpers import MemIndex, make_corpus
-from tests.fakes import FakeEncoder
-
-
-@pytest.fixture()
-def corpus(tmp_path: Path) -> Path:
-    return make_corpus(tmp_path / "corpus")
-
-
-@pytest.fixture()
-def encoders() -> dict[str, FakeEncoder]:
-    return {"FP16": FakeEncoder(precision="fp16"), "FP8": FakeEncoder(precision="fp8-fake", noise=1.0)}
-
-
-@pytest.fixture()
-def index(corpus: Path, encoders: dict[str, FakeEncoder]) -> MemIndex:
-    return MemIndex(corpus, list(encoders.values()))
 
 
 def _brute_recall(index, enc, truth, k):

@@ -8,23 +8,8 @@ import pytest
 from PIL import Image
 
 import clipfp8.app.search as S
-from tests.app.helpers import FakeHit, MemIndex, make_corpus
+from tests.app.helpers import FakeHit, MemIndex
 from tests.fakes import FakeEncoder
-
-
-@pytest.fixture()
-def corpus(tmp_path: Path) -> Path:
-    return make_corpus(tmp_path / "corpus")
-
-
-@pytest.fixture()
-def encoders() -> dict[str, FakeEncoder]:
-    return {"FP16": FakeEncoder(precision="fp16"), "FP8": FakeEncoder(precision="fp8-fake", noise=1.0)}
-
-
-@pytest.fixture()
-def index(corpus: Path, encoders: dict[str, FakeEncoder]) -> MemIndex:
-    return MemIndex(corpus, list(encoders.values()))
 
 
 def _ids(items: list[S.ResultItem]) -> list[int]:
