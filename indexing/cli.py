@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from clipfp8.indexing.config import DECODE_MODES, DEFAULT_MAX_ASPECT, DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
-from clipfp8.quant.cli import add_encoder_args, encoder_spec_from_args, positive_int
+from clipfp8.indexing.config import DECODE_MODES, DEFAULT_MAX_ASPECT, DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, ENGINES
+from clipfp8.quant.cli import CLIUsageError, add_encoder_args, encoder_spec_from_args, positive_int
 from clipfp8.quant.core.config import AUTO_PRECISION, PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,19 @@ def make_encoder(args: argparse.Namespace, precision: str) -> Any:
     from clipfp8.quant.core.encoder import create_encoder
 
     return create_encoder(encoder_spec_from_args(args, resolve_precision(precision, args.device)))
+
+
+def ray_encoder_spec(args: argparse.Namespace, precision: str) -> Any:
+    """``index --engine ray``: the spec each actor builds the encoder of ``precision`` from (no
+    model loads here); ``auto`` (precision and device) follows the cluster: fp16 on CUDA when it
+    has GPUs, else fp32. Called once connected to the cluster."""
+    if precision in FAKE_PRECISIONS and os.environ.get(FAKE_ENV) == "1":
+        return _fake_encoder(precision)  # a picklable test encoder: it travels as itself
+    from clipfp8.indexing.ray_engine import cluster_device
+    from clipfp8.indexing.specs import resolve_precision
+
+    device = cluster_device() if args.device == "auto" else args.device
+    return encoder_spec_from_args(args, resolve_precision(precision, device))
 
 
 def index_encoder(store: Any, args: argparse.Namespace, precision: str, text_only: bool = False) -> Any:
@@ -78,14 +91,20 @@ def cmd_index(args: argparse.Namespace) -> int:
     from clipfp8.indexing.scan import check_corpus
 
     check_corpus(args.corpus)  # fail before loading any model
-    cfg = IndexConfig(batch_size=args.batch_size, workers=args.workers, factory=args.factory,
-                      commit_every=args.commit_every, max_pixels=args.max_pixels,
+    if args.engine == "ray" and args.watch:
+        raise CLIUsageError("--watch runs the local engine; leave out --engine ray")
+    if args.ray_address is not None and args.engine != "ray":
+        raise CLIUsageError("--ray-address needs --engine ray")
+    cfg = IndexConfig(batch_size=args.batch_size, workers=args.workers, factory=index_factory(args.factory, args.index_budget),
+                      commit_every=args.commit_every, commit_interval_s=args.commit_interval,
+                      max_pixels=args.max_pixels,
                       max_file_bytes=args.max_file_bytes, max_aspect=args.max_aspect,
                       extensions=tuple(args.extensions or DEFAULT_EXTENSIONS),
                       jpeg_draft=args.jpeg_draft, rehash=args.rehash, decode=args.decode)
 
     def encoders() -> list[Any]:  # called once the index is locked: a second writer fails fast
-        return [make_encoder(args, p) for p in args.precision]
+        make = ray_encoder_spec if args.engine == "ray" else make_encoder
+        return [make(args, p) for p in args.precision]
 
     bar = tqdm(unit="img", desc="indexing", disable=args.no_progress, file=sys.stderr)
 
@@ -96,7 +115,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.watch:
         return _watch(args, cfg, encoders, progress, bar)
     try:
-        summary = index_corpus(args.corpus, args.index_dir, encoders, config=cfg, progress=progress)
+        summary = index_corpus(args.corpus, args.index_dir, encoders, config=cfg, progress=progress,
+                               engine=args.engine, ray_address=args.ray_address)
     finally:
         bar.close()
     print(summary.format())
@@ -108,6 +128,18 @@ def cmd_index(args: argparse.Namespace) -> int:
     if tail:
         print(tail)
     return 0
+
+
+def index_factory(factory: str, index_budget: str | None) -> str:
+    """``--factory`` with ``--index-budget`` folded in (``auto:<budget>``, the string recorded in
+    the index); a budget with another factory is a usage error, a bad budget an ``IndexConfigError``."""
+    from clipfp8.indexing.faiss_factory import auto_factory, is_auto, parse_budget
+
+    if index_budget is None:
+        return factory
+    if not is_auto(factory):
+        raise CLIUsageError(f"--index-budget applies to --factory auto, not --factory {factory}")
+    return auto_factory(parse_budget(index_budget))
 
 
 def _watch(args: argparse.Namespace, cfg: Any, encoders: Any, progress: Any, bar: Any) -> int:
@@ -261,9 +293,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "baseline: fp16 on CUDA, fp32 on the CPU (fp16 is 5-10x slower there)")
     p.add_argument("--summary-json", type=Path, default=None, metavar="FILE",
                    help="also write the run's summary (counts, stage seconds, decode path) as JSON")
-    p.add_argument("--workers", type=int, default=4, help="decode threads")
-    p.add_argument("--factory", default="Flat", help="FAISS factory string, e.g. Flat, IVF1024,Flat, HNSW32")
+    p.add_argument("--workers", type=int, default=4,
+                   help="decode threads (on the GPU path: file-reading threads, at most 4)")
+    p.add_argument("--factory", default="auto",
+                   help="auto (default): exact Flat below 100k vectors, then an IVF-PQ index sized by --index-budget "
+                        "with its exact vectors on disk for re-ranking; or a FAISS factory string, e.g. Flat, "
+                        "IVF1024,Flat, HNSW32")
+    p.add_argument("--index-budget", default=None, metavar="BYTES",
+                   help="with --factory auto: RAM for the index, bytes per vector (default 100) or a total "
+                        "with a K/M/G/T suffix (e.g. 8G); more bytes, better codes (PQ, then SQ8)")
     p.add_argument("--commit-every", type=int, default=1024, help="files between commit points")
+    p.add_argument("--commit-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="and at least this long between commit points (each rewrites the FAISS files; "
+                        "a crash loses at most about this much work; default 10)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="larger images are skipped as oversized, from their header (exact limit)")
     p.add_argument("--max-file-bytes", type=byte_size, default=DEFAULT_MAX_FILE_BYTES,
@@ -281,6 +323,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode", choices=DECODE_MODES, default="auto",
                    help="JPEG decoding: auto = batched nvJPEG + preprocessing on the GPU when every "
                         "encoder runs on CUDA, else Pillow on CPU threads; cpu; gpu (force)")
+    p.add_argument("--engine", choices=ENGINES, default="local",
+                   help="local: decode and embed in this process; ray: in a Ray actor pool (one actor per "
+                        "GPU), while this process scans, plans and commits (pip install 'clip-fp8[ray]')")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="with --engine ray: the cluster to join (host:port printed by `ray start --head`); "
+                        "default: RAY_ADDRESS, a cluster started on this machine, else a new local one")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--watch", action="store_true",
                    help="after indexing, keep watching the corpus and re-index new, changed, moved and "
@@ -300,7 +348,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--image", type=Path, help="image file query")
     p.add_argument("-k", type=int, default=10, help="number of results")
     p.add_argument("--threshold", type=float, default=None, help="minimum score (cosine)")
-    p.add_argument("--rerank", action="store_true", help="exact re-ranking for IVF/HNSW indexes")
+    p.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=None,
+                   help="re-score 10 x k candidates exactly from the stored vectors (IVF/HNSW indexes); default: "
+                        "on for --factory auto indexes past 100k vectors, off otherwise")
     p.add_argument("--json", action="store_true", help="one JSON object per hit (exact paths)")
     p.add_argument("--preview", nargs="?", const=PREVIEW_AUTO, default=None, metavar="FILE.png",
                    help="also show the hits as a contact sheet: inline in kitty/iTerm2/WezTerm, else "

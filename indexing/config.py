@@ -11,6 +11,8 @@ DEFAULT_MAX_PIXELS = 64_000_000
 DEFAULT_MAX_FILE_BYTES = 256 << 20
 DEFAULT_MAX_ASPECT = 20.0
 DECODE_MODES: tuple[str, ...] = ("auto", "cpu", "gpu")
+#: Where decode + embed run (``--engine``): this process, or a Ray actor pool (``indexing.ray_engine``).
+ENGINES: tuple[str, ...] = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,9 @@ class IndexConfig:
     ``commit_every``: images processed between commit points (each rewrites the FAISS files).
     ``commit_fraction``: a commit point also waits until the changes reach this fraction of the
     index size, so rewriting whole FAISS files costs O(N) over a large run, not O(N^2).
+    ``commit_interval_s`` (``--commit-interval``): and at least this many seconds after the
+    previous one, so a fast GPU run does not spend its time rewriting FAISS files (a crash then
+    loses at most about that much work).
     ``max_pixels``: larger images are recorded as ``oversized`` (decompression-bomb guard; the
     limit is exact, Pillow's own default does not apply). ``max_file_bytes``: larger files are
     recorded as ``file_too_large`` without being read. ``max_aspect``: images longer than this
@@ -45,6 +50,7 @@ class IndexConfig:
     lookahead: int = 0  # 0 -> 4 * batch_size
     commit_every: int = 1024
     commit_fraction: float = 0.1
+    commit_interval_s: float = 0.0
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     max_aspect: float = DEFAULT_MAX_ASPECT
@@ -65,6 +71,8 @@ class IndexConfig:
             raise ValueError(f"IndexConfig.max_aspect (--max-aspect) must be >= 1, got {self.max_aspect}")
         if self.decode not in DECODE_MODES:
             raise ValueError(f"IndexConfig.decode (--decode) must be one of {DECODE_MODES}, got {self.decode!r}")
+        if not 0.0 <= self.commit_interval_s < float("inf"):
+            raise ValueError(f"IndexConfig.commit_interval_s (--commit-interval) must be >= 0 seconds, got {self.commit_interval_s}")
         if not 0.0 <= self.commit_fraction <= 1.0:
             raise ValueError(f"IndexConfig.commit_fraction must be in [0, 1], got {self.commit_fraction}")
         if self.lookahead < 0 or self.train_min < 0:

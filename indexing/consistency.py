@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from clipfp8.indexing import db as dbm
@@ -63,7 +62,8 @@ def _check_encoder(store: IndexStore, name: str, vec: VectorIndex) -> dict[str, 
     in_faiss = set(counts)
     booked = dbm.embedded_ids(store.db, row["id"])
     ok_ids = {r["id"] for r in store.db.query("SELECT id FROM images WHERE status='ok'")}
-    copy = set(faiss.vector_to_array(vec.raw.id_map).tolist()) if vec.raw is not None else in_faiss
+    copy_ids = vec.copy_ids()
+    copy = set(copy_ids.tolist()) if copy_ids is not None else in_faiss
     return {"orphans": sorted(in_faiss - booked), "missing": sorted(booked - in_faiss),
             "duplicates": sorted(i for i, n in counts.items() if n > 1),
             "unembedded": sorted(ok_ids - booked), "stale": sorted(booked - ok_ids),

@@ -100,11 +100,13 @@ def _oversized(w: int, h: int, limit: int) -> str:
 @dataclass(frozen=True)
 class DecodeTask:
     """One file to process. Decoding is skipped when its hash is in ``skip_hashes`` (a move or
-    an unchanged file: only the hash is needed)."""
+    an unchanged file: only the hash is needed). ``needs``: the encoder names the file will be
+    embedded with (None: all); a decoder that also embeds (``ray_engine``) runs only those."""
 
     entry: FileEntry
     path: Path
     skip_hashes: frozenset[str] = frozenset()
+    needs: frozenset[str] | None = None
 
 
 @dataclass

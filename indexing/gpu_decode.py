@@ -2,12 +2,13 @@
 
 ``GpuDecoder`` is a ``Decoder`` whose ``imap`` runs three overlapping steps:
 
-1. worker threads read and hash files (bounded prefetch: at most ``lookahead`` files and
+1. a few worker threads read and hash files (bounded prefetch: at most ``lookahead`` files and
    ``max_bytes_in_flight`` bytes) and check each JPEG header (``jpeg_header.gpu_refusal``:
    the ``max_pixels`` bomb guard, EXIF rotation, CMYK, truncation...);
-2. a producer thread decodes batches with ``torchvision.io.decode_jpeg(list, device=...)``
-   (nvJPEG on CUDA) and preprocesses them on the device (``gpu_transform``, the encoders' own
-   open_clip transform), on its own CUDA stream, while the caller encodes the previous batch;
+2. the caller's thread decodes each batch with ``torchvision.io.decode_jpeg(list, device=...)``
+   (nvJPEG on CUDA) and preprocesses it on the device (``gpu_transform``, the encoders' own
+   open_clip transform) on a high-priority side stream, without waiting for the device, while
+   the previous batch is still being encoded (``Encoder.encode_images_async``);
 3. the caller receives ``Decoded`` items in task order whose tensors live on the device.
 
 Every file the header check refuses, and every file nvJPEG fails on, goes through the CPU path
@@ -18,7 +19,6 @@ so the same code runs on the CPU (libjpeg via torchvision) for tests.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import Counter, deque
@@ -40,7 +40,6 @@ from clipfp8.quant.core.encoder import Encoder
 log = logging.getLogger(__name__)
 
 JPEG_SUFFIXES = (b".jpg", b".jpeg", b".jpe", b".jfif")
-_DONE = object()
 
 
 @dataclass
@@ -68,11 +67,11 @@ class GpuDecoder:
 
     def __init__(self, specs: dict[str, TransformSpec], cpu: ImageDecoder, device: str,
                  batch_size: int = 64, max_bytes_in_flight: int = 1 << 30,
-                 max_batch_pixels: int = 256_000_000, prefetch_batches: int = 2) -> None:
+                 max_batch_pixels: int = 256_000_000, max_readers: int = 4) -> None:
         if set(specs) != set(cpu.preprocess):
             raise ValueError(f"GpuDecoder: specs for {sorted(specs)} but CPU preprocess for {sorted(cpu.preprocess)}")
         self.specs, self.cpu, self.device = specs, cpu, torch.device(device)
-        self.batch_size, self.prefetch = max(1, batch_size), max(1, prefetch_batches)
+        self.batch_size, self.max_readers = max(1, batch_size), max(1, max_readers)
         self.max_bytes_in_flight = max(max_bytes_in_flight, cpu.max_file_bytes)
         self.max_batch_pixels = max_batch_pixels
         self.stats: Counter[str] = Counter()
@@ -195,8 +194,11 @@ class GpuDecoder:
                 except RuntimeError as e:  # e.g. device out of memory: the CPU path still works
                     log.warning("device preprocessing failed (%s); %d files fall back to the CPU", e, len(ok))
                     failed += [it for it, _ in ok]
-            if stream is not None:
-                stream.synchronize()  # the consumer may use the tensors on any stream
+            if stream is not None:  # the caller's stream waits for it, the host does not
+                user = torch.cuda.current_stream(self.device)
+                user.wait_stream(stream)
+                for b in bases:  # made on the side stream, used and freed on the caller's
+                    b.record_stream(user)
         share = (time.perf_counter() - t0) / len(items)
         self._count("gpu", len(items) - len(failed))
         for it in items:
@@ -211,50 +213,30 @@ class GpuDecoder:
 
     # ----- the stream --------------------------------------------------------------------------
     def imap(self, tasks: Iterable[DecodeTask], workers: int, lookahead: int) -> Iterator[Decoded]:
-        """``Decoded`` for every task, in order; decoding runs ahead on threads (see module doc).
-        Tensors of device-decoded files are views of batch tensors on ``device``."""
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-        producer = threading.Thread(target=self._produce, args=(tasks, workers, lookahead, q, stop),
-                                    name="gpu-decode", daemon=True)
-        producer.start()
+        """``Decoded`` for every task, in order (see module doc). Files are read ahead on
+        ``min(workers, max_readers)`` threads; each device batch is decoded and preprocessed in
+        the caller's thread, on a high-priority side stream, when the caller asks for its first
+        file. The caller's current stream is made to wait for that work instead of the host, so
+        a caller that encodes asynchronously (``Encoder.encode_images_async``) keeps the device
+        busy with the previous batch meanwhile. Tensors of device-decoded files are views of
+        batch tensors on ``device``, safe to use on the caller's stream.
+
+        Why no decode thread: CUDA calls release and retake the GIL, and a thread that retakes
+        it behind a busy Python thread waits a whole switch interval (5 ms) each time; on the
+        H200 a decode thread beside the encoding thread managed 868 img/s where the same work
+        alone runs at ~12k img/s (``.carry`` probe, 2026-12-03). One thread issuing all device
+        work has no such convoy; the readers mostly wait on I/O and hashing, which release it."""
+        stream = torch.cuda.Stream(self.device, priority=-1) if self.device.type == "cuda" else None
+        readers = max(1, min(workers, self.max_readers))
+        held = [0]  # bytes in flight
         try:
-            while True:
-                msg = q.get()
-                if msg is _DONE:
-                    break
-                if isinstance(msg, BaseException):
-                    raise msg
-                bases, outs = msg
-                if self.device.type == "cuda":
-                    for b in bases:  # made on the producer's stream, used and freed on ours
-                        b.record_stream(torch.cuda.current_stream(self.device))
-                yield from outs
+            with closing(self._reads(tasks, readers, lookahead, held)) as reads:
+                for group in self._groups(reads, held):
+                    self._decode_group(group, stream)
+                    held[0] -= sum(it.held for it in group if it.shape is not None)
+                    yield from (it.out for it in group)
         finally:
-            stop.set()
-            while producer.is_alive():
-                _drain(q)
-                producer.join(timeout=0.05)
             self._log_stats()
-
-    def _produce(self, tasks: Iterable[DecodeTask], workers: int, lookahead: int,
-                 q: queue.Queue, stop: threading.Event) -> None:
-        try:
-            stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-            held = [0]  # bytes in flight; touched by this thread only
-            with closing(self._reads(tasks, workers, lookahead, held)) as reads:
-                self._pump(reads, held, q, stop, stream)
-        except BaseException as e:  # hand the failure to the consumer instead of hanging it
-            _put(q, e, stop)
-
-    def _pump(self, reads: Iterator[_Item | None], held: list[int], q: queue.Queue,
-              stop: threading.Event, stream: Any) -> None:
-        for group in self._groups(reads, held):
-            bases = self._decode_group(group, stream)
-            held[0] -= sum(it.held for it in group if it.shape is not None)
-            if not _put(q, (bases, [it.out for it in group]), stop):
-                return
-        _put(q, _DONE, stop)
 
     def _reads(self, tasks: Iterable[DecodeTask], workers: int, lookahead: int,
                held: list[int]) -> Generator[_Item | None, None, None]:
@@ -307,24 +289,6 @@ class GpuDecoder:
             stats = dict(self.stats)
         if stats:
             log.info("decode routes: %s", ", ".join(f"{k} {v}" for k, v in sorted(stats.items())))
-
-
-def _put(q: queue.Queue, msg: Any, stop: threading.Event) -> bool:
-    while not stop.is_set():
-        try:
-            q.put(msg, timeout=0.1)
-            return True
-        except queue.Full:
-            continue
-    return False
-
-
-def _drain(q: queue.Queue) -> None:
-    try:
-        while True:
-            q.get_nowait()
-    except queue.Empty:
-        pass
 
 
 # ----- choosing the path -------------------------------------------------------------------------
@@ -391,4 +355,14 @@ def choose_decoder(encoders: Sequence[Encoder], cfg: IndexConfig, cpu: ImageDeco
     return GpuDecoder(specs, cpu, device, batch_size=cfg.batch_size)
 
 
-__all__ = ["GpuDecoder", "choose_decoder", "device_decode_available", "device_path_problem", "JPEG_SUFFIXES"]
+def make_decoder(encoders: Sequence[Encoder], cfg: IndexConfig) -> Decoder:
+    """The decoder ``index`` runs for ``encoders`` (in the driver, or in each Ray actor): Pillow's
+    ``ImageDecoder`` with ``cfg``'s limits and every encoder's ``preprocess``, or the GPU path
+    ``choose_decoder`` picks for ``cfg.decode``."""
+    side = max(max(e.image_size) for e in encoders)
+    cpu = ImageDecoder({e.name: e.preprocess for e in encoders}, cfg.max_pixels, (side, side) if cfg.jpeg_draft else None,
+                       max_file_bytes=cfg.max_file_bytes, max_aspect=cfg.max_aspect)
+    return choose_decoder(encoders, cfg, cpu)
+
+
+__all__ = ["GpuDecoder", "choose_decoder", "make_decoder", "device_decode_available", "device_path_problem", "JPEG_SUFFIXES"]

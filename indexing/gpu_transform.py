@@ -185,8 +185,11 @@ def preprocess_images(images: Sequence[torch.Tensor], spec: TransformSpec,
             x = _resize(torch.stack([images[i] for i in chunk]).float(), size, spec.interpolation)
             if spec.crop is not None:
                 x = _center_crop(x, spec.crop)
-            for i, row in zip(chunk, x, strict=True):  # row copies: no index tensor to upload
-                out[i].copy_(row)
+            if chunk[-1] - chunk[0] == len(chunk) - 1:  # the common case: one copy, not N launches
+                out[chunk[0]:chunk[-1] + 1].copy_(x)
+            else:
+                for i, row in zip(chunk, x, strict=True):  # row copies: no index tensor to upload
+                    out[i].copy_(row)
     mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     return out.div_(255.0).sub_(mean).div_(std)

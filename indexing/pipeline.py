@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,20 +25,24 @@ import numpy as np
 
 from clipfp8.indexing import _testhooks
 from clipfp8.indexing import db as dbm
-from clipfp8.indexing.config import IndexConfig
-from clipfp8.indexing.decode import Decoded, Decoder, DecodeTask, ImageDecoder, error_reason, imap_bounded
-from clipfp8.indexing.embed import embed_batch
-from clipfp8.indexing.gpu_decode import choose_decoder
+from clipfp8.indexing.config import ENGINES, IndexConfig
+from clipfp8.indexing.decode import Decoded, Decoder, DecodeTask, error_reason, imap_bounded
+from clipfp8.indexing.embed import EmbedResult, start_embed
+from clipfp8.indexing.errors import IndexConfigError
+from clipfp8.indexing.gpu_decode import make_decoder
 from clipfp8.indexing.plan import Plan, Task, make_plan, raised_limits
 from clipfp8.indexing.scan import FileEntry, check_corpus, scan_corpus
 from clipfp8.indexing.store import IndexStore, open_for_write
 from clipfp8.indexing.vectors import VectorIndex
-from clipfp8.quant.core.encoder import Encoder
+from clipfp8.quant.core.config import EncoderSpec
+from clipfp8.quant.core.encoder import Encoder, create_encoder
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 Encoders = Sequence[Encoder] | Callable[[], Sequence[Encoder]]
+#: Encoders or the specs to build them from (with ``engine="ray"``: built only in the Ray actors).
+EncoderSources = Sequence[Encoder | EncoderSpec] | Callable[[], Sequence[Encoder | EncoderSpec]]
 
 
 @dataclass
@@ -60,7 +64,8 @@ class IndexSummary:
     bad_files: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     total_seconds: float = 0.0
-    #: Which decode path ran: "cpu" (Pillow on worker threads) or "gpu:<device>" (batched).
+    #: Which decode path ran: "cpu" (Pillow on worker threads), "gpu:<device>" (batched), or
+    #: "ray:cpu"/"ray:gpu" (``--engine ray``: in the actors, which also embed).
     decoder: str = ""
 
     @property
@@ -101,10 +106,11 @@ def _row(entry: FileEntry, d: Decoded | None = None, error: str | None = None) -
             "error": error, "indexed_at": time.time()}
 
 
-def index_corpus(corpus: str | Path, index_dir: str | Path, encoders: Encoders,
+def index_corpus(corpus: str | Path, index_dir: str | Path, encoders: Encoders | EncoderSources,
                  batch_size: int = 64, workers: int = 4, factory: str = "Flat",
                  config: IndexConfig | None = None, progress: Progress | None = None,
-                 decoder: Decoder | None = None) -> IndexSummary:
+                 decoder: Decoder | None = None, engine: str = "local",
+                 ray_address: str | None = None) -> IndexSummary:
     """Index (incrementally) every image under ``corpus`` into ``index_dir`` with all
     ``encoders`` in one pass over the decoded images. ``config``, when given, overrides
     ``batch_size``/``workers``/``factory``. ``progress(done, total)`` follows the files read.
@@ -112,22 +118,56 @@ def index_corpus(corpus: str | Path, index_dir: str | Path, encoders: Encoders,
     ``gpu_decode.GpuDecoder`` when the encoders run on CUDA); it must fill ``Decoded.tensors``
     for every encoder name. ``encoders`` may be a zero-argument
     callable returning them: it is called once the index is locked, so a second writer fails
-    before loading any model."""
+    before loading any model.
+    ``engine="ray"`` (``--engine``): read, decode and embed in a Ray actor pool on the cluster at
+    ``ray_address`` (None: ``RAY_ADDRESS``, a cluster started on this machine, else a new local
+    one); scan, plan and commits stay here (``indexing.ray_engine``; needs ``clip-fp8[ray]``).
+    ``encoders`` may also hold ``EncoderSpec``s: built here (``create_encoder``), or with "ray"
+    only in the actors; other encoders must then be picklable (each actor gets a copy)."""
     root = check_corpus(corpus)
     cfg = config or IndexConfig(batch_size=batch_size, workers=workers, factory=factory)
-    if not callable(encoders):
-        _check_encoders(encoders, cfg)  # before the index directory is touched
+    if engine not in ENGINES:
+        raise IndexConfigError(f"--engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "ray":
+        if decoder is not None:
+            raise IndexConfigError("index_corpus: decoder= applies to the local engine only")
+        return _index_on_ray(root, index_dir, encoders, cfg, progress, ray_address)
+    if ray_address is not None:
+        raise IndexConfigError("--ray-address needs --engine ray")
+    if not callable(encoders) and not any(isinstance(e, EncoderSpec) for e in encoders):
+        _check_encoders(_built(encoders), cfg)  # before the index directory is touched
     with open_for_write(index_dir, root) as store:
-        if callable(encoders):
-            encoders = list(encoders())
-            _check_encoders(encoders, cfg)
-        for enc in encoders:
-            store.register_encoder(enc.identity(), cfg.factory, enc.spec.to_record() if enc.spec else None)
-        side = max(max(e.image_size) for e in encoders)
-        decoder = decoder or choose_decoder(encoders, cfg, ImageDecoder(
-            {e.name: e.preprocess for e in encoders}, cfg.max_pixels, (side, side) if cfg.jpeg_draft else None,
-            max_file_bytes=cfg.max_file_bytes, max_aspect=cfg.max_aspect))  # cfg.decode: GPU or this
-        return _Run(store, list(encoders), cfg, root, progress, decoder).run()
+        built = _built(encoders() if callable(encoders) else encoders)
+        _check_encoders(built, cfg)
+        _register(store, built, cfg)
+        decoder = decoder or make_decoder(built, cfg)  # cfg.decode: GPU or Pillow
+        return _Run(store, built, cfg, root, progress, decoder).run()
+
+
+def _built(given: Sequence[Encoder | EncoderSpec]) -> list[Encoder]:
+    """The local engine's encoders: a spec is built here (the Ray engine builds it in its actors)."""
+    return [create_encoder(g) if isinstance(g, EncoderSpec) else g for g in given]
+
+
+def _index_on_ray(root: Path, index_dir: str | Path, encoders: EncoderSources, cfg: IndexConfig,
+                  progress: Progress | None, ray_address: str | None) -> IndexSummary:
+    try:
+        from clipfp8.indexing import ray_engine  # lazily: only this engine needs ray installed
+    except ImportError as e:
+        raise IndexConfigError(f"--engine ray needs Ray: pip install 'clip-fp8[ray]' ({e})") from e
+    with open_for_write(index_dir, root) as store, ray_engine.connect(ray_address):
+        given = list(encoders() if callable(encoders) else encoders)
+        if not given:
+            raise ValueError("index_corpus: give at least one encoder")
+        decoder = ray_engine.RayDecoder(given, root, cfg)  # builds each encoder once on the cluster
+        _check_encoders(decoder.encoders, cfg)
+        _register(store, decoder.encoders, cfg)
+        return _Run(store, list(decoder.encoders), cfg, root, progress, decoder).run()
+
+
+def _register(store: IndexStore, encoders: Sequence[Encoder], cfg: IndexConfig) -> None:
+    for enc in encoders:
+        store.register_encoder(enc.identity(), cfg.factory, enc.spec.to_record() if enc.spec else None)
 
 
 def _check_encoders(encoders: Sequence[Encoder], cfg: IndexConfig) -> None:
@@ -147,8 +187,12 @@ class _Run:
         self.decoder = decoder
         self.progress = progress
         self.summary = IndexSummary()
-        self.seconds: Counter[str] = Counter()
+        self.seconds: defaultdict[str, float] = defaultdict(float)
         self.ops: list[_Op] = []
+        #: The batch queued on the encoders and not yet waited for (see ``_embed``).
+        self.inflight: tuple[list[tuple[Task, Decoded, _Op | None]], list[tuple[Task, Decoded]],
+                             Callable[[], EmbedResult] | None] | None = None
+        self.last_commit = time.monotonic()
         # Handled files in task order; an entry without an op still needs embedding. Ops are
         # emitted in this order so row ids follow the sorted paths (a resumed run matches).
         self.pending: list[tuple[Task, Decoded, _Op | None]] = []
@@ -191,7 +235,7 @@ class _Run:
         s = self.summary
         s.bad_files = dbm.error_count(self.store.db)
         device = getattr(self.decoder, "device", None)  # a batching GpuDecoder knows its device
-        s.decoder = f"gpu:{device}" if device is not None else "cpu"
+        s.decoder = getattr(self.decoder, "label", None) or (f"gpu:{device}" if device is not None else "cpu")
         s.stage_seconds = dict(self.seconds)
         s.total_seconds = time.perf_counter() - t0
         return s
@@ -200,7 +244,7 @@ class _Run:
         return Path(os.fsdecode(os.path.join(os.fsencode(str(self.root)), entry.rel)))
 
     def _process(self, tasks: list[Task]) -> None:
-        jobs = (DecodeTask(t.entry, self._abs(t.entry), t.skip_hashes) for t in tasks)
+        jobs = (DecodeTask(t.entry, self._abs(t.entry), t.skip_hashes, frozenset(t.needs)) for t in tasks)
         batched = getattr(self.decoder, "imap", None)  # a batching decoder (GPU) runs its own threads
         results = (batched or partial(imap_bounded, self.decoder))(jobs, self.cfg.workers,
                                                                    self.cfg.effective_lookahead)
@@ -218,11 +262,12 @@ class _Run:
             self._handle(task, d)
             if self.to_embed >= self.cfg.batch_size or len(self.pending) >= self.cfg.commit_every:
                 self._embed()
-            if len(self.ops) >= self.commit_at:
+            if len(self.ops) >= self.commit_at and time.monotonic() - self.last_commit >= self.cfg.commit_interval_s:
                 self._commit(final=False)
             if self.progress is not None:
                 self.progress(done, len(tasks))
         self._embed()
+        self._finish_embed()
 
     def _handle(self, task: Task, d: Decoded) -> None:
         if d.error is None and d.sha256 in task.skip_hashes:
@@ -258,13 +303,28 @@ class _Run:
         return _Op(row["id"] if row else None, _row(entry, error=error), drop_vectors=had_vectors)
 
     def _embed(self) -> None:
-        """Embed the queued files that need it (one batch per encoder), then emit every queued
-        op in file order."""
+        """Queue the pending files that need it on the encoders (one batch per encoder), then
+        finish the batch queued before this one: on a GPU the device encodes this batch while
+        the host decodes the next (``start_embed``). Ops are emitted in file order."""
         batch, self.pending, self.to_embed = self.pending, [], 0
         todo = [(t, d) for t, d, op in batch if op is None]
+        finish = None
         if todo:
             with self.timed("embed"):
-                res = embed_batch(self.encoders, [d.tensors for _, d in todo], [t.needs for t, _ in todo])
+                finish = start_embed(self.encoders, [d.tensors for _, d in todo], [t.needs for t, _ in todo])
+        self._finish_embed()
+        if batch:
+            self.inflight = (batch, todo, finish)
+
+    def _finish_embed(self) -> None:
+        """Wait for the batch in flight, if any, and turn it into ops."""
+        if self.inflight is None:
+            return
+        batch, todo, finish = self.inflight
+        self.inflight = None
+        if finish is not None:
+            with self.timed("embed"):
+                res = finish()
             for name, sec in res.seconds.items():
                 self.seconds[f"embed:{name}"] += sec
             made = iter(_Op(t.row["id"] if t.row else None, _row(d.entry, d), v)
@@ -285,6 +345,7 @@ class _Run:
                 self.store.commit(vecs, lambda db: self._apply(db, ops, doomed, vecs, final))
         self.summary.removed += len(doomed)
         self.commit_at = self._commit_threshold()
+        self.last_commit = time.monotonic()
 
     def _apply(self, db: Any, ops: list[_Op], doomed: list[int], vecs: dict[str, VectorIndex],
                final: bool) -> set[str]:

@@ -63,16 +63,20 @@ def embed_query(encoder: Encoder, query: str | Image.Image | Path) -> np.ndarray
 
 
 def search(store: IndexStore, encoder: Encoder, query: str | Image.Image | Path, k: int = 10,
-           threshold: float | None = None, rerank: bool = False) -> list[Hit]:
+           threshold: float | None = None, rerank: bool | None = None) -> list[Hit]:
     """Top-``k`` hits for ``query`` in ``encoder.name``'s index, best first; only those scoring
     >= ``threshold`` when given. ``rerank``: fetch ``10 * k`` candidates from an approximate
-    index and re-score them exactly from the stored vectors. Raises ``EncoderMismatchError``
-    when ``encoder.identity()`` differs from the one the index was built with."""
+    index and re-score them exactly from the stored vectors; None (the default): only for
+    ``--factory auto`` indexes past the flat stage, whose PQ scores are too coarse to show or to
+    threshold (their exact copy is on disk: ~100 rows read per query). Raises
+    ``EncoderMismatchError`` when ``encoder.identity()`` differs from the one the index was built with."""
     if k < 1:
         raise QueryError(f"k must be >= 1, got {k}")
     store.check_identity(encoder.identity())
     vec = store.vectors(encoder.name)
     q = embed_query(encoder, query)
+    if rerank is None:
+        rerank = vec.exact_copy is not None
     fetch = k * RERANK_FACTOR if rerank and not vec.exact else k
     scores, ids = search_vectors(vec, q, fetch)
     scores, ids = scores[0], ids[0]

@@ -5,6 +5,8 @@ Layout::
     DIR/metadata.sqlite         images, encoders, embeddings, meta (see ``indexing.db``)
     DIR/LOCK                    fcntl.flock-ed by the one writer
     DIR/vectors/E.gN.faiss      encoder row E's vectors as of generation N
+    DIR/vectors/E.gN.ids.npy    (``--factory auto`` IVF indexes) the exact vectors' sorted ids
+    DIR/vectors/E.gN.f16.npy    ... and the exact vectors in float16 (``indexing.exact_store``)
 
 Commit protocol (crash-safe at any instant, SIGKILL included): inside one SQLite transaction,
 (1) apply the row changes, (2) write each changed encoder's FAISS file under a NEW generation
@@ -29,9 +31,9 @@ from typing import Any
 import numpy as np
 import sqlite_utils
 
-from clipfp8.indexing import _testhooks
+from clipfp8.indexing import _testhooks, exact_store
 from clipfp8.indexing import db as dbm
-from clipfp8.indexing.atomic import atomic_write_bytes, fsync_dir
+from clipfp8.indexing.atomic import fsync_dir
 from clipfp8.indexing.errors import (
     EncoderMismatchError,
     IndexCorruptError,
@@ -41,6 +43,7 @@ from clipfp8.indexing.errors import (
     StorageError,
     UnknownEncoderError,
 )
+from clipfp8.indexing.faiss_factory import is_auto
 from clipfp8.indexing.vectors import VectorIndex
 from clipfp8.quant.core.encoder import EncoderIdentity
 
@@ -50,7 +53,12 @@ LOCK_NAME = "LOCK"
 #: ``meta`` key prefix of each encoder's recorded ``EncoderSpec`` (JSON).
 SPEC_META_PREFIX = "encoder_spec:"
 VECTORS_DIR = "vectors"
-_VEC_RE = re.compile(r"^(\d+)\.g(\d+)\.faiss$")
+_VEC_RE = re.compile(r"^(\d+)\.g(\d+)\.(?:faiss|ids\.npy|f16\.npy)$")
+
+
+def _generation_files(faiss_path: Path) -> list[Path]:
+    """Every file a generation of one encoder may have: the FAISS file and its exact-vector files."""
+    return [faiss_path, *exact_store.paths(faiss_path.with_suffix(""))]
 
 
 class IndexStore:
@@ -120,10 +128,9 @@ class IndexStore:
                 vec = VectorIndex.new(int(row["dim"]), row["factory"])
             else:
                 try:
-                    data = self._vec_path(row["id"], gen).read_bytes()
+                    vec = VectorIndex.load(self._vec_path(row["id"], gen), row["factory"], int(row["dim"]))
                 except FileNotFoundError:
                     continue
-                vec = VectorIndex.from_bytes(data, row["factory"], int(row["dim"]))
             self._vectors[name] = (gen, vec)
             return vec
         raise IndexCorruptError(f"index {self.index_dir}: FAISS file of encoder {name!r} generation "
@@ -141,7 +148,7 @@ class IndexStore:
         rows = dbm.encoder_rows(self.db)
         if identity.name in rows:
             self.check_identity(identity)
-            if rows[identity.name]["factory"] != factory:
+            if rows[identity.name]["factory"] != factory and not self._refactor_flat(rows[identity.name], factory):
                 log.warning("encoder %s keeps its index type %r (asked for %r; use a new index "
                             "directory to change it)", identity.name, rows[identity.name]["factory"], factory)
             if spec is not None and self.recorded_spec(identity.name) != spec:
@@ -149,10 +156,26 @@ class IndexStore:
                     dbm.set_meta(self.db, SPEC_META_PREFIX + identity.name, json.dumps(spec, sort_keys=True))
             return
         with self.db.atomic():
-            self.db["encoders"].insert(dict(identity.to_dict(), factory=factory, index_type="flat",
-                                            generation=0))
+            self.db.table("encoders").insert(dict(identity.to_dict(), factory=factory, index_type="flat",
+                                                  generation=0))
             if spec is not None:
                 dbm.set_meta(self.db, SPEC_META_PREFIX + identity.name, json.dumps(spec, sort_keys=True))
+
+    def _refactor_flat(self, row: dict[str, Any], factory: str) -> bool:
+        """Between ``Flat`` and ``auto[:budget]``, the factory asked for replaces the recorded one
+        while the index is still exact and flat (an index made with ``Flat`` switches to ``auto``
+        and becomes an IVF index once large; nothing needs rebuilding). Returns True when it did."""
+        def flat_or_auto(f: str) -> bool:
+            return f.strip().lower() == "flat" or is_auto(f)
+
+        if row["index_type"] != "flat" or not (flat_or_auto(row["factory"]) and flat_or_auto(factory)):
+            return False
+        VectorIndex.new(int(row["dim"]), factory)  # validates the new factory string
+        with self.db.atomic():
+            self.db.table("encoders").update(row["id"], {"factory": factory})
+        self._vectors.pop(row["name"], None)
+        log.info("encoder %s: index type %r -> %r (still exact: nothing to rebuild)", row["name"], row["factory"], factory)
+        return True
 
     def recorded_spec(self, name: str) -> dict[str, Any] | None:
         """The ``EncoderSpec.to_record()`` dict stored when encoder ``name`` was registered, or
@@ -185,11 +208,11 @@ class IndexStore:
                     row = self.encoder_row(name)
                     path = self._vec_path(row["id"], new_gen)
                     path.parent.mkdir(exist_ok=True)
-                    atomic_write_bytes(path, vec.to_bytes())
-                    written.append(path)
+                    written += _generation_files(path)  # listed first: a failed save is cleaned up too
+                    vec.save(path)
                     if row["generation"]:
-                        old.append(self._vec_path(row["id"], row["generation"]))
-                    self.db["encoders"].update(row["id"], {"generation": new_gen, "index_type": vec.kind})
+                        old += _generation_files(self._vec_path(row["id"], row["generation"]))
+                    self.db.table("encoders").update(row["id"], {"generation": new_gen, "index_type": vec.kind})
                 dbm.set_meta(self.db, "generation", new_gen)
                 _testhooks.checkpoint("commit:faiss_written")
         except BaseException as e:

@@ -8,4 +8,6 @@ root=build/typecheck
 rm -rf "$root" && mkdir -p "$root/clipfp8"
 for d in quant indexing app data; do ln -s "../../../$d" "$root/clipfp8/$d"; done
 cd "$root"
-exec ../../.venv/bin/python -m mypy --config-file ../../pyproject.toml -p clipfp8
+# mypy comes from the `dev` extra that scripts/setup.sh installs (exact version: requirements/ci.lock).
+# Its cache lives beside the link tree, which is rebuilt on every run, so later runs are incremental.
+exec ../../.venv/bin/mypy --config-file ../../pyproject.toml --cache-dir ../mypy_cache -p clipfp8

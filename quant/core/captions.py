@@ -103,6 +103,13 @@ def captions_for_folder(folder: str | Path, *, strict: bool) -> dict[str, list[s
     return {f"{prefix}/{k}": v for k, v in caps.items()}
 
 
+def entry_captions(value: Any) -> list[str]:
+    """The captions of one entry as the lenient JSON reader takes them (e.g. the ``captions`` list
+    of a training shard's metadata): a string is one caption, a list keeps its non-empty strings
+    (stripped), anything else gives ``[]``."""
+    return _json_entry(value, strict=False) or []
+
+
 def _json_line(text: str, key: str) -> int | None:
     """1-based line of ``"key":`` in the JSON text (for error messages), if it can be found."""
     for quoted in dict.fromkeys((json.dumps(key), json.dumps(key, ensure_ascii=False))):
@@ -191,4 +198,4 @@ def _read_csv(path: Path, text: str, strict: bool) -> tuple[dict[str, list[str]]
 
 
 __all__ = ["CAPTION_FILES", "IMAGE_COLUMNS", "CAPTION_COLUMNS", "CaptionSource", "find_captions_file",
-           "read_captions", "captions_for_folder"]
+           "read_captions", "captions_for_folder", "entry_captions"]

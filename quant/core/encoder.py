@@ -66,6 +66,14 @@ class Encoder(abc.ABC):
     def encode_images(self, images: torch.Tensor) -> np.ndarray:
         """images: float32 tensor (N, 3, H, W) from ``preprocess`` -> float32 array (N, D), rows unit-norm."""
 
+    def encode_images_async(self, images: torch.Tensor) -> Callable[[], np.ndarray]:
+        """Start ``encode_images(images)`` and return a function that waits for its result,
+        float32 (N, D). An encoder on a GPU returns before the device is done, so that the
+        caller can prepare the next batch meanwhile (``indexing.pipeline``); this default
+        encodes at once. Results must be fetched in the order the calls were made."""
+        out = self.encode_images(images)
+        return lambda: out
+
     @abc.abstractmethod
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """N strings -> float32 array (N, D), rows unit-norm."""

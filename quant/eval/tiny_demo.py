@@ -41,7 +41,8 @@ def _encoder(loaded: LoadedModel, precision: str, model: Any = None) -> TorchEnc
 
 def _calibration(loaded: LoadedModel, n: int = 128, batch: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
     shard = sorted(CALIB_SHARDS.glob("*.tar.gz"))[0]
-    images, texts = [], []
+    images: list[torch.Tensor] = []
+    texts: list[str] = []
     for key, parts in iter_samples(shard):
         if len(images) == n:
             break

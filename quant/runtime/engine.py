@@ -320,11 +320,13 @@ class EngineStatus:
 
 
 def load_engine(spec: EncoderSpec, key: EngineKey, *, engine_dir: Path | None = None,
-                policy: str | None = None, cache: CompileCache | None = None) -> EngineStatus:
+                policy: str | None = None, cache: CompileCache | None = None,
+                load_cache: bool = True) -> EngineStatus:
     """Install ``spec``'s stored engine into the compiler caches -- call it before the encoder's
     first compile. Policy ``off``/``eager``: does nothing. No engine: logs that
-    ``clipfp8 build-engine`` would make the next start fast. Raises ``EngineMismatchError`` /
-    ``EngineError`` (see ``find_engine``, ``read_engine_file``)."""
+    ``clipfp8 build-engine`` would make the next start fast. ``load_cache=False``: only find
+    and check the engine (an eager caller wants its converted model, not its compiled code).
+    Raises ``EngineMismatchError`` / ``EngineError`` (see ``find_engine``, ``read_engine_file``)."""
     rebuild = rebuild_command(spec, engine_dir)
     if engine_policy(policy) != "auto":
         return EngineStatus(None, {}, rebuild)
@@ -335,6 +337,8 @@ def load_engine(spec: EncoderSpec, key: EngineKey, *, engine_dir: Path | None = 
                  "model); `%s` stores one so later starts skip that", spec.precision, key.model_id, root, rebuild)
         return EngineStatus(None, {}, rebuild)
     folder = root / key.folder_name()
+    if not load_cache:
+        return EngineStatus(folder, {}, rebuild)
     data = read_engine_file(folder, manifest, "compile_cache", rebuild)
     if key.max_batch > manifest.key.max_batch:
         log.info("engine %s was warmed up to batch %d, this encoder runs batch %d: the compiled graph is "
@@ -350,7 +354,7 @@ def load_engine(spec: EncoderSpec, key: EngineKey, *, engine_dir: Path | None = 
 
 def prepare_engine(spec: EncoderSpec, *, checksum: str, model_id: str, variant: str = "",
                    engine: str | None = None, engine_dir: Path | None = None, cache: CompileCache | None = None,
-                   machine: MachineInfo | None = None) -> EngineStatus:
+                   machine: MachineInfo | None = None, load_cache: bool = True) -> EngineStatus:
     """``load_engine`` for an encoder of ``spec`` about to be compiled (what the factories call):
     builds this machine's ``EngineKey`` from the checkpoint-side fields. ``engine``: the policy
     (default ``$CLIPFP8_ENGINE``)."""
@@ -360,7 +364,7 @@ def prepare_engine(spec: EncoderSpec, *, checksum: str, model_id: str, variant: 
     machine = machine or MachineInfo.current(spec.resolved_device())
     key = EngineKey.for_machine(machine, checksum=checksum, model_id=model_id, precision=spec.precision,
                                 max_batch=spec.batch_size, variant=variant)
-    return load_engine(spec, key, engine_dir=engine_dir, policy=policy, cache=cache)
+    return load_engine(spec, key, engine_dir=engine_dir, policy=policy, cache=cache, load_cache=load_cache)
 
 
 __all__ = ["prepare_engine", "configure_compile_cache", "EngineKey", "EngineManifest", "EngineStatus",

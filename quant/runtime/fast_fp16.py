@@ -13,7 +13,7 @@ import copy
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from clipfp8.quant.runtime.compile_cache import configure_compile_cache  # re-ex
 log = logging.getLogger(__name__)
 
 DEFAULT_GRAPH_BUCKETS: tuple[int, ...] = (2, 4, 8, 16, 32)
+_Tower = Callable[[torch.Tensor], torch.Tensor]
 
 
 class BatchRunner:
@@ -43,7 +44,8 @@ class BatchRunner:
         self.buckets = tuple(sorted(graph_buckets))
         self.min_batch = min_batch if compile else 1
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
-        self._pool = None
+        # The type of the public torch.cuda.graph_pool_handle()'s result; torch names it privately.
+        self._pool: torch.cuda._POOL_HANDLE | None = None
 
     def _call_fn(self, x: torch.Tensor) -> torch.Tensor:
         if self.compiled:
@@ -129,8 +131,10 @@ class FastTorchEncoder(Encoder):
             return
         if compile:
             configure_compile_cache()
-        self.image_runner = BatchRunner(model.encode_image, compile=compile)
-        self.text_runner = BatchRunner(model.encode_text, compile=compile)
+        # nn.Module.__getattr__ types every attribute as Tensor | Module; on an open_clip CLIP
+        # these are its methods, (B, ...) tensor -> (B, D) tensor.
+        self.image_runner = BatchRunner(cast(_Tower, model.encode_image), compile=compile)
+        self.text_runner = BatchRunner(cast(_Tower, model.encode_text), compile=compile)
 
     def preprocess(self, image: Any) -> torch.Tensor:
         return self._preprocess(image)
@@ -155,6 +159,29 @@ class FastTorchEncoder(Encoder):
         out = [self.image_runner(chunk.to(self.device, self.dtype, non_blocking=True))
                for chunk in images.split(self.batch_size)]
         return _normalize(torch.cat(out)) if out else np.zeros((0, self.dim), np.float32)
+
+    def encode_images_async(self, images: torch.Tensor) -> Callable[[], np.ndarray]:
+        """As ``encode_images``, but on CUDA returns once the work is queued: the normalised
+        rows are copied into pinned host memory behind an event, and the returned function
+        waits for that event only (the host can decode the next batch meanwhile)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"encode_images expects (N, 3, H, W), got {tuple(images.shape)}")
+        if not str(self.device).startswith("cuda") or images.shape[0] == 0:
+            return super().encode_images_async(images)
+        with torch.inference_mode():
+            out = torch.cat([self.image_runner(chunk.to(self.device, self.dtype, non_blocking=True))
+                             for chunk in images.split(self.batch_size)]).float()
+            out = out / out.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            host = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
+            host.copy_(out, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(torch.device(self.device)))
+
+        def result() -> np.ndarray:
+            done.synchronize()  # releases the GIL while the device finishes
+            return host.numpy()
+
+        return result
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         texts = list(texts)
@@ -212,11 +239,12 @@ def create_fast_fp16_encoder(spec: Any, *, attention: str = "sdpa", engine: str 
 def create_half_encoder(spec: Any) -> Encoder:
     """Registered factory of precisions ``fp16`` and ``bf16`` (entry points, preferred over the
     core's eager registration): the compiled encoder on CUDA, the core's eager ``TorchEncoder``
-    on the CPU, without Triton, or with ``CLIPFP8_ENGINE=eager``."""
+    on the CPU, without Triton, with ``CLIPFP8_ENGINE=eager``, or for a text-only caller (a
+    `search` process encodes one query: compiling would cost seconds, eager costs ms)."""
     from clipfp8.quant.core.encoder import create_torch_encoder
     from clipfp8.quant.runtime.engine import engine_policy
 
-    if not spec.resolved_device().startswith("cuda") or engine_policy() == "eager":
+    if not spec.resolved_device().startswith("cuda") or engine_policy() == "eager" or spec.text_only:
         return create_torch_encoder(spec)
     if not _has_triton():
         log.info("torch.compile needs Triton, which this torch lacks: %s runs eagerly", spec.precision)

@@ -80,13 +80,15 @@ def create_fp8_encoder(spec: EncoderSpec, *, compile: bool = True, exact_softmax
     if spec.quantized is None:
         raise UnsupportedPrecisionError("precision 'fp8' needs --quantized (a directory written by `clipfp8 quantize`)")
     check_same_model(spec.quantized, spec.model)
-    compile = compile and engine_policy(engine) != "eager"
+    # A text-only caller (one `search` query) runs eagerly: compiling costs seconds, a query ms.
+    # It still takes the engine's converted model when there is one (no ModelOpt import).
+    compile = compile and engine_policy(engine) != "eager" and not spec.text_only
     variant = f"softmax={'exact' if exact_softmax else 'fused'}"
     stored = stored_checksum(spec.quantized)
     runtime = None
-    if compile and stored is not None:  # before the slow checkpoint load: a mismatch fails fast
+    if stored is not None and (compile or spec.text_only):  # before the slow checkpoint load: a mismatch fails fast
         status = prepare_engine(spec, checksum=stored, model_id=spec.model.model_id(), variant=variant,
-                                engine=engine, engine_dir=engine_dir, cache=cache)
+                                engine=engine, engine_dir=engine_dir, cache=cache, load_cache=compile)
         if status.folder is not None:  # the engine's converted model: no ModelOpt, no conversion
             runtime = load_from_engine(spec, status.folder, status.rebuild, device)
     if runtime is not None and stored is not None:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from clipfp8.quant.eval import metrics as M
-from clipfp8.quant.eval.data import ClassificationData, RetrievalData
+from clipfp8.quant.eval.data import ClassificationData, ImageRef, RetrievalData
 from clipfp8.quant.eval.report import EvalReport
 from clipfp8.quant.eval.run import Progress
 from clipfp8.quant.eval.templates import DEFAULT_TEMPLATES, fill
@@ -60,23 +60,31 @@ def first_images(data: RetrievalData, n: int | None) -> RetrievalData:
     return RetrievalData(data.name, data.images[:n], data.ids[:n], data.captions[:n])
 
 
+def _encoded(ref: ImageRef) -> bytes:
+    """The encoded image: a file's contents, or the bytes a shard already holds."""
+    return ref if isinstance(ref, bytes) else ref.read_bytes()
+
+
 def _prompts(classnames: list[str]) -> list[str]:
     """Every (class, template) prompt, class-major, as ``quant.eval.run`` embeds them."""
     return [fill(t, c) for c in classnames for t in DEFAULT_TEMPLATES]
 
 
 def build_eval_pack(eval_root: Path, out_dir: Path, model_cfg: dict[str, Any], size: int, quality: int,
-                    n_cifar: int, n_imagenette: int, n_flickr: int, limit: int | None = None) -> dict[str, Any]:
+                    n_cifar: int, n_imagenette: int, n_flickr: int, limit: int | None = None,
+                    image_format: str = "jpeg", cifar_quality: int | None = None, basis: torch.Tensor | None = None,
+                    text_cache: Path | None = None) -> dict[str, Any]:
     """Compact eval copy for the GPU machine: the first ``n_cifar``/10 CIFAR-10-test images of each
-    class as 32x32 tiles, ``n_imagenette``/10 Imagenette-val images per class and the first
-    ``n_flickr`` Flickr images as ``size`` squares (the eval transform's geometry), and the MiniLM
-    features of every prompt and caption. Subsets: it must fit the 64 MiB transfer. ``limit``
-    (smoke packs) replaces all three counts."""
-    from PIL import Image
-
+    class as 32x32 tiles (JPEG, ``cifar_quality``, default ``quality``), ``n_imagenette``/10
+    Imagenette-val images per class and the first ``n_flickr`` Flickr images as ``size`` squares
+    (the eval transform's geometry; ``image_format`` at ``quality``), and the MiniLM features of
+    every prompt and caption -- as coefficients on the training pack's PCA ``basis`` float
+    (384, k) when given (``quant.train.textfeats``), else whole. Subsets: it must fit the 64 MiB
+    transfer. ``limit`` (smoke packs) replaces all three counts."""
     from clipfp8.quant.eval.datasets import load_class_folder, load_retrieval_folder
-    from clipfp8.quant.train.data import decode_square, mosaic, save_jpeg, save_npz
-    from clipfp8.quant.train.model import quantize_rows_int8, text_features
+    from clipfp8.quant.train.data import MOSAIC_FORMATS, decode_square, mosaic, save_image, save_npz
+    from clipfp8.quant.train.model import TEXT_FEATURE_DIM
+    from clipfp8.quant.train.textfeats import caption_features, compress_features
 
     root = Path(eval_root)
     cifar = first_per_class(load_class_folder(root / CIFAR, CIFAR), n_cifar // 10 if limit is None else limit)
@@ -84,19 +92,22 @@ def build_eval_pack(eval_root: Path, out_dir: Path, model_cfg: dict[str, Any], s
                            n_imagenette // 10 if limit is None else limit)
     flickr = first_images(load_retrieval_folder(root / FLICKR, FLICKR), n_flickr if limit is None else limit)
     captions, owner = flickr.flat_captions()
-    c32 = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in cifar.images])
-    s64 = np.stack([decode_square(Path(f).read_bytes(), size) for f in [*inet.images, *flickr.images]])
-    sizes = {"eval32.jpg": save_jpeg(mosaic(c32, 256), Path(out_dir) / "eval32.jpg", quality),
-             "eval64.jpg": save_jpeg(mosaic(s64, 128), Path(out_dir) / "eval64.jpg", quality)}
+    c32 = np.stack([decode_square(_encoded(f), None) for f in cifar.images])
+    s64 = np.stack([decode_square(_encoded(f), size) for f in [*inet.images, *flickr.images]])
+    name64 = f"eval64.{MOSAIC_FORMATS[image_format][0]}"
+    sizes = {"eval32.jpg": save_image(mosaic(c32, 256), Path(out_dir) / "eval32.jpg", "jpeg", cifar_quality or quality),
+             name64: save_image(mosaic(s64, 128), Path(out_dir) / name64, image_format, quality)}
     prompts = _prompts(cifar.classnames) + _prompts(inet.classnames)
-    q, s = quantize_rows_int8(text_features(prompts + captions, model_cfg))
-    save_npz(Path(out_dir) / "eval.npz", cifar_labels=cifar.labels, imagenette_labels=inet.labels,
+    feats = caption_features(prompts + captions, model_cfg, text_cache)
+    extra = {} if basis is None else {"text_basis": basis.float().numpy()}
+    q, s = compress_features(feats, basis if basis is not None else torch.eye(TEXT_FEATURE_DIM))
+    save_npz(Path(out_dir) / "eval.npz", compressed=True, cifar_labels=cifar.labels, imagenette_labels=inet.labels,
              flickr_owner=owner,
              n=np.array([len(cifar.images), len(inet.images), len(flickr.images), len(cifar.classnames),
                          len(inet.classnames), len(DEFAULT_TEMPLATES)]),
-             feats=q.numpy(), feat_scale=s.numpy())
+             feats=q.numpy(), feat_scale=s.numpy(), **extra)
     return {"n_cifar": len(cifar.images), "n_imagenette": len(inet.images), "n_flickr": len(flickr.images),
-            "jpeg_bytes": sizes}
+            "file_bytes": sizes}
 
 
 @torch.inference_mode()
@@ -109,12 +120,15 @@ def evaluate_pack(parts: Any, pack_dir: Path, to_input: Callable[[torch.Tensor],
     """
     from PIL import Image
 
-    from clipfp8.quant.train.data import unmosaic
+    from clipfp8.quant.train.data import MOSAIC_FORMATS, unmosaic
     from clipfp8.quant.train.model import dequantize_rows_int8
+    from clipfp8.quant.train.textfeats import expand_features
 
     z = np.load(Path(pack_dir) / "eval.npz")
     n_c, n_n, n_f, k_c, k_n, t = (int(v) for v in z["n"])
-    feats = dequantize_rows_int8(torch.from_numpy(z["feats"]), torch.from_numpy(z["feat_scale"])).to(device)
+    q, scale = torch.from_numpy(z["feats"]), torch.from_numpy(z["feat_scale"])
+    feats = (expand_features(q, scale, torch.from_numpy(z["text_basis"])) if "text_basis" in z.files
+             else dequantize_rows_int8(q, scale)).to(device)
     txt = _unit_rows(parts.encode_text_features(feats))
 
     def embed(u8: np.ndarray) -> np.ndarray:
@@ -122,7 +136,9 @@ def evaluate_pack(parts: Any, pack_dir: Path, to_input: Callable[[torch.Tensor],
         return _unit_rows(torch.cat([parts.encode_image(to_input(c)) for c in x.split(1024)]))
 
     c32 = unmosaic(np.asarray(Image.open(Path(pack_dir) / "eval32.jpg").convert("RGB")), n_c, 32)
-    g64 = np.asarray(Image.open(Path(pack_dir) / "eval64.jpg").convert("RGB"))
+    candidates = [Path(pack_dir) / f"eval64.{ext}" for ext, _ in MOSAIC_FORMATS.values()]
+    file64 = next((f for f in candidates if f.is_file()), candidates[0])  # a missing file: open names it
+    g64 = np.asarray(Image.open(file64).convert("RGB"))
     i32, i64 = embed(c32), embed(unmosaic(g64, n_n + n_f, g64.shape[1] // 128))
     cifar_cls = M.class_embeddings(txt[:k_c * t], k_c)
     inet_cls = M.class_embeddings(txt[k_c * t:(k_c + k_n) * t], k_n)

@@ -26,8 +26,10 @@ TEXT_FEATURE_DIM = 384
 #: Tokenizer context length of the text tower (Flickr-style captions stay well under it).
 CONTEXT_LENGTH = 64
 
-#: The image tower: a real ViT with attention, sized for >= 100 img/s on 2 CPU cores (batch 64, fp32).
-VISION_CFG: dict[str, Any] = {"image_size": 64, "patch_size": 8, "width": 256, "layers": 8,
+#: The image tower: a real ViT with attention, sized for >= 100 img/s on 2 CPU cores (batch 64, fp32):
+#: v2 is v1 (64 px, patch 8, width 256) two layers deeper, ~130-150 img/s against v1's ~170-187
+#: (benchmarks/bench_tower_candidates.py; 80 px at patch 8 would give ~85, see docs/training.md).
+VISION_CFG: dict[str, Any] = {"image_size": 64, "patch_size": 8, "width": 256, "layers": 10,
                               "head_width": 64, "mlp_ratio": 4.0}
 EMBED_DIM = 256
 
@@ -68,6 +70,20 @@ class TrainableParts(nn.Module):
 
     def encode_text_features(self, feats: torch.Tensor) -> torch.Tensor:
         return self.text.proj(feats)
+
+
+@torch.no_grad()
+def project_text_weights(parts: TrainableParts, basis: torch.Tensor) -> None:
+    """Replace the text projection ``W`` (D, 384) by ``W @ basis @ basis.T`` in place.
+
+    Training only ever fed features inside span(``basis``) (float (384, k), orthonormal columns:
+    the carried PCA coefficients), so only that part of ``W`` was trained; the rest is its
+    initialisation. After this, ``proj(f) == W @ basis @ (basis.T @ f)`` for every feature ``f``:
+    the shipped model computes the trained function of a caption's coefficients, and features
+    already inside the span map exactly as in training."""
+    w = parts.text.proj.weight
+    b = basis.to(w.device, torch.float32)
+    w.copy_((w.float() @ b @ b.T).to(w.dtype))
 
 
 def export_state(parts: TrainableParts) -> dict[str, torch.Tensor]:

@@ -2,9 +2,12 @@
 
 Everything lives in GPU memory: the uint8 images of the pack, the caption features, and the
 augmentation (per-sample random resized crop + flip + colour jitter as one batched
-``grid_sample``), so data loading never starves the step. The loss is a multi-positive
-InfoNCE: every image/caption pair of the same *group* (class name or clip-art title) is a
-positive, with soft targets spread evenly over the positives, in both directions.
+``grid_sample``), so data loading never starves the step. Each batch draws fixed shares from the
+sources (class sets, clip art, captioned photos) and one caption per sample, uniformly among its
+group's captions (a Flickr8k photo: one of its five). The loss is a multi-positive InfoNCE: every
+image/caption pair of the same *group* (class name, clip-art title, or one photo) is a positive,
+with soft targets spread evenly over the positives, in both directions; two different photos are
+never positives of each other.
 
 The run length is set by a wall-clock budget: after a short probe the step count is fixed and the
 cosine schedule is laid over it (same seed + same device -> same run).
@@ -18,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +30,18 @@ import torch
 import torch.nn.functional as F
 
 from clipfp8.quant.core.fileio import atomic_path, atomic_write_text
-from clipfp8.quant.train.model import TrainableParts, export_state
+from clipfp8.quant.train.data import PHOTO_SOURCES, SOURCES
+from clipfp8.quant.train.model import TrainableParts, export_state, project_text_weights
 
 log = logging.getLogger(__name__)
+
+#: Fraction of each batch drawn from each source: about half captioned photos (Flickr8k is the
+#: in-domain one: 7,090 photos drawn as often as 18,605 webcaps), the rest class sets and clip art
+#: (classes are balanced within a source by their frequency there).
+DEFAULT_SOURCE_WEIGHTS: dict[str, float] = {"cifar10-train": 0.24, "imagenette-train": 0.14, "openclipart": 0.08,
+                                            "imagen": 0.04, "flickr8k-train": 0.25, "webcaps": 0.25}
+#: ``vision_cfg`` keys ``TrainConfig.vision`` may override (the pack's model config holds the rest).
+VISION_KEYS: tuple[str, ...] = ("image_size", "patch_size", "width", "layers", "head_width", "mlp_ratio")
 
 #: OpenAI CLIP normalisation, the open_clip default the shipped preprocess uses.
 MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -54,10 +66,12 @@ class TrainConfig:
     grad_clip: float = 1.0
     compile: bool = True
     bf16: bool = True
-    # fraction of each batch drawn from each source (class balance across sources)
-    source_weights: tuple[float, ...] = (0.45, 0.25, 0.2, 0.1)
+    # fraction of each batch drawn from each source (by name; a source the pack lacks is ignored)
+    source_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SOURCE_WEIGHTS))
     scale32: tuple[float, float] = (0.5, 1.0)  # random-resized-crop area range, 32x32 CIFAR
-    scale64: tuple[float, float] = (0.25, 1.0)  # ... and the 64x64 sources
+    scale64: tuple[float, float] = (0.25, 1.0)  # ... the class and clip-art sources
+    scale_photo: tuple[float, float] = (0.5, 1.0)  # ... captioned photos (captions describe the whole scene)
+    vision: dict[str, Any] | None = None  # overrides of the pack's vision_cfg (VISION_KEYS), e.g. {"layers": 10}
     jitter: float = 0.2
     erase_p: float = 0.25  # random erasing: a regulariser ViTs need on small data
     log_every: int = 25
@@ -70,8 +84,20 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.time_budget_s <= 0:
             raise ValueError("TrainConfig.lr and TrainConfig.time_budget_s must be > 0")
-        if any(w < 0 for w in self.source_weights) or sum(self.source_weights) <= 0:
+        unknown = set(self.source_weights) - set(SOURCES)
+        if unknown:
+            raise ValueError(f"TrainConfig.source_weights: unknown sources {sorted(unknown)}; known {SOURCES}")
+        if any(w < 0 for w in self.source_weights.values()) or sum(self.source_weights.values()) <= 0:
             raise ValueError(f"TrainConfig.source_weights must be >= 0 with a positive sum: {self.source_weights}")
+        bad = set(self.vision or {}) - set(VISION_KEYS)
+        if bad:
+            raise ValueError(f"TrainConfig.vision: unknown keys {sorted(bad)}; allowed {VISION_KEYS}")
+
+    def model_cfg(self, pack_model_cfg: dict[str, Any]) -> dict[str, Any]:
+        """The pack's open_clip config with ``vision`` applied (the config that is trained and shipped)."""
+        cfg = json.loads(json.dumps(pack_model_cfg))
+        cfg["vision_cfg"].update(self.vision or {})
+        return cfg
 
 
 def to_input(u8: torch.Tensor, size: int) -> torch.Tensor:
@@ -140,7 +166,9 @@ def multi_positive_loss(img: torch.Tensor, txt: torch.Tensor, groups: torch.Tens
     """InfoNCE with duplicate captions: img/txt float (B, D) unit rows, groups int (B,).
 
     Every (image, caption) of the same group is a positive; targets are spread uniformly over the
-    positives (soft labels), image->text and text->image, averaged."""
+    positives (soft labels), image->text and text->image, averaged. A photo is a group of its
+    own, so its only positives are its own captions (and itself, if drawn twice); with all groups
+    distinct this is the plain CLIP loss."""
     logits = logit_scale.exp().clamp(max=100) * img.float() @ txt.float().T
     pos = (groups[:, None] == groups[None, :]).float()
     li = -(pos / pos.sum(1, keepdim=True) * F.log_softmax(logits, 1)).sum(1).mean()
@@ -148,8 +176,22 @@ def multi_positive_loss(img: torch.Tensor, txt: torch.Tensor, groups: torch.Tens
     return (li + lt) / 2
 
 
+def padded_captions(offsets: np.ndarray, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR caption lists (``offsets`` int (G+1,), ``ids`` int) -> (int64 (G, T) caption ids, each
+    row padded with its first id; int64 (G,) caption counts), for drawing on the device."""
+    counts = np.diff(offsets)
+    if len(counts) and counts.min() < 1:
+        raise ValueError(f"group {int(np.argmin(counts))} of the pack owns no caption")
+    t = int(counts.max()) if len(counts) else 1
+    pad = np.repeat(ids[offsets[:-1]][:, None], t, axis=1) if len(counts) else np.zeros((0, 1), np.int64)
+    col = np.arange(t)[None, :]
+    take = np.minimum(offsets[:-1, None] + col, len(ids) - 1)
+    pad = np.where(col < counts[:, None], ids[take], pad)
+    return torch.from_numpy(pad.astype(np.int64)), torch.from_numpy(counts.astype(np.int64))
+
+
 class GpuBatcher:
-    """Draws class-balanced-by-source batches from the pack held in device memory."""
+    """Draws batches with fixed per-source shares from the pack held in device memory."""
 
     def __init__(self, pack: dict[str, Any], feats: torch.Tensor, cfg: TrainConfig, size: int) -> None:
         dev = cfg.device
@@ -158,38 +200,53 @@ class GpuBatcher:
         self.img64 = torch.from_numpy(pack["img64"]).to(dev)
         self.g32 = torch.from_numpy(pack["group32"]).long().to(dev)
         self.g64 = torch.from_numpy(pack["group64"]).long().to(dev)
-        self.gcap = torch.from_numpy(pack["group_captions"]).long().to(dev)
+        cap_pad, cap_n = padded_captions(pack["cap_offsets"], pack["cap_ids"])
+        self.cap_pad, self.cap_n = cap_pad.to(dev), cap_n.to(dev)
         self.feats = feats.to(dev)
-        s32, s64 = torch.from_numpy(pack["source32"]).long(), torch.from_numpy(pack["source64"]).long()
-        self.pools = []  # (is32, indices) for each source present
-        w = []
-        for si, wt in enumerate(cfg.source_weights[:len(pack["meta"]["sources"])]):
-            for is32, src in ((True, s32), (False, s64)):
-                idx = (src == si).nonzero().flatten()
-                if len(idx) and wt > 0:
-                    self.pools.append((is32, idx.to(dev)))
-                    w.append(wt)
-        if not self.pools:
-            raise ValueError("the training pack holds no sample of a source with a positive weight")
-        w_arr = np.array(w) / sum(w)
-        counts = np.floor(w_arr * cfg.batch_size).astype(int)
-        counts[0] += cfg.batch_size - counts.sum()
-        self.counts = counts.tolist()
+        self.pools, self.counts = self._pools(pack, cfg)
         self.gen = torch.Generator(device=dev)
         self.gen.manual_seed(cfg.seed)
 
+    @staticmethod
+    def _pools(pack: dict[str, Any], cfg: TrainConfig) -> tuple[list[tuple[str, bool, torch.Tensor]], list[int]]:
+        """([(source, is32, sample indices)], samples per batch) for each source drawn from."""
+        s32, s64 = torch.from_numpy(pack["source32"]).long(), torch.from_numpy(pack["source64"]).long()
+        pools, w = [], []
+        for si, source in enumerate(pack["meta"]["sources"]):
+            wt = cfg.source_weights.get(source, 0.0)
+            for is32, src in ((True, s32), (False, s64)):
+                idx = (src == si).nonzero().flatten()
+                if len(idx) and wt > 0:
+                    pools.append((source, is32, idx.to(cfg.device)))
+                    w.append(wt)
+        if not pools:
+            raise ValueError(f"the training pack holds no sample of a source with a positive weight "
+                             f"(pack: {pack['meta']['sources']}, weights: {cfg.source_weights})")
+        w_arr = np.array(w) / sum(w)
+        counts = np.floor(w_arr * cfg.batch_size).astype(int)
+        counts[int(np.argmax(w_arr))] += cfg.batch_size - counts.sum()
+        log.info("batch of %d: %s", cfg.batch_size, {p[0]: int(c) for p, c in zip(pools, counts, strict=True)})
+        return pools, counts.tolist()
+
+    def _scale(self, source: str, is32: bool) -> tuple[float, float]:
+        return self.cfg.scale32 if is32 else self.cfg.scale_photo if source in PHOTO_SOURCES else self.cfg.scale64
+
     def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> images float (B, 3, S, S) normalised, caption features (B, 384), groups int64 (B,)."""
+        """-> images float (B, 3, S, S) normalised, caption features (B, 384), groups int64 (B,).
+        Each sample's caption is drawn uniformly among its group's captions."""
         xs, gs = [], []
-        for (is32, idx), n in zip(self.pools, self.counts, strict=True):
+        for (source, is32, idx), n in zip(self.pools, self.counts, strict=True):
+            if n == 0:
+                continue
             pick = idx[torch.randint(len(idx), (n,), device=idx.device, generator=self.gen)]
             src, grp = (self.img32, self.g32) if is32 else (self.img64, self.g64)
-            sc = self.cfg.scale32 if is32 else self.cfg.scale64
-            xs.append(augment(src[pick], self.size, sc, self.cfg.jitter, self.gen, erase_p=self.cfg.erase_p))
+            xs.append(augment(src[pick], self.size, self._scale(source, is32), self.cfg.jitter, self.gen,
+                              erase_p=self.cfg.erase_p))
             gs.append(grp[pick])
         groups = torch.cat(gs)
-        col = torch.randint(self.gcap.shape[1], (len(groups),), device=groups.device, generator=self.gen)
-        return torch.cat(xs), self.feats[self.gcap[groups, col]], groups
+        u = torch.rand(len(groups), device=groups.device, generator=self.gen)
+        col = (u * self.cap_n[groups]).long().clamp_max(self.cap_pad.shape[1] - 1)
+        return torch.cat(xs), self.feats[self.cap_pad[groups, col]], groups
 
 
 def _optimizer(parts: TrainableParts, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -262,7 +319,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict[str, Any]], None] | None = 
     torch.backends.cuda.matmul.allow_tf32 = True
     t_start = time.perf_counter()
     pack = load_pack(cfg.pack_dir)
-    model_cfg = pack["meta"]["model_cfg"]
+    model_cfg = cfg.model_cfg(pack["meta"]["model_cfg"])
     size = int(model_cfg["vision_cfg"]["image_size"])
     parts = TrainableParts(model_cfg).to(cfg.device)
     batcher = GpuBatcher(pack, feats_tensor(pack), cfg, size)
@@ -294,6 +351,8 @@ def train(cfg: TrainConfig, progress: Callable[[dict[str, Any]], None] | None = 
             if progress:
                 progress(dict(row, total=total))
     train_s = time.perf_counter() - t_train0
+    # only the span of the carried PCA basis was trained: ship exactly the trained function
+    project_text_weights(parts, torch.from_numpy(pack["text_basis"]))
     return _finish(parts, cfg, model_cfg, pack["meta"], rows,
                    {"load_s": round(t_load, 1), "compile_warmup_s": round(t_train0 - t_start - t_load, 1),
                     "train_s": round(train_s, 1), "steps": total,
@@ -328,7 +387,8 @@ def _finish(parts: TrainableParts, cfg: TrainConfig, model_cfg: dict[str, Any], 
     timing["eval_s"] = round(time.perf_counter() - t0, 1)
     summary = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
                "model_cfg": model_cfg,
-               "pack": {k: meta[k] for k in ("n32", "n64", "per_source", "n_groups", "n_captions")},
+               "pack": {k: meta[k] for k in ("n32", "n64", "per_source", "n_groups", "n_captions", "size",
+                                             "image_format", "text_dims", "text_energy_kept") if k in meta},
                "timing": timing, "final_loss": rows[-1]["loss"], "eval_gpu_pack": metrics,
                "device": torch.cuda.get_device_name() if cfg.device.startswith("cuda") else "cpu",
                "torch": torch.__version__}

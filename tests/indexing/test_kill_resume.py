@@ -24,7 +24,7 @@ CFG = IndexConfig(batch_size=4, workers=2, commit_every=8)
 def _cmd(corpus: Path, idx: Path) -> list[str]:
     return [sys.executable, "-m", "indexing", "index", str(corpus), "--index-dir", str(idx),
             "--precision", "fake", "fake-fp8", "--batch-size", "4", "--workers", "2",
-            "--commit-every", "8", "--no-progress"]
+            "--commit-every", "8", "--commit-interval", "0", "--no-progress"]
 
 
 def _kill_at(corpus: Path, idx: Path, point: str | None, tmp: Path, delay: float = 0.0) -> None:

@@ -118,3 +118,28 @@ def test_train_eval_is_quant_eval_on_the_shared_sets(tmp_path: Path) -> None:
     assert "image_retrieval_recall@5" in metrics["flickr8k-1k"]
     rows = _eval_rows(d)  # the model card reads results.json directly
     assert rows[0] == f"{100 * metrics['cifar10-test']['acc1']:.1f}%" and all(r.endswith("%") for r in rows)
+
+
+def test_eval_pack_carries_pca_coefficients_and_webp_tiles(packed, tmp_path: Path) -> None:
+    """With the training pack's PCA basis the eval copy stores coefficients (and the basis); a
+    basis spanning every prompt and caption drops nothing, so the oracle still scores perfectly."""
+    from clipfp8.quant.train.textfeats import fit_text_basis
+
+    _, _, oracle = packed
+    root = make_eval_root(tmp_path / "eval")
+    model_cfg = default_model_cfg(TINY_VISION, embed_dim=32)
+    texts = [fill(t, c) for c in CIFAR for t in DEFAULT_TEMPLATES]
+    texts += [fill(t, name) for name, _ in IMAGENETTE.values() for t in DEFAULT_TEMPLATES]
+    texts += [caption for caption, _ in FLICKR.values()]
+    basis = fit_text_basis(text_features(texts, model_cfg), len(texts))
+    out = tmp_path / "pack"
+    out.mkdir()
+    summary = build_eval_pack(root, out, model_cfg, size=64, quality=90, n_cifar=20, n_imagenette=20, n_flickr=2,
+                              image_format="webp", cifar_quality=95, basis=basis)
+    assert sorted(summary["file_bytes"]) == ["eval32.jpg", "eval64.webp"] and not (out / "eval64.jpg").exists()
+    with np.load(out / "eval.npz") as z:
+        assert z["feats"].shape == ((2 + 2) * len(DEFAULT_TEMPLATES) + 2, len(texts))
+        np.testing.assert_allclose(z["text_basis"], basis.numpy())
+    res = evaluate_pack(oracle, out, lambda u8: u8, "cpu")
+    assert res["cifar10-test"]["acc1"] == res["imagenette-val"]["acc1"] == 1.0
+    assert res["flickr8k-1k"]["image_retrieval_recall@1"] == res["flickr8k-1k"]["text_retrieval_recall@1"] == 1.0

@@ -1,4 +1,5 @@
-"""End to end on a tiny synthetic data root: shards -> pack -> CPU smoke training -> ship.
+"""End to end on a tiny synthetic data root (class sets, clip art and captioned photos): shards ->
+pack -> CPU smoke training -> ship.
 
 Everything is written under tmp_path; data/default_model is never touched (``ship_run`` always
 gets an explicit ``dest``).
@@ -6,6 +7,7 @@ gets an explicit ``dest``).
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import math
@@ -19,19 +21,38 @@ import torch
 
 import clipfp8.quant.core.models
 from clipfp8.quant.core.errors import ModelLoadError
-from clipfp8.quant.train.data import SOURCES, TrainDataError
+from clipfp8.quant.train.data import CLASS_TEMPLATES, SOURCES, TrainDataError
 from clipfp8.quant.train.model import default_model_cfg
-from clipfp8.quant.train.prep import PrepConfig, build_pack, load_pack
+from clipfp8.quant.train.prep import PrepConfig, build_pack, captions_index_path, load_pack
 from clipfp8.quant.train.ship import ship_run
 from clipfp8.quant.train.train import TrainConfig, train
 
 #: A small image tower (same architecture family as the shipped one) so the CPU steps are quick.
 TINY_VISION = {"image_size": 64, "patch_size": 16, "width": 64, "layers": 2, "head_width": 32, "mlp_ratio": 2.0}
 PER_SOURCE = 8
+TEXT_DIMS = 48
 #: (label/title, categories) per source; CIFAR images are 32x32, the others larger and not square.
 SAMPLES = {"cifar10-train": ["cat", "dog"], "imagenette-train": ["church", "golf ball"],
            "openclipart": ["red_apple", "blue-car"], "imagen": ["dog", "tree"]}
 PROBE = 3
+#: A caption two different Flickr photos share word for word (the photos must stay two groups).
+SHARED_CAPTION = "A dog runs through the grass ."
+
+
+def flickr_captions(i: int) -> list[str]:
+    """The five captions of synthetic Flickr photo ``i`` (photos 0 and 1 share one caption; one
+    caption has doubled spaces, which the pack collapses)."""
+    caps = [f"Photo {i} shows  a child number {j} ." for j in range(4)]
+    return caps + [SHARED_CAPTION if i < 2 else f"A red kite number {i} in the sky ."]
+
+
+def _photo_sample(source: str, i: int) -> tuple[str, dict]:
+    """(txt, json) of captioned photo ``i``; webcaps photo 3 has no usable caption."""
+    if source == "flickr8k-train":
+        caps = flickr_captions(i)
+        return caps[0], {"source": "flickr8k", "file": f"{i}.jpg", "captions": caps}
+    text = "" if i == 3 else f"web photo {i} of a harbour at dusk"
+    return text, {"source": "webcaps", "caption": text, "url": f"https://example.invalid/{i}.jpg"}
 
 
 def _jpeg(rng: np.random.Generator, size: tuple[int, int]) -> bytes:
@@ -52,20 +73,23 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def make_data_root(root: Path, per_source: int = PER_SOURCE, shards: int = 2) -> Path:
     """root/train/<source>/shard-XXXX.tar.gz, each sample KEY.jpg + KEY.txt + KEY.json."""
     rng = np.random.default_rng(0)
-    for source, names in SAMPLES.items():
+    for source in SOURCES:
         folder = root / "train" / source
         folder.mkdir(parents=True)
         per_shard = -(-per_source // shards)
         for s in range(shards):
             with tarfile.open(folder / f"shard-{s:04d}.tar.gz", "w:gz") as tar:
                 for i in range(s * per_shard, min(per_source, (s + 1) * per_shard)):
-                    name = names[i % len(names)]
-                    size = (32, 32) if source == "cifar10-train" else (80, 72)
-                    meta = ({"title": name, "categories": ["food", "unsorted"]} if source == "openclipart"
-                            else {"label": name})
+                    if source in SAMPLES:
+                        text = SAMPLES[source][i % 2]
+                        meta = ({"title": text, "categories": ["food", "unsorted"]} if source == "openclipart"
+                                else {"label": text})
+                    else:
+                        text, meta = _photo_sample(source, i)
+                    size = (32, 32) if source == "cifar10-train" else (96, 96) if source not in SAMPLES else (80, 72)
                     key = f"{source}-{i:05d}"
                     _add(tar, f"{key}.jpg", _jpeg(rng, size))
-                    _add(tar, f"{key}.txt", name.encode())
+                    _add(tar, f"{key}.txt", text.encode())
                     _add(tar, f"{key}.json", json.dumps(meta).encode())
     return root
 
@@ -76,7 +100,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = make_data_root(tmp / "data")
     pack_dir, run_dir, ship_dir = tmp / "pack", tmp / "run", tmp / "ship"
     prep = build_pack(PrepConfig(data_root=root, out_dir=pack_dir, max_per_source=PER_SOURCE, with_eval=False,
-                                 model_cfg=default_model_cfg(TINY_VISION, embed_dim=32)))
+                                 text_dims=TEXT_DIMS, model_cfg=default_model_cfg(TINY_VISION, embed_dim=32)))
     # the CLI's --smoke settings, with max_steps == probe_steps (the probe must not add a step)
     cfg = TrainConfig(pack_dir=pack_dir, out_dir=run_dir, device="cpu", batch_size=16, max_steps=PROBE,
                       probe_steps=PROBE, warmup_steps=1, log_every=2, compile=False, bf16=False,
@@ -95,20 +119,56 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 def test_pack_round_trips(pipeline: dict) -> None:
     prep = pipeline["prep"]
-    assert prep["per_source"] == {s: PER_SOURCE for s in SOURCES}
-    assert prep["n32"] == PER_SOURCE and prep["n64"] == 3 * PER_SOURCE
+    # webcaps photo 3 has no caption: skipped
+    assert prep["per_source"] == {s: PER_SOURCE - (s == "webcaps") for s in SOURCES}
+    assert prep["skipped_without_caption"] == 1
+    n64 = 5 * PER_SOURCE - 1
+    assert prep["n32"] == PER_SOURCE and prep["n64"] == n64
     assert "eval" not in prep and not (pipeline["pack_dir"] / "eval.npz").exists()
+    assert prep["files64"] == ["images64-0.webp"] and prep["image_format"] == "webp"
+    assert 0 < prep["pack_mib"] < 1
     pack = load_pack(pipeline["pack_dir"])
     assert pack["img32"].shape == (PER_SOURCE, 3, 32, 32) and pack["img32"].dtype == np.uint8
-    assert pack["img64"].shape == (3 * PER_SOURCE, 3, 64, 64)
-    assert len(pack["group32"]) == PER_SOURCE and len(pack["group64"]) == 3 * PER_SOURCE
-    # "dog" merges across cifar10-train and imagen: 7 groups, not 8
-    assert pack["meta"]["n_groups"] == prep["n_groups"] == 7 == pack["group_captions"].shape[0]
-    assert pack["feats"].shape == (prep["n_captions"], 384) and pack["feats"].dtype == np.int8
+    assert pack["img64"].shape == (n64, 3, 64, 64)
+    assert len(pack["group32"]) == PER_SOURCE and len(pack["group64"]) == n64
+    # "dog" merges across cifar10-train and imagen: 7 class/title groups, not 8; one per photo
+    n_groups = 7 + PER_SOURCE + (PER_SOURCE - 1)
+    assert pack["meta"]["n_groups"] == prep["n_groups"] == n_groups == len(pack["cap_offsets"]) - 1
+    assert pack["cap_offsets"][-1] == len(pack["cap_ids"])
+    assert pack["feats"].shape == (prep["n_captions"], TEXT_DIMS) and pack["feats"].dtype == np.int8
+    basis = pack["text_basis"]
+    assert basis.shape == (384, TEXT_DIMS)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(TEXT_DIMS), atol=1e-4)
     # solid-colour tiles survive the JPEG mosaic (approximately; the edges bleed into neighbours)
     for arr in (pack["img32"], pack["img64"]):
         s = arr.shape[-1]
         assert float(arr[:, :, s // 4:-s // 4, s // 4:-s // 4].astype(np.float32).std(axis=(2, 3)).max()) < 6.0
+
+
+def test_each_photo_is_its_own_group_holding_all_its_captions(pipeline: dict) -> None:
+    pack = load_pack(pipeline["pack_dir"])
+    index = json.loads(gzip.decompress(captions_index_path(pipeline["pack_dir"]).read_bytes()))
+    groups, captions = index["groups"], index["captions"]
+    off, ids = pack["cap_offsets"], pack["cap_ids"]
+
+    def caps(g: int) -> list[str]:
+        return [captions[i] for i in ids[off[g]:off[g + 1]]]
+
+    src = {s: i for i, s in enumerate(pack["meta"]["sources"])}
+    flickr = pack["group64"][pack["source64"] == src["flickr8k-train"]].tolist()
+    assert len(set(flickr)) == PER_SOURCE  # two different photos never share a group
+    for i, g in enumerate(flickr):  # samples in shard order
+        assert groups[g] == f"photo:flickr8k-train:flickr8k-train-{i:05d}"
+        assert caps(g) == [" ".join(c.split()) for c in flickr_captions(i)]  # all five, spaces collapsed
+    # the caption photos 0 and 1 share is stored once and listed by both groups
+    shared = captions.index(SHARED_CAPTION)
+    assert [g for g in range(len(groups)) if shared in ids[off[g]:off[g + 1]]] == flickr[:2]
+    web = pack["group64"][pack["source64"] == src["webcaps"]].tolist()
+    assert [caps(g) for g in web] == [[f"web photo {i} of a harbour at dusk"] for i in range(PER_SOURCE) if i != 3]
+    assert not set(web) & set(flickr) and len(set(web)) == PER_SOURCE - 1
+    # class groups keep their prompt family and never mix with photos
+    cifar = set(pack["group32"].tolist())
+    assert [len(caps(g)) for g in sorted(cifar)] == [len(CLASS_TEMPLATES)] * 2 and not cifar & set(flickr + web)
 
 
 def test_smoke_training_writes_a_finite_run_within_max_steps(pipeline: dict) -> None:
@@ -245,9 +305,20 @@ def test_load_pack_errors_name_the_path(pipeline: dict, tmp_path: Path) -> None:
     with pytest.raises(TrainDataError, match=r"pack\.npz: missing array 'feats'"):
         load_pack(pack)
     shutil.copyfile(pipeline["pack_dir"] / "pack.npz", pack / "pack.npz")
-    (pack / "images64.jpg").unlink()
-    with pytest.raises(TrainDataError, match=r"training pack file not found: .*images64\.jpg"):
+    (pack / "images64-0.webp").unlink()
+    with pytest.raises(TrainDataError, match=r"training pack file not found: .*images64-0\.webp"):
         load_pack(pack)
     (pack / "pack.npz").unlink()
     with pytest.raises(TrainDataError, match=r"training pack file not found: .*pack\.npz"):
         load_pack(pack)
+
+
+def test_model_card_names_the_photo_data_and_keeps_v1_for_comparison(pipeline: dict, tmp_path: Path) -> None:
+    from clipfp8.quant.train.ship import V1_ROW, sha256_file, write_model_card
+
+    dest = _existing_dest(pipeline, tmp_path)
+    card = write_model_card(dest, pipeline["run_dir"], None, "scripts/device_train.sh 510").read_text()
+    assert sha256_file(dest / "model.safetensors") in card and "scripts/device_train.sh 510" in card
+    assert "'flickr8k-train': 8" in card and "'webcaps': 7" in card and "WEBP mosaics" in card
+    assert f"carried as {TEXT_DIMS} PCA coefficients" in card
+    assert "| " + " | ".join(V1_ROW) + " |" in card  # v1's figures stay in the table

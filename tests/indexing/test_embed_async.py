@@ -1,0 +1,51 @@
+"""The pipeline queues batch k+1 on the encoders before it waits for batch k (the GPU encodes
+while the host decodes), and the index it writes is the same as with encoders that finish at once."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clipfp8.indexing.config import IndexConfig
+from clipfp8.indexing.pipeline import index_corpus
+from clipfp8.quant.core.testing import FakeEncoder
+from tests.indexing.conftest import encoders, index_state, make_corpus
+
+
+class DeferredFake(FakeEncoder):
+    """A FakeEncoder whose results arrive only when asked for, logging starts and finishes."""
+
+    def __init__(self, log: list[tuple[str, int]], **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]  # FakeEncoder's keyword arguments
+        self.log, self.started = log, 0
+
+    def encode_images_async(self, images: torch.Tensor) -> Callable[[], np.ndarray]:
+        k = self.started
+        self.started += 1
+        self.log.append(("start", k))
+        snapshot = images.clone()  # the caller may free its batch tensors meanwhile
+
+        def result() -> np.ndarray:
+            self.log.append(("finish", k))
+            return self.encode_images(snapshot)
+
+        return result
+
+
+def test_batches_overlap_and_index_is_unchanged(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    make_corpus(corpus, 22)
+    cfg = IndexConfig(batch_size=4, workers=2, commit_every=8)
+    index_corpus(corpus, tmp_path / "plain", encoders(), config=cfg)
+    logs: list[list[tuple[str, int]]] = [[], []]
+    deferred = [DeferredFake(log, dim=e.dim, precision=e.precision, noise=e.noise, name=e.name)
+                for log, e in zip(logs, encoders(), strict=True)]
+    index_corpus(corpus, tmp_path / "deferred", deferred, config=cfg)
+    assert index_state(tmp_path / "deferred") == index_state(tmp_path / "plain")
+    for enc, log in zip(deferred, logs, strict=True):
+        assert enc.started == 6  # 22 files in batches of 4
+        assert sorted(k for what, k in log if what == "finish") == list(range(6))  # all waited for, once
+        # Batch k+1 was queued before batch k was waited for: the device would never idle.
+        assert all(log.index(("start", k + 1)) < log.index(("finish", k)) for k in range(5))
