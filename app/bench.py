@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from clipfp8.app.bench_report import derived, evaluate_targets
-from clipfp8.quant.core.config import PRECISIONS, EncoderSpec, ModelSpec, resolve_device
+from clipfp8.quant.core.config import PRECISIONS, EncoderSpec, ModelSpec, as_precision, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ class _Run:
             if p in FP8_PRECISIONS and self.quantized is None:
                 continue
             self.progress(f"[{time.perf_counter() - self.t0:7.1f}s] encoder-only {p} ...")
-            spec = EncoderSpec(model=self.cfg.model_spec(), precision=p, device=self.cfg.device,  # type: ignore[arg-type]
+            spec = EncoderSpec(model=self.cfg.model_spec(), precision=as_precision(p), device=self.cfg.device,
                                quantized=self.quantized if p in FP8_PRECISIONS else None, batch_size=batch)
             try:
                 t0 = time.perf_counter()

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from clipfp8.quant.core.config import EncoderSpec, ModelSpec
+from clipfp8.quant.core.config import EncoderSpec, ModelSpec, as_precision
 from clipfp8.quant.core.encoder import Encoder
 from clipfp8.quant.core.resources import samples_dir
 
@@ -142,9 +142,9 @@ def demo_encoders(cfg: DemoConfig, quantized: Path,
     device = EncoderSpec(device=cfg.device).resolved_device()
     fp8 = "fp8" if device != "cpu" and cuda_fp8_capable() else "fp8-fake"
     ref = resolve_precision(cfg.precision, device)
-    return {baseline_label(ref, device): make(EncoderSpec(model=cfg.model, precision=ref,  # type: ignore[arg-type]
+    return {baseline_label(ref, device): make(EncoderSpec(model=cfg.model, precision=as_precision(ref),
                                                           device=device, batch_size=cfg.batch_size)),
-            "FP8": make(EncoderSpec(model=cfg.model, precision=fp8, device=device,  # type: ignore[arg-type]
+            "FP8": make(EncoderSpec(model=cfg.model, precision=as_precision(fp8), device=device,
                                     quantized=quantized, batch_size=cfg.batch_size))}
 
 

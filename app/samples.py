@@ -80,11 +80,15 @@ def _candidates(shard_dir: Path) -> dict[str, list[tuple[str, str, bytes]]]:
             for name, m in members.items():
                 if not name.endswith(".json"):
                     continue
-                meta = json.load(tar.extractfile(m))  # type: ignore[arg-type]
+                meta_file = tar.extractfile(m)
+                if meta_file is None:  # a directory or link member named *.json
+                    continue
+                meta = json.load(meta_file)
                 cat, caption = meta["categories"][0], clean_title(meta.get("title", ""))
                 jpg = members.get(name[:-5] + ".jpg")
-                if cat in out and caption and jpg is not None:
-                    out[cat].append((meta["file"], caption, tar.extractfile(jpg).read()))  # type: ignore[union-attr]
+                jpg_file = tar.extractfile(jpg) if jpg is not None else None
+                if cat in out and caption and jpg_file is not None:
+                    out[cat].append((meta["file"], caption, jpg_file.read()))
     return out
 
 

@@ -72,5 +72,5 @@ def serve_subprocess(index_dir: Path, fake: bool = True, extra_args: Sequence[st
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        if log_file:
-            out.close()  # type: ignore[union-attr]
+        if not isinstance(out, int):  # a log file we opened (DEVNULL is an int)
+            out.close()

@@ -77,7 +77,7 @@ def _bomb_check(size: tuple[int, int]) -> None:
         raise Image.DecompressionBombError(_oversized(size[0], size[1], limit))
 
 
-_bomb_check.__wrapped__ = _pillow_bomb_check  # type: ignore[attr-defined]
+_bomb_check.__wrapped__ = _pillow_bomb_check  # type: ignore[attr-defined]  # functools' convention, read by inspect.unwrap
 Image._decompression_bomb_check = _bomb_check  # PIL.Image and its plugins look it up at call time
 
 

@@ -286,11 +286,13 @@ def train_index(index: faiss.Index, plan: IndexPlan, sample: np.ndarray, seed: i
     from faiss.contrib.clustering import two_level_clustering
 
     sample = np.ascontiguousarray(sample, dtype=np.float32)
-    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    ivf = faiss.extract_index_ivf(index)
     ivf.cp.spherical = True
     ivf.cp.seed = seed
-    if isinstance(ivf, faiss.IndexIVFPQ):
-        ivf.do_polysemous_training = False  # on by default; only for Hamming pre-filtering, which we do not use
+    ivfpq = faiss.downcast_index(ivf)  # extract_index_ivf hands back the IndexIVF base class
+    if isinstance(ivfpq, faiss.IndexIVFPQ):
+        # On by default, and slow: it only serves Hamming pre-filtering, which we do not use.
+        ivfpq.do_polysemous_training = False  # type: ignore[attr-defined]  # missing from faiss's stubs
     if plan.nlist >= TWO_LEVEL_MIN_NLIST:
         centroids, _ = two_level_clustering(sample, int(math.sqrt(plan.nlist)), plan.nlist, spherical=True, seed=seed)
         ivf.quantizer.train(centroids)

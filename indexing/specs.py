@@ -24,6 +24,7 @@ from clipfp8.quant.core.config import (
     DEFAULT_MODEL_NAME,
     EncoderSpec,
     ModelSpec,
+    as_precision,
     baseline_precision,
     resolve_device,
 )
@@ -97,7 +98,7 @@ def spec_for_encoder(name: str, row: Mapping[str, Any], recorded: Mapping[str, A
     if precision in FP8_PRECISIONS:
         quantized = _quantized(name, recorded, given)
     batch = given.batch_size or int((recorded or {}).get("batch_size") or 64)
-    return EncoderSpec(model=model, precision=precision, device=given.device,  # type: ignore[arg-type]
+    return EncoderSpec(model=model, precision=as_precision(precision), device=given.device,
                        quantized=quantized, batch_size=batch, text_only=given.text_only)
 
 

@@ -86,7 +86,7 @@ def watch_corpus(corpus: str | Path, index_dir: str | Path, encoders: Encoders,
 
     def get_encoders() -> list[Encoder]:  # models load once, inside the first pass's lock
         if not loaded:
-            loaded.extend(encoders())  # type: ignore[operator]
+            loaded.extend(encoders())  # type: ignore[operator]  # callable(encoders) was checked when `loaded` was made
         return loaded
 
     passes = 0

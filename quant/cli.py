@@ -197,7 +197,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def maintainer_commands(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """A view of ``sub`` whose commands' help starts with ``(maintainers)`` (for ``train-*``)."""
-    return _MaintainerCommands(sub)  # type: ignore[return-value]
+    return _MaintainerCommands(sub)  # type: ignore[return-value]  # a duck-typed view: argparse has no public protocol for it
 
 
 __all__ = ["add_model_args", "model_spec_from_args", "add_encoder_args", "encoder_spec_from_args", "model_given",

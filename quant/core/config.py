@@ -8,10 +8,17 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 Precision = Literal["fp32", "fp16", "bf16", "fp8-fake", "fp8", "trt-fp8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "fp8-fake", "fp8", "trt-fp8")
+
+
+def as_precision(value: str) -> Precision:
+    """``value`` as a ``Precision`` (e.g. a CLI string); ``ValueError`` naming it otherwise."""
+    if value not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {value!r}")
+    return cast(Precision, value)  # checked against PRECISIONS just above
 
 DEFAULT_MODEL_NAME = "default"
 

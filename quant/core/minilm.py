@@ -183,7 +183,7 @@ class TextOnlyCLIP(nn.Module):
         super().__init__()
         self.text = text
         self.visual = _NoImageTower()
-        self.visual.image_size = image_size  # type: ignore[assignment]
+        self.visual.image_size = image_size  # type: ignore[assignment]  # nn.Module.__setattr__ types attributes as Tensor | Module
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         features = self.text(text)

@@ -80,7 +80,7 @@ class DatasetSpec:
         head, sep, tail = text.rpartition(":")
         if sep and tail in KINDS and head:
             path, kind = head, tail
-        return cls(Path(path), kind=kind, limit=limit, seed=seed)  # type: ignore[arg-type]
+        return cls(Path(path), kind=kind, limit=limit, seed=seed)  # type: ignore[arg-type]  # kind is checked against KINDS just above
 
 
 def _default_name(path: Path) -> str:

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from clipfp8.quant.core.config import DEFAULT_MODEL_NAME, EncoderSpec, ModelSpec
+from clipfp8.quant.core.config import DEFAULT_MODEL_NAME, EncoderSpec, ModelSpec, as_precision
 from clipfp8.quant.core.errors import EngineError, QuantError
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def build_engines(precision: Sequence[str] = ("fp8",), quantized: Path | None = 
     for p in precision:
         if p == "fp8" and quantized is None:
             raise ValueError("--precision fp8 needs --quantized DIR (a directory written by `clipfp8 quantize`)")
-        spec = EncoderSpec(model=model, precision=p, device=device,  # type: ignore[arg-type]
+        spec = EncoderSpec(model=model, precision=as_precision(p), device=device,
                            quantized=quantized if p.startswith("fp8") else None, batch_size=batch_size)
         folders.append(build_engine(spec, (batch_size,), engine_dir=engine_dir))
     return folders

@@ -105,7 +105,7 @@ def create_fp8_encoder(spec: EncoderSpec, *, compile: bool = True, exact_softmax
                            name=f"{loaded.spec.name}-fp8", model_id=loaded.spec.model_id(), checksum=checksum,
                            dim=loaded.embed_dim, image_size=loaded.image_size, batch_size=spec.batch_size,
                            compile=compile, engine_variant=variant)
-    enc.conversion_report = report  # type: ignore[attr-defined]
+    enc.conversion_report = report  # type: ignore[attr-defined]  # an optional extra attribute the audit reads
     return enc
 
 

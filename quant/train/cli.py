@@ -57,7 +57,8 @@ def train(args: argparse.Namespace) -> int:
     weights = dict(TrainConfig().source_weights, **dict(args.source_weights or []))
     kw = dict(pack_dir=args.pack_dir, out_dir=args.out_dir, device=args.device, seed=args.seed,
               batch_size=args.batch_size, lr=args.lr, time_budget_s=args.time_budget_s,
-              max_steps=args.max_steps, compile=not args.no_compile, bf16=not args.no_bf16,
+              max_steps=args.max_steps, warmup_steps=args.warmup_steps, compile=not args.no_compile,
+              bf16=not args.no_bf16,
               source_weights=weights, vision=dict(args.vision) if args.vision else None)
     if args.smoke:  # a few tiny CPU steps through exactly the same code path
         kw.update(device="cpu", batch_size=min(args.batch_size, 48), max_steps=6, compile=False)
@@ -119,6 +120,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--time-budget-s", type=float, default=d.time_budget_s)
     p.add_argument("--max-steps", type=int, default=d.max_steps)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-bf16", action="store_true", help="fp32 instead of bf16 autocast")
     p.add_argument("--source-weights", nargs="+", type=_pair(float, SOURCES), metavar="SOURCE=W",

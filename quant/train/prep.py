@@ -67,8 +67,8 @@ class PrepConfig:
     size: int = 64  # tile side of every source but CIFAR (the model's input size)
     jpeg_quality: int = 65  # CIFAR's 32x32 JPEG mosaic (its source JPEGs are q75-like: 34 dB PSNR here)
     image_format: str = "webp"  # the size-px mosaics: WebP is ~25% smaller than JPEG at equal PSNR
-    quality: int = 50  # ... and their quality (~30 dB PSNR at 64 px, like JPEG q70)
-    text_dims: int = 96  # PCA coefficients carried per caption (384 = the whole feature)
+    quality: int = 45  # ... and their quality (~29-30 dB PSNR at 64 px, like JPEG q65-70)
+    text_dims: int = 80  # PCA coefficients carried per caption (384 = the whole feature)
     text_cache: Path | None = None  # .npz reused across builds (MiniLM on 2 cores: ~110 captions/s)
     max_per_source: int | None = None  # None = every sample (smoke runs keep a few)
     with_eval: bool = True

