@@ -34,7 +34,8 @@ class IndexConfig:
     preprocess's memory; a Resize + CenterCrop model sees the same central square).
     ``rehash``: re-read and re-hash files whose size and mtime are unchanged (content edited in
     place with its timestamps restored), and retry every file recorded as bad.
-    ``factory``: FAISS factory string ("Flat", "IVF256,Flat", "HNSW32", ...), inner product.
+    ``factory``: FAISS factory string ("Flat", "IVF256,Flat", "HNSW32", ...), inner product; or
+    "auto" / "auto:<--index-budget>" (``indexing.faiss_factory``: Flat, then a planned IVF-PQ).
     ``jpeg_draft``: decode JPEGs at a reduced DCT scale no smaller than the encoders' input
     (fast for large photos; pixels differ slightly from a full decode, so off by default).
     ``decode`` (``--decode``): ``"auto"`` decodes JPEGs in batches with nvJPEG and preprocesses

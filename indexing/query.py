@@ -65,8 +65,9 @@ def embed_query(encoder: Encoder, query: str | Image.Image | Path) -> np.ndarray
 def search(store: IndexStore, encoder: Encoder, query: str | Image.Image | Path, k: int = 10,
            threshold: float | None = None, rerank: bool | None = None) -> list[Hit]:
     """Top-``k`` hits for ``query`` in ``encoder.name``'s index, best first; only those scoring
-    >= ``threshold`` when given. ``rerank``: fetch ``10 * k`` candidates from an approximate
-    index and re-score them exactly from the stored vectors; None (the default): only for
+    >= ``threshold`` when given. ``rerank``: fetch ``10 * k`` candidates (``100 * k`` from an
+    ``auto`` index's 4-bit codes: ``VectorIndex.rerank_factor``) from an approximate index and
+    re-score them exactly from the stored vectors; None (the default): only for
     ``--factory auto`` indexes past the flat stage, whose PQ scores are too coarse to show or to
     threshold (their exact copy is on disk: ~100 rows read per query). Raises
     ``EncoderMismatchError`` when ``encoder.identity()`` differs from the one the index was built with."""
@@ -77,7 +78,7 @@ def search(store: IndexStore, encoder: Encoder, query: str | Image.Image | Path,
     q = embed_query(encoder, query)
     if rerank is None:
         rerank = vec.exact_copy is not None
-    fetch = k * RERANK_FACTOR if rerank and not vec.exact else k
+    fetch = k * (vec.rerank_factor or RERANK_FACTOR) if rerank and not vec.exact else k
     scores, ids = search_vectors(vec, q, fetch)
     scores, ids = scores[0], ids[0]
     keep = ids >= 0

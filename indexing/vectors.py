@@ -13,8 +13,9 @@ export, and lets HNSW be rebuilt after deletions. Both go into one file (see ``t
 ``auto`` / ``auto:<budget>`` (``--factory auto``, ``--index-budget``; ``indexing.faiss_factory``):
 flat below ``FLAT_MAX_VECTORS``, then an IVF planned for the current size and budget, re-planned
 when the corpus has grown ~16x. Its exact copy is not in RAM but on disk beside the FAISS file,
-in float16 (``exact`` = ``indexing.exact_store.ExactVectors``), so the RAM per vector stays the
-planned ~100 bytes while re-ranking stays exact; ``save``/``load`` write and map those files.
+in float16 (``exact_copy``, an ``indexing.exact_store.ExactVectors``), so the RAM per vector
+stays within the budget (~80 bytes at 10M) while re-ranking stays exact; ``save``/``load`` write
+and map those files.
 """
 from __future__ import annotations
 
@@ -153,6 +154,12 @@ class VectorIndex:
         return self.kind == "flat"
 
     @property
+    def rerank_factor(self) -> int | None:
+        """Candidates per wanted result to re-rank for an ``auto`` IVF index (50 for its 4-bit codes),
+        None for the other layouts (``query.RERANK_FACTOR`` applies)."""
+        return ff.rerank_factor(self.index) if self.exact_copy is not None else None
+
+    @property
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
@@ -188,7 +195,7 @@ class VectorIndex:
                 self.exact_copy.add(ids, vectors)
             if ff.is_auto(self.factory):  # every writer adds through here: re-plan as the corpus grows
                 self.maybe_train()
-            elif self.kind == "flat" and before < ff.FLAT_MAX_VECTORS <= self.ntotal:
+            elif self.factory.strip().lower() == "flat" and before < ff.FLAT_MAX_VECTORS <= self.ntotal:
                 log.warning("this %s index now holds %d vectors (%.0f MB of RAM, a brute force per query); "
                             "`clipfp8 index --factory auto` (with --index-budget) switches it to a compressed "
                             "IVF index with exact re-ranking", self.factory, self.ntotal, self.ntotal * self.dim * 4 / 1e6)

@@ -40,12 +40,13 @@ def test_flat_below_threshold_ivf_above_and_nlist_follows_sqrt_n() -> None:
         assert 4 * math.sqrt(n) <= plan.nlist <= 16 * math.sqrt(n)
         assert plan.bytes_per_vector <= ff.DEFAULT_BYTES_PER_VECTOR
         assert plan.nprobe <= plan.ef_search and plan.nlist <= plan.train_size <= n
-    assert ff.plan_index(10_000_000, 768).factory == "IVF16384_HNSW32,PQ64x8"
+    assert ff.plan_index(10_000_000, 768).factory == "IVF16384_HNSW32,PQ128x4fs"
+    assert ff.plan_index(10_000_000, 768).rerank_factor == ff.FASTSCAN_RERANK_FACTOR
     assert ff.plan_index(200_000, 768).factory.startswith("IVF") and "HNSW" not in ff.plan_index(200_000, 768).factory
 
 
-@pytest.mark.parametrize("budget,codes", [("100", "PQ64x8"), ("50", "PQ32x8"), ("1000", "SQ8"), ("2000", "SQfp16"),
-                                          ("100M", "PQ64x8"), ("1G", "SQ8"), ("100000000B", "PQ64x8")])
+@pytest.mark.parametrize("budget,codes", [("100", "PQ128x4fs"), ("50", "PQ64x4fs"), ("1000", "SQ8"), ("2000", "SQfp16"),
+                                          ("100M", "PQ128x4fs"), ("1G", "SQ8"), ("100000000B", "PQ128x4fs")])
 def test_codes_fill_the_budget(budget: str, codes: str) -> None:
     b = ff.parse_budget(budget)
     plan = ff.plan_index(1_000_000, 768, b)
@@ -96,7 +97,7 @@ def test_cli_folds_the_budget_into_the_factory() -> None:
 # ----- IVF-PQ with exact re-ranking ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ivfpq() -> tuple[VectorIndex, np.ndarray, np.ndarray]:
-    """20k clustered 64-d vectors in an ``auto:32`` index switched to IVF at 10k vectors (PQ16x8)."""
+    """20k clustered 64-d vectors in an ``auto:32`` index switched to IVF at 10k vectors (PQ32x4fs: 16 bytes)."""
     x = _clustered(20_000, 64, seed=0)
     vec = VectorIndex.new(64, "auto:32")
     vec.add(np.arange(1, 20_001), x)
@@ -108,10 +109,11 @@ def ivfpq() -> tuple[VectorIndex, np.ndarray, np.ndarray]:
 def test_ivfpq_rerank_reaches_recall_plain_codes_do_not(ivfpq: tuple[VectorIndex, np.ndarray, np.ndarray]) -> None:
     vec, x, q = ivfpq
     assert vec.kind == "ivf" and vec.exact_copy is not None and vec.raw is None
-    assert ff.plan_index(20_000, 64, ff.parse_budget("32"), flat_max=10_000).codes == "PQ16x8"
+    assert ff.plan_index(20_000, 64, ff.parse_budget("32"), flat_max=10_000).codes == "PQ32x4fs"
+    assert vec.rerank_factor == ff.FASTSCAN_RERANK_FACTOR > RERANK_FACTOR
     truth = np.argsort(-(q @ x.T), axis=1)[:, :K] + 1
     _, plain = vec.search(q, K)
-    _, cand = vec.search(q, K * RERANK_FACTOR)
+    _, cand = vec.search(q, K * vec.rerank_factor)
     reranked = np.stack([c[np.argsort(-(vec.reconstruct(c) @ qq), kind="stable")] for c, qq in zip(cand, q, strict=True)])
     assert _recall(reranked, truth) >= 0.95
     assert _recall(plain, truth) < _recall(reranked, truth) - 0.1
@@ -141,7 +143,8 @@ def test_store_files_round_trip_and_removal(tmp_path: Path, ivfpq: tuple[VectorI
     back.add(np.array([7]), x[:1])                                     # id 7 gets another vector
     back.save(tmp_path / "1.g2.faiss")
     again = VectorIndex.load(tmp_path / "1.g2.faiss", "auto:32", 64)
-    assert again.ntotal == 19_998 and len(again.copy_ids()) == 19_998 and 5 not in set(again.copy_ids().tolist())
+    assert again.ntotal == 19_998 and 5 not in set(again.copy_ids().tolist())
+    np.testing.assert_array_equal(np.sort(again.ids()), again.copy_ids())  # the index's ids = the copy's
     np.testing.assert_allclose(again.reconstruct(np.array([7])), x[:1], atol=1e-3)
     with pytest.raises(IndexCorruptError, match="verify --repair"):
         again.reconstruct(np.array([5]))
