@@ -173,12 +173,13 @@ class GpuDecoder:
                 it.out.tensors[name] = batches[spec][j]
         return list(batches.values())
 
-    def _decode_group(self, group: list[_Item], stream: Any) -> list[torch.Tensor]:
-        """Decode and preprocess the group's pending files on the device; returns the batch
-        tensors behind their ``Decoded.tensors``. Files the device fails on take the CPU path."""
+    def _decode_group(self, group: list[_Item], stream: Any) -> None:
+        """Decode and preprocess the group's pending files on the device, filling their
+        ``Decoded.tensors`` (on a side ``stream``: the caller's stream is made to wait for it).
+        Files the device fails on take the CPU path."""
         items = [it for it in group if it.data is not None]
         if not items:
-            return []
+            return
         t0 = time.perf_counter()
         bases: list[torch.Tensor] = []
         failed: list[_Item] = []
@@ -209,7 +210,6 @@ class GpuDecoder:
             it.out.tensors = {}
             self._count("cpu:device_failed")
             self._fallback(it)
-        return bases
 
     # ----- the stream --------------------------------------------------------------------------
     def imap(self, tasks: Iterable[DecodeTask], workers: int, lookahead: int) -> Iterator[Decoded]:

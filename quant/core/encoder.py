@@ -100,10 +100,15 @@ class Encoder(abc.ABC):
         return self.encode_images(torch.stack([self.preprocess(im.convert("RGB")) for im in images]))
 
 
-def _normalize(x: torch.Tensor) -> np.ndarray:
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """(N, D) embeddings of any float dtype -> float32 (N, D) unit rows, on x's device."""
     x = x.float()
-    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return x.cpu().numpy().astype(np.float32, copy=False)
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def normalize_to_numpy(x: torch.Tensor) -> np.ndarray:
+    """``unit_rows(x)`` as a float32 (N, D) host array."""
+    return unit_rows(x).cpu().numpy().astype(np.float32, copy=False)
 
 
 class TorchEncoder(Encoder):
@@ -143,7 +148,7 @@ class TorchEncoder(Encoder):
         clip = as_clip(self.model)
         out = [clip.encode_image(chunk.to(self.device, self.dtype, non_blocking=True))
                for chunk in images.split(self.batch_size)]
-        return _normalize(torch.cat(out)) if out else np.zeros((0, self.dim), np.float32)
+        return normalize_to_numpy(torch.cat(out)) if out else np.zeros((0, self.dim), np.float32)
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
@@ -155,7 +160,7 @@ class TorchEncoder(Encoder):
         for i in range(0, len(texts), self.batch_size):
             tokens = self._tokenizer(texts[i:i + self.batch_size]).to(self.device)
             out.append(clip.encode_text(tokens))
-        return _normalize(torch.cat(out))
+        return normalize_to_numpy(torch.cat(out))
 
 
 #: A precision's factory: the spec (``spec.precision`` is that precision) -> a ready ``Encoder``.

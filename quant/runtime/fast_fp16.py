@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from clipfp8.quant.core.encoder import Encoder, EncoderIdentity
+from clipfp8.quant.core.encoder import Encoder, EncoderIdentity, normalize_to_numpy, unit_rows
 from clipfp8.quant.runtime.compile_cache import configure_compile_cache  # re-exported (bench uses it here)
 
 log = logging.getLogger(__name__)
@@ -98,10 +98,9 @@ class BatchRunner:
         return static_out[:n].clone()
 
 
-def _normalize(x: torch.Tensor) -> np.ndarray:
-    x = x.float()
-    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return x.cpu().numpy().astype(np.float32, copy=False)
+def _check_images(images: torch.Tensor) -> None:
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"encode_images expects (N, 3, H, W), got {tuple(images.shape)}")
 
 
 class FastTorchEncoder(Encoder):
@@ -153,25 +152,26 @@ class FastTorchEncoder(Encoder):
         new.text_runner = BatchRunner(clip.encode_text, compile=compiled)
         return new
 
+    def _image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """float32 (N, 3, H, W) -> (N, D) in the model's dtype, on the device (N >= 1)."""
+        _check_images(images)
+        return torch.cat([self.image_runner(chunk.to(self.device, self.dtype, non_blocking=True))
+                          for chunk in images.split(self.batch_size)])
+
     def encode_images(self, images: torch.Tensor) -> np.ndarray:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"encode_images expects (N, 3, H, W), got {tuple(images.shape)}")
-        out = [self.image_runner(chunk.to(self.device, self.dtype, non_blocking=True))
-               for chunk in images.split(self.batch_size)]
-        return _normalize(torch.cat(out)) if out else np.zeros((0, self.dim), np.float32)
+        _check_images(images)
+        if images.shape[0] == 0:
+            return np.zeros((0, self.dim), np.float32)
+        return normalize_to_numpy(self._image_embeddings(images))
 
     def encode_images_async(self, images: torch.Tensor) -> Callable[[], np.ndarray]:
         """As ``encode_images``, but on CUDA returns once the work is queued: the normalised
         rows are copied into pinned host memory behind an event, and the returned function
         waits for that event only (the host can decode the next batch meanwhile)."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"encode_images expects (N, 3, H, W), got {tuple(images.shape)}")
         if not str(self.device).startswith("cuda") or images.shape[0] == 0:
             return super().encode_images_async(images)
         with torch.inference_mode():
-            out = torch.cat([self.image_runner(chunk.to(self.device, self.dtype, non_blocking=True))
-                             for chunk in images.split(self.batch_size)]).float()
-            out = out / out.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            out = unit_rows(self._image_embeddings(images))
             host = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
             host.copy_(out, non_blocking=True)
             done = torch.cuda.Event()
@@ -189,7 +189,7 @@ class FastTorchEncoder(Encoder):
             return np.zeros((0, self.dim), dtype=np.float32)
         out = [self.text_runner(self._tokenizer(texts[i:i + self.batch_size]).to(self.device))
                for i in range(0, len(texts), self.batch_size)]
-        return _normalize(torch.cat(out))
+        return normalize_to_numpy(torch.cat(out))
 
 
 _HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
