@@ -123,6 +123,17 @@ class Decoded:
     error: str | None = None
     seconds: float = 0.0
     parts: dict[str, float] = field(default_factory=dict)
+    #: Device work still owed for this file (a deferring ``GpuDecoder.imap``): call it before
+    #: reading ``tensors``; it decodes the file's whole batch once, and may set ``error``
+    #: instead (a file the device and then Pillow refused). None when nothing is owed.
+    pending: Callable[[], None] | None = None
+
+
+def settle(decoded: Iterable[Decoded]) -> None:
+    """Run the device work still owed for ``decoded`` (each batch once; see ``Decoded.pending``)."""
+    for d in decoded:
+        if d.pending is not None:
+            d.pending()
 
 
 class Decoder(Protocol):
@@ -379,5 +390,5 @@ def error_reason(error: str) -> str:
 
 
 __all__ = ["DecodeTask", "Decoded", "Decoder", "ImageDecoder", "ByteBudget", "open_image", "to_rgb",
-           "limit_aspect", "pixel_limit", "imap_bounded", "read_file", "read_and_hash", "check_file",
+           "limit_aspect", "pixel_limit", "imap_bounded", "settle", "read_file", "read_and_hash", "check_file",
            "error_reason", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_FILE_BYTES", "DEFAULT_MAX_ASPECT"]

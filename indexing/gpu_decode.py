@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, nullcontext
 from dataclasses import dataclass
@@ -44,15 +44,37 @@ JPEG_SUFFIXES = (b".jpg", b".jpeg", b".jpe", b".jfif")
 
 @dataclass
 class _Item:
-    """A file on its way: ``out`` is final unless ``data`` (the JPEG bytes) awaits the device,
-    which must decode it to ``shape`` (3, height, width) as its header says. ``held``: bytes
-    counted against ``max_bytes_in_flight`` (the scanned size) until the device is done."""
+    """A file on its way: ``out`` is final unless ``data`` (the JPEG bytes, uint8 (n,) on the
+    CPU) awaits the device, which must decode it to ``shape`` (3, height, width) as its header
+    says. ``held``: bytes counted against ``max_bytes_in_flight`` (the scanned size) until the
+    device is done."""
 
     task: DecodeTask
     out: Decoded
     held: int
-    data: bytes | None = None
+    data: torch.Tensor | None = None
     shape: tuple[int, int, int] | None = None
+
+
+class _Batch:
+    """One device batch, decoded once when first called (``Decoded.pending`` of its files), so
+    that a deferring ``imap`` hands files out before their pixels exist."""
+
+    def __init__(self, decoder: GpuDecoder, items: list[_Item], stream: Any, held: list[int]) -> None:
+        self.decoder, self.items, self.stream, self.held = decoder, items, stream, held
+        self.done = False
+        for it in items:
+            if it.data is not None:
+                it.out.pending = self
+
+    def __call__(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.decoder._decode_group(self.items, self.stream)
+        self.held[0] -= sum(it.held for it in self.items if it.shape is not None)
+        for it in self.items:
+            it.out.pending = None
 
 
 class GpuDecoder:
@@ -109,7 +131,11 @@ class GpuDecoder:
                 if reason is not None or head is None:
                     self._count(f"cpu:{reason or 'bad_header'}")
                     return self._fallback(item)
-                item.data, item.shape = data, (3, head.height, head.width)
+                # The tensor is made here, on the reader's thread: every torch call releases and
+                # retakes the GIL, and the thread that issues the device work must not queue
+                # for it once per file (see ``imap``).
+                item.data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                item.shape = (3, head.height, head.width)
                 out.width, out.height = head.width, head.height
         except DecodeError as e:
             out.error = str(e)
@@ -121,11 +147,14 @@ class GpuDecoder:
 
     def _fallback(self, item: _Item) -> _Item:
         """The CPU path for this file (it reads the file again: its rules, its reasons)."""
-        before = item.out.parts
-        item.out, item.data = self.cpu(item.task), None
-        for part, sec in before.items():
-            item.out.parts[part] = item.out.parts.get(part, 0.0) + sec
-        item.out.seconds += sum(before.values())
+        fresh, out = self.cpu(item.task), item.out
+        # In place: a deferred file's ``Decoded`` is already in the caller's hands.
+        out.sha256, out.width, out.height = fresh.sha256, fresh.width, fresh.height
+        out.tensors, out.error = fresh.tensors, fresh.error
+        out.seconds = fresh.seconds + sum(out.parts.values())
+        for part, sec in fresh.parts.items():
+            out.parts[part] = out.parts.get(part, 0.0) + sec
+        item.data = None
         return item
 
     # ----- batches on the device -------------------------------------------------------------
@@ -148,7 +177,7 @@ class GpuDecoder:
         fails is retried file by file to find the culprits)."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        raw = [torch.frombuffer(bytearray(it.data or b""), dtype=torch.uint8) for it in chunk]
+        raw = [it.data for it in chunk if it.data is not None]
         try:
             images: list[torch.Tensor | None] = list(decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device))
         except RuntimeError:
@@ -168,9 +197,10 @@ class GpuDecoder:
         """Fill each item's tensors (one preprocessing per distinct transform, shared by the
         encoders that use it); returns the batch tensors that back them."""
         batches = {spec: preprocess_images(images, spec) for spec in set(self.specs.values())}
+        rows = {spec: b.unbind(0) for spec, b in batches.items()}  # one call, not one per file
         for name, spec in self.specs.items():
-            for j, it in enumerate(items):
-                it.out.tensors[name] = batches[spec][j]
+            for it, row in zip(items, rows[spec], strict=True):
+                it.out.tensors[name] = row
         return list(batches.values())
 
     def _decode_group(self, group: list[_Item], stream: Any) -> None:
@@ -212,14 +242,24 @@ class GpuDecoder:
             self._fallback(it)
 
     # ----- the stream --------------------------------------------------------------------------
-    def imap(self, tasks: Iterable[DecodeTask], workers: int, lookahead: int) -> Iterator[Decoded]:
+    #: ``imap`` takes ``defer`` (the local pipeline asks for it; Ray's actors do not).
+    defers = True
+
+    def imap(self, tasks: Iterable[DecodeTask], workers: int, lookahead: int,
+             defer: bool = False) -> Iterator[Decoded]:
         """``Decoded`` for every task, in order (see module doc). Files are read ahead on
         ``min(workers, max_readers)`` threads; each device batch is decoded and preprocessed in
-        the caller's thread, on a high-priority side stream, when the caller asks for its first
-        file. The caller's current stream is made to wait for that work instead of the host, so
-        a caller that encodes asynchronously (``Encoder.encode_images_async``) keeps the device
-        busy with the previous batch meanwhile. Tensors of device-decoded files are views of
-        batch tensors on ``device``, safe to use on the caller's stream.
+        the caller's thread, on a high-priority side stream, and the caller's current stream is
+        made to wait for that work instead of the host. Tensors of device-decoded files are
+        views of batch tensors on ``device``, safe to use on the caller's stream.
+
+        ``defer``: hand a batch's files out before decoding them, each with ``Decoded.pending``
+        (``decode.settle``), so the caller does its per-file work while the device still
+        encodes the previous batch, and decodes right before it queues this one. Why: nvJPEG
+        (torchvision's batched decode) waits on the host for each file's kernels, which queue
+        behind the encoder's, so a decode issued beside a running encode returns only when that
+        encode is nearly done; per-file work done after it would leave the device idle. Batches
+        are decoded regardless when the byte budget (``max_bytes_in_flight``) runs out.
 
         Why no decode thread: CUDA calls release and retake the GIL, and a thread that retakes
         it behind a busy Python thread waits a whole switch interval (5 ms) each time; on the
@@ -229,11 +269,22 @@ class GpuDecoder:
         stream = torch.cuda.Stream(self.device, priority=-1) if self.device.type == "cuda" else None
         readers = max(1, min(workers, self.max_readers))
         held = [0]  # bytes in flight
+        owed: deque[_Batch] = deque()  # deferred batches not yet decoded, oldest first
+
+        def release() -> None:  # the byte budget is spent: decode what is owed
+            while owed:
+                owed.popleft()()
+
         try:
             with closing(self._reads(tasks, readers, lookahead, held)) as reads:
-                for group in self._groups(reads, held):
-                    self._decode_group(group, stream)
-                    held[0] -= sum(it.held for it in group if it.shape is not None)
+                for group, starved in self._groups(reads, held, release):
+                    batch = _Batch(self, group, stream, held)
+                    if defer and not starved:
+                        while owed and owed[0].done:
+                            owed.popleft()
+                        owed.append(batch)
+                    else:
+                        batch()
                     yield from (it.out for it in group)
         finally:
             self._log_stats()
@@ -264,12 +315,15 @@ class GpuDecoder:
                 for fut in pending:
                     fut.cancel()
 
-    def _groups(self, reads: Iterator[_Item | None], held: list[int]) -> Iterator[list[_Item]]:
-        """Consecutive items holding ``batch_size`` device files (or fewer when the byte budget
-        asks for a flush, or at the end); finished items pass at once when nothing waits."""
+    def _groups(self, reads: Iterator[_Item | None], held: list[int],
+                release: Callable[[], None]) -> Iterator[tuple[list[_Item], bool]]:
+        """(items, starved): consecutive items holding ``batch_size`` device files (or fewer at
+        the end, or when the byte budget asks for a flush: ``starved``, after ``release()``
+        decoded every deferred batch); finished items pass at once when nothing waits."""
         group: list[_Item] = []
         waiting = 0
         for item in reads:
+            starved = item is None
             if item is not None:
                 group.append(item)
                 if item.shape is None:  # finished on the CPU or failed: its bytes are gone
@@ -278,11 +332,13 @@ class GpuDecoder:
                     waiting += 1
                 if waiting and waiting < self.batch_size:
                     continue
+            else:
+                release()
             if group:
-                yield group
+                yield group, starved
             group, waiting = [], 0
         if group:
-            yield group
+            yield group, False
 
     def _log_stats(self) -> None:
         with self._lock:

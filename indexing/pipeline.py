@@ -17,7 +17,6 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import numpy as np
 from clipfp8.indexing import _testhooks
 from clipfp8.indexing import db as dbm
 from clipfp8.indexing.config import ENGINES, IndexConfig
-from clipfp8.indexing.decode import Decoded, Decoder, DecodeTask, error_reason, imap_bounded
+from clipfp8.indexing.decode import Decoded, Decoder, DecodeTask, error_reason, imap_bounded, settle
 from clipfp8.indexing.embed import EmbedResult, start_embed
 from clipfp8.indexing.errors import IndexConfigError
 from clipfp8.indexing.gpu_decode import make_decoder
@@ -51,8 +50,8 @@ class IndexSummary:
     ``bad_files``: bad files recorded in the whole index after the run (``clipfp8 errors``).
     ``stage_seconds``: wall time of scan, plan, embed (and ``embed:<encoder>``), store and
     decode_wait (the embedder waiting for decoders); summed worker time of decode (and
-    ``decode:read|hash|decode|preprocess``; on the GPU data path also ``decode:header`` and
-    ``decode:gpu``, the device batches' time shared among their files)."""
+    ``decode:read|hash|decode|preprocess``; on the GPU data path also ``decode:header``, and
+    ``decode_device``: the device batches, decoded right before they are encoded)."""
 
     indexed: int = 0
     unchanged: int = 0
@@ -246,8 +245,12 @@ class _Run:
     def _process(self, tasks: list[Task]) -> None:
         jobs = (DecodeTask(t.entry, self._abs(t.entry), t.skip_hashes, frozenset(t.needs)) for t in tasks)
         batched = getattr(self.decoder, "imap", None)  # a batching decoder (GPU) runs its own threads
-        results = (batched or partial(imap_bounded, self.decoder))(jobs, self.cfg.workers,
-                                                                   self.cfg.effective_lookahead)
+        if batched is None:
+            results = imap_bounded(self.decoder, jobs, self.cfg.workers, self.cfg.effective_lookahead)
+        elif getattr(self.decoder, "defers", False):  # device batches decoded in _embed (see _settle)
+            results = batched(jobs, self.cfg.workers, self.cfg.effective_lookahead, defer=True)
+        else:
+            results = batched(jobs, self.cfg.workers, self.cfg.effective_lookahead)
         done = 0
         while True:
             with self.timed("decode_wait"):
@@ -307,6 +310,7 @@ class _Run:
         finish the batch queued before this one: on a GPU the device encodes this batch while
         the host decodes the next (``start_embed``). Ops are emitted in file order."""
         batch, self.pending, self.to_embed = self.pending, [], 0
+        self._settle(batch)
         todo = [(t, d) for t, d, op in batch if op is None]
         finish = None
         if todo:
@@ -315,6 +319,19 @@ class _Run:
         self._finish_embed()
         if batch:
             self.inflight = (batch, todo, finish)
+
+    def _settle(self, batch: list[tuple[Task, Decoded, _Op | None]]) -> None:
+        """Decode what the decoder deferred (``Decoded.pending``) right before it is queued on
+        the encoders -- the previous batch is still encoding, so the device stays busy while the
+        per-file work above ran; a file that fails there becomes an error op in place."""
+        owed = [d for _, d, op in batch if op is None and d.pending is not None]
+        if not owed:
+            return
+        with self.timed("decode_device"):
+            settle(owed)
+        for k, (t, d, op) in enumerate(batch):
+            if op is None and d.error is not None:
+                batch[k] = (t, d, self._error(d.entry, t.row, d.error))
 
     def _finish_embed(self) -> None:
         """Wait for the batch in flight, if any, and turn it into ops."""

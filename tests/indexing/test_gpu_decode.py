@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from clipfp8.indexing.config import IndexConfig
-from clipfp8.indexing.decode import Decoded, DecodeTask, ImageDecoder, imap_bounded
+from clipfp8.indexing.decode import Decoded, DecodeTask, ImageDecoder, imap_bounded, settle
 from clipfp8.indexing.errors import IndexConfigError
 from clipfp8.indexing.gpu_decode import GpuDecoder, choose_decoder
 from clipfp8.indexing.gpu_transform import transform_spec
@@ -154,6 +154,48 @@ def test_stream_keeps_order_under_a_tight_byte_budget(encoder: Encoder, tmp_path
         assert x.sha256 == y.sha256 and all(torch.equal(x.tensors[k], y.tensors[k]) for k in x.tensors)
 
 
+def same_results(x: list[Decoded], y: list[Decoded]) -> None:
+    for a, b in zip(x, y, strict=True):
+        assert (a.entry, a.error, a.sha256, a.width, a.height) == (b.entry, b.error, b.sha256, b.width, b.height)
+        assert a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
+def test_deferred_stream_decodes_when_settled(encoder: Encoder, tmp_path: Path) -> None:
+    """``imap(defer=True)`` hands files out before decoding them (the pipeline does its per-file
+    work while the device still encodes); ``settle`` then gives exactly the eager results, a file
+    the device fails on included (its Pillow answer lands in the same ``Decoded``)."""
+    routes = bad_corpus(tmp_path / "c" / "odd")
+    write_photos(tmp_path / "c" / "ok", 20)
+    paths = sorted(p for p in (tmp_path / "c").rglob("*") if p.is_file())
+    ts = tasks(paths, tmp_path / "c")
+    _, eager = decoders(encoder, "cpu", max_pixels=MAX_PIXELS)
+    _, lazy = decoders(encoder, "cpu", max_pixels=MAX_PIXELS)
+    ref, got = list(eager.imap(ts, 2, 64)), list(lazy.imap(ts, 2, 64, defer=True))
+    owed = [d for d in got if d.pending is not None]
+    assert len(owed) == 21 + 1 and all(d.tensors == {} and d.error is None for d in owed)  # 20 photos, ok.jpg, huffman.jpg
+    assert lazy.stats["gpu"] == 0
+    settle(owed[:1])  # settling one file decodes its whole batch (16 device files), once
+    assert sum(d.pending is None for d in owed) == 16
+    assert lazy.stats["gpu"] + lazy.stats["cpu:device_failed"] == 16
+    settle(got)
+    assert all(d.pending is None for d in got) and lazy.stats == eager.stats
+    assert lazy.stats["cpu:device_failed"] == 1 == Counter(routes.values())["cpu:device_failed"]
+    same_results(ref, got)
+    assert next(d for d in got if d.entry.rel.endswith(b"huffman.jpg")).error.startswith("corrupt")
+
+
+def test_deferred_stream_decodes_itself_when_the_byte_budget_runs_out(encoder: Encoder, tmp_path: Path) -> None:
+    paths = write_photos(tmp_path / "c", 30)
+    ts = tasks(paths, tmp_path / "c")
+    _, roomy = decoders(encoder, "cpu")
+    _, tight = decoders(encoder, "cpu")
+    tight.max_bytes_in_flight = 20_000  # unsettled batches hold their bytes: the stream must decode them
+    a, b = list(roomy.imap(ts, 2, 64)), list(tight.imap(ts, 3, 64, defer=True))
+    assert sum(d.pending is None for d in b) >= 25  # decoded by the stream itself, not by a caller
+    settle(b)
+    same_results(a, b)
+
+
 def test_closing_the_stream_early_stops_its_threads(encoder: Encoder, tmp_path: Path) -> None:
     paths = write_photos(tmp_path / "c", 40)
     _, gpu = decoders(encoder, "cpu")
@@ -204,7 +246,9 @@ def index_both(enc: Encoder, corpus: Path, tmp_path: Path, gpu_mode: str, run: i
     s_cpu = index_corpus(corpus, tmp_path / "cpu", [enc], config=IndexConfig(decode="cpu", **kw))
     s_gpu = index_corpus(corpus, tmp_path / "gpu", [enc], config=IndexConfig(decode=gpu_mode, **kw))
     assert (s_cpu.indexed, s_cpu.moved, s_cpu.skipped) == (s_gpu.indexed, s_gpu.moved, s_gpu.skipped), run
-    assert {"decode:read", "decode:header", "decode:gpu", "decode_wait"} <= set(s_gpu.stage_seconds)
+    # device batches are decoded in the pipeline's own stage, right before they are encoded
+    assert {"decode:read", "decode:header", "decode_device", "decode_wait"} <= set(s_gpu.stage_seconds)
+    assert "decode:gpu" not in s_gpu.stage_seconds
 
 
 @pytest.mark.slow
