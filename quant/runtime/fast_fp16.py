@@ -33,21 +33,15 @@ class BatchRunner:
 
     ``compile``: wrap ``fn`` in ``torch.compile`` (batch dim dynamic). ``graph_buckets``: batch
     sizes for which a CUDA graph is captured on first use; a batch n <= max bucket is padded to
-    the next bucket and replayed. ``exact_graphs``: larger sizes that get a graph of their own
-    only when a batch has exactly that size (the indexer's full batches: without a graph, the
-    host spends tens of milliseconds launching a large tower's kernels one by one, time the
-    device waits for whenever the host was blocked until it drained, as behind nvJPEG).
-    Outputs are fresh tensors (safe to keep).
+    the next bucket and replayed. Outputs are fresh tensors (safe to keep).
     """
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], *, compile: bool = True,
-                 graph_buckets: Sequence[int] = DEFAULT_GRAPH_BUCKETS, min_batch: int = 2,
-                 exact_graphs: Sequence[int] = ()) -> None:
+                 graph_buckets: Sequence[int] = DEFAULT_GRAPH_BUCKETS, min_batch: int = 2) -> None:
         self._eager = fn
         self._fn = torch.compile(fn) if compile else fn
         self.compiled = compile
         self.buckets = tuple(sorted(graph_buckets))
-        self.exact = frozenset(n for n in exact_graphs if n > max(self.buckets, default=0))
         self.min_batch = min_batch if compile else 1
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         # The type of the public torch.cuda.graph_pool_handle()'s result; torch names it privately.
@@ -88,20 +82,11 @@ class BatchRunner:
         for n in sizes:
             self(example[:1].expand(n, *example.shape[1:]).contiguous())
 
-    def graph_size(self, n: int, cuda: bool) -> int | None:
-        """The captured batch size a batch of ``n`` rows replays (padded up to it), or None:
-        run without a graph (not CUDA, or no bucket or exact size fits)."""
-        if not cuda:
-            return None
-        size = max(n, self.min_batch)
-        bucket = next((b for b in self.buckets if b >= size), None)
-        return n if bucket is None and n in self.exact else bucket
-
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n = int(x.shape[0])
         size = max(n, self.min_batch)
-        bucket = self.graph_size(n, x.is_cuda)
+        bucket = next((b for b in self.buckets if b >= size), None) if x.is_cuda else None
         if bucket is None:
             return self._call_fn(self._pad(x, size))[:n]
         key = (bucket, tuple(x.shape[1:]), x.dtype, x.device)
@@ -147,8 +132,7 @@ class FastTorchEncoder(Encoder):
             configure_compile_cache()
         # nn.Module.__getattr__ types every attribute as Tensor | Module; on an open_clip CLIP
         # these are its methods, (B, ...) tensor -> (B, D) tensor.
-        self.image_runner = BatchRunner(cast(_Tower, model.encode_image), compile=compile,
-                                        exact_graphs=(batch_size,))
+        self.image_runner = BatchRunner(cast(_Tower, model.encode_image), compile=compile)
         self.text_runner = BatchRunner(cast(_Tower, model.encode_text), compile=compile)
 
     def preprocess(self, image: Any) -> torch.Tensor:
@@ -164,7 +148,7 @@ class FastTorchEncoder(Encoder):
         clip: Any = model.eval()  # an open_clip CLIP (typed nn.Module: attributes are Tensor | Module)
         new.model = clip
         compiled = bool(getattr(self.image_runner, "compiled", False))
-        new.image_runner = BatchRunner(clip.encode_image, compile=compiled, exact_graphs=(self.batch_size,))
+        new.image_runner = BatchRunner(clip.encode_image, compile=compiled)
         new.text_runner = BatchRunner(clip.encode_text, compile=compiled)
         return new
 

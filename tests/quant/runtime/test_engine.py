@@ -364,14 +364,3 @@ def test_quantize_hook_is_registered_once_and_builds_only_on_an_fp8_gpu(monkeypa
     monkeypatch.setattr(cli_engine, "build_engines", broken)
     with pytest.raises(EngineError, match="saved .*--no-engine"):
         cli_engine.build_after_quantize(args, "cuda")
-
-
-def test_graph_sizes_pad_to_buckets_and_take_exact_sizes_only_exactly() -> None:
-    """The indexer's full batches replay a graph of their own size; other large batches run
-    without one (never padded up to a much larger graph)."""
-    from clipfp8.quant.runtime.fast_fp16 import BatchRunner
-
-    runner = BatchRunner(lambda x: x, compile=False, graph_buckets=(2, 4, 8, 16, 32), exact_graphs=(256, 16))
-    assert runner.exact == frozenset({256})  # 16 is a bucket already
-    assert [runner.graph_size(n, cuda=True) for n in (1, 3, 32, 33, 255, 256, 257)] == [2, 4, 32, None, None, 256, None]
-    assert runner.graph_size(256, cuda=False) is None  # CUDA graphs on CUDA only

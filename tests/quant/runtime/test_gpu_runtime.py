@@ -152,8 +152,8 @@ def test_compiled_runner_with_cuda_graphs_equals_eager(gpu_models):
     from clipfp8.quant.runtime.fast_fp16 import BatchRunner
 
     _, _, fp8, _ = gpu_models
-    runner = BatchRunner(fp8.encode_image, compile=True, graph_buckets=(2, 4, 8), exact_graphs=(24,))
-    for n in (1, 3, 8, 20, 24, 24):  # padded graph buckets, the plain compiled path, an exact graph twice
+    runner = BatchRunner(fp8.encode_image, compile=True, graph_buckets=(2, 4, 8))
+    for n in (1, 3, 8, 20):  # padded graph buckets, and the plain compiled path
         imgs, _ = small_inputs(n, seed=n)
         x = imgs.cuda().half()
         with torch.inference_mode():
@@ -161,7 +161,6 @@ def test_compiled_runner_with_cuda_graphs_equals_eager(gpu_models):
         got = runner(x).float()
         assert got.shape == eager.shape
         assert F.cosine_similarity(got, eager).min() >= 0.9995
-    assert sorted({k[0] for k in runner._graphs}) == [2, 4, 8, 24]  # 20 ran without a graph
 
 
 def test_fp8_encoder_end_to_end(tmp_path, tiny_loaded):
