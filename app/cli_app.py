@@ -45,13 +45,15 @@ def serve(index_dir: Path, host: str = "127.0.0.1", port: int = 7860, share: boo
 
 
 def demo(work_dir: Path, port: int = 7860, no_browser: bool = False, host: str = "127.0.0.1",
-         device: str = "auto", precision: str = "auto") -> int:
-    """Quantize the default model on the bundled samples, index them in FP16 and FP8, serve."""
+         device: str = "auto", precision: str = "auto", corpus: Path | None = None) -> int:
+    """Quantize the default model on the bundled samples (or ``corpus``), index them in FP16 and
+    FP8, serve."""
     from clipfp8.app.backend import open_context
     from clipfp8.app.demo import DemoConfig, prepare_demo
     from clipfp8.app.ui import build_ui, launch
 
-    cfg = DemoConfig(work_dir=work_dir, device=device, precision=precision)
+    cfg = DemoConfig(work_dir=work_dir, device=device, precision=precision,
+                     **({"corpus": corpus} if corpus is not None else {}))
     index_dir, encoders = prepare_demo(cfg, progress=_tqdm_progress())
     ctx = open_context(index_dir, encoders=encoders)
     # The demo is a local, loopback-only session over the bundled samples: re-indexing is on.
@@ -122,7 +124,7 @@ def _serve_cmd(args: argparse.Namespace) -> int:
 
 def _demo_cmd(args: argparse.Namespace) -> int:
     return demo(args.work_dir, port=args.port, no_browser=args.no_browser, host=args.host, device=args.device,
-                precision=args.precision)
+                precision=args.precision, corpus=args.corpus)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -150,4 +152,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--precision", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
                    help="the reference beside FP8 (auto: fp16 on CUDA, fp32 on the CPU, where fp16 is 5-10x slower)")
     d.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    d.add_argument("--corpus", type=Path, default=None,
+                   help="a folder of your own images instead of the bundled samples (its captions file, if any, "
+                        "feeds the FP8 calibration; else folder names do)")
     d.set_defaults(func=_demo_cmd)

@@ -6,8 +6,10 @@ Each step is a function so tests can run it with a tiny model or injected encode
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -61,7 +63,11 @@ class DemoConfig:
 
     @property
     def index_dir(self) -> Path:
-        return self.work_dir / "index"
+        """``work_dir/index`` for the bundled samples; one folder per other corpus (an index
+        belongs to one corpus folder)."""
+        if self.corpus.resolve() == Path(SAMPLES_DIR).resolve():
+            return self.work_dir / "index"
+        return self.work_dir / f"index-{hashlib.sha256(os.fsencode(self.corpus.resolve())).hexdigest()[:12]}"
 
 
 def calib_pairs(corpus: Path, n: int) -> list[tuple[Path, str]]:

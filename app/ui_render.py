@@ -124,11 +124,21 @@ def markers_markdown(result: SearchResult) -> str:
     return "**Differences**\n\n" + ("\n".join(lines) if lines else "none: both lists are identical")
 
 
+def display_path(path: Path, home: Path | None = None) -> str:
+    """``path`` with the user's home folder shown as ``~`` (shorter, and a shared screenshot or
+    screen does not spell out the account's folder)."""
+    home = Path.home() if home is None else home
+    try:
+        return "~/" + Path(path).relative_to(home).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
 def header_markdown(ctx: AppContext) -> str:
     stats = ctx.stats.get("images", {})
     encs = ", ".join(f"{label} = `{e.name}` ({e.precision}, {e.device})" for label, e in ctx.encoders.items())
     lines = ["## FP8 CLIP image search",
-             f"Corpus `{ctx.corpus_root}` — {stats.get('ok', '?')} images indexed. Encoders: {encs}."]
+             f"Corpus `{display_path(ctx.corpus_root)}` — {stats.get('ok', '?')} images indexed. Encoders: {encs}."]
     if ctx.device_note:
         lines.append(f"> {ctx.device_note}")
     return "\n\n".join(lines)

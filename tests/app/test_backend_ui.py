@@ -255,3 +255,10 @@ def test_benchmark_tab_reports_progress_and_says_where_its_ground_truth_comes_fr
     assert truth.pairs == [("red", frozenset({"red/red_0.png"}))]
     md, _ = ui.run_benchmark(ctx, "captions.json", truth, 0, lambda *a, **kw: None)  # the upload wins
     assert "1 query from the captions" in md
+
+
+def test_header_shows_the_corpus_with_home_as_tilde(corpus, encoders, tmp_path):
+    assert ui_render.display_path(tmp_path / "photos" / "a b", home=tmp_path) == "~/photos/a b"
+    assert ui_render.display_path(Path("/srv/photos"), home=tmp_path) == "/srv/photos"
+    ctx = _ctx(corpus, encoders)
+    assert f"Corpus `{ui_render.display_path(ctx.corpus_root)}`" in ui_render.header_markdown(ctx)

@@ -129,3 +129,20 @@ def test_demo_rejects_a_bad_device_as_a_usage_error(device, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["demo", "--device", device])
     assert e.value.code == 2 and "--device" in capsys.readouterr().err
+
+
+def test_demo_on_a_folder_of_ones_own(tmp_path, monkeypatch):
+    """``demo --corpus``: the user's folder is calibrated on and indexed, in an index of its own
+    (the bundled samples keep theirs); a folder that is not one is refused by name."""
+    from clipfp8.app.demo import DemoConfig
+
+    corpus = make_corpus(tmp_path / "mine", per_colour=1)
+    calls = []
+    monkeypatch.setattr(clipfp8.app.demo, "prepare_demo", lambda cfg, progress=None: calls.append(cfg) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(["demo", "--no-browser", "--work-dir", str(tmp_path / "w"), "--corpus", str(corpus)])
+    cfg = calls[0]
+    assert cfg.corpus == corpus and cfg.index_dir.parent == tmp_path / "w"
+    assert cfg.index_dir != DemoConfig(work_dir=tmp_path / "w").index_dir == tmp_path / "w" / "index"
+    with pytest.raises(NotADirectoryError, match="nowhere"):
+        DemoConfig(work_dir=tmp_path / "w", corpus=tmp_path / "nowhere")
