@@ -108,7 +108,7 @@ def _tqdm_progress() -> Callable[[int, int], None]:
 
     def cb(done: int, total: int) -> None:
         if not bar:
-            bar.append(tqdm(desc="indexing samples", unit="img", total=total))
+            bar.append(tqdm(desc="indexing", unit="img", total=total))
         bar[0].total = total
         bar[0].n = done
         bar[0].refresh()
