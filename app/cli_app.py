@@ -7,6 +7,7 @@ Test hook: with ``CLIPFP8_TEST_FAKE_ENCODER=1`` in the environment, ``serve`` us
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import threading
@@ -52,8 +53,9 @@ def demo(work_dir: Path, port: int = 7860, no_browser: bool = False, host: str =
     from clipfp8.app.demo import DemoConfig, prepare_demo
     from clipfp8.app.ui import build_ui, launch
 
-    cfg = DemoConfig(work_dir=work_dir, device=device, precision=precision,
-                     **({"corpus": corpus} if corpus is not None else {}))
+    cfg = DemoConfig(work_dir=work_dir, device=device, precision=precision)
+    if corpus is not None:
+        cfg = dataclasses.replace(cfg, corpus=corpus)  # validated again (a folder?)
     index_dir, encoders = prepare_demo(cfg, progress=_tqdm_progress())
     ctx = open_context(index_dir, encoders=encoders)
     # The demo is a local, loopback-only session over the bundled samples: re-indexing is on.
