@@ -5,10 +5,11 @@
 1. a few worker threads read and hash files (bounded prefetch: at most ``lookahead`` files and
    ``max_bytes_in_flight`` bytes) and check each JPEG header (``jpeg_header.gpu_refusal``:
    the ``max_pixels`` bomb guard, EXIF rotation, CMYK, truncation...);
-2. the caller's thread decodes each batch with ``torchvision.io.decode_jpeg(list, device=...)``
-   (nvJPEG on CUDA) and preprocesses it on the device (``gpu_transform``, the encoders' own
-   open_clip transform) on a high-priority side stream, without waiting for the device, while
-   the previous batch is still being encoded (``Encoder.encode_images_async``);
+2. one decode thread decodes each batch with ``torchvision.io.decode_jpeg(list, device=...)``
+   (nvJPEG on CUDA) as soon as it is formed, a few batches ahead; the caller's thread then
+   preprocesses it on the device (``gpu_transform``, the encoders' own open_clip transform) on
+   a high-priority side stream, without waiting for the device, while the previous batch is
+   still being encoded (``Encoder.encode_images_async``);
 3. the caller receives ``Decoded`` items in task order whose tensors live on the device.
 
 Every file the header check refuses, and every file nvJPEG fails on, goes through the CPU path
@@ -23,7 +24,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -56,23 +57,74 @@ class _Item:
     shape: tuple[int, int, int] | None = None
 
 
-class _Batch:
-    """One device batch, decoded once when first called (``Decoded.pending`` of its files), so
-    that a deferring ``imap`` hands files out before their pixels exist."""
+@dataclass
+class _Streams:
+    """``decode``: where the decode thread's nvJPEG output lands; ``pre``: high priority, where
+    the caller's thread preprocesses (waiting on ``decode``'s event, not on the host)."""
 
-    def __init__(self, decoder: GpuDecoder, items: list[_Item], stream: Any, held: list[int]) -> None:
-        self.decoder, self.items, self.stream, self.held = decoder, items, stream, held
+    decode: Any
+    pre: Any
+
+
+#: The decode thread's answer for a batch: per pixel chunk, its items and their images (None
+#: where the device failed), with an event on ``_Streams.decode`` that marks them ready.
+_Raw = tuple[list[tuple[list[_Item], list["torch.Tensor | None"]]], Any, float]
+
+
+class _Budget:
+    """Bytes in flight (``max_bytes_in_flight``), shared by the reading generator and the decode
+    thread, which gives a batch's bytes back once nvJPEG is done with them."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.value += n
+
+
+class _Batch:
+    """One device batch. Its JPEGs are decoded on the decoder's decode thread as soon as the batch
+    is formed (``start``); calling it (``Decoded.pending`` of its files, run once) waits for that
+    and preprocesses on the caller's thread, so that a deferring ``imap`` hands files out before
+    their pixels exist."""
+
+    def __init__(self, decoder: GpuDecoder, items: list[_Item], streams: _Streams | None,
+                 budget: _Budget) -> None:
+        self.decoder, self.items, self.streams, self.budget = decoder, items, streams, budget
         self.done = False
+        self.future: Future[_Raw] | None = None
         for it in items:
             if it.data is not None:
                 it.out.pending = self
+
+    def start(self, pool: ThreadPoolExecutor | None) -> _Batch:
+        """Decode on ``pool`` (one thread) from now on; inline at ``__call__`` without one."""
+        if pool is not None and any(it.data is not None for it in self.items):
+            self.future = pool.submit(self.raw)
+        return self
+
+    def raw(self) -> _Raw:
+        """nvJPEG's part (the decode thread, or the caller's): uint8 images on the device."""
+        try:
+            return self.decoder._decode_raw(self.items, self.streams)
+        finally:  # the JPEG bytes are no longer needed
+            self.budget.add(-sum(it.held for it in self.items if it.shape is not None))
+
+    def wait(self) -> None:
+        """Block until the decode thread is done with this batch (its bytes are given back)."""
+        if self.future is not None and not self.future.cancelled():
+            self.future.result()
 
     def __call__(self) -> None:
         if self.done:
             return
         self.done = True
-        self.decoder._decode_group(self.items, self.stream)
-        self.held[0] -= sum(it.held for it in self.items if it.shape is not None)
+        # Inline when the stream was closed before the thread got to it (its pool is shut down).
+        running = self.future is not None and not self.future.cancelled()
+        raw = self.future.result() if running else self.raw()  # type: ignore[union-attr]
+        self.decoder._finish_group(self.items, raw, self.streams)
         for it in self.items:
             it.out.pending = None
 
@@ -104,7 +156,7 @@ class GpuDecoder:
         """Decode one file synchronously (on the caller's current stream)."""
         item = self._read(task, 0)
         if item.data is not None:
-            self._decode_group([item], stream=None)
+            _Batch(self, [item], None, _Budget())()
         return item.out
 
     def _count(self, route: str, n: int = 1) -> None:
@@ -203,37 +255,58 @@ class GpuDecoder:
                 it.out.tensors[name] = row
         return list(batches.values())
 
-    def _decode_group(self, group: list[_Item], stream: Any) -> None:
-        """Decode and preprocess the group's pending files on the device, filling their
-        ``Decoded.tensors`` (on a side ``stream``: the caller's stream is made to wait for it).
-        Files the device fails on take the CPU path."""
-        items = [it for it in group if it.data is not None]
+    def _decode_raw(self, group: list[_Item], streams: _Streams | None) -> _Raw:
+        """nvJPEG's part of a batch (the decode thread): the pending files' uint8 images on the
+        device, chunked by ``max_batch_pixels``, and an event on ``streams.decode`` after them.
+        Only this one library call runs on the thread: it releases the GIL while nvJPEG waits on
+        the device, and no per-file torch call has to queue for the GIL behind the busy thread
+        that issues the encoders' work."""
+        t0 = time.perf_counter()
+        chunks = []
+        with torch.no_grad(), (torch.cuda.stream(streams.decode) if streams is not None else nullcontext()):
+            for chunk in self._pixel_chunks([it for it in group if it.data is not None]):
+                chunks.append((chunk, self._decode_jpegs(chunk)))
+            ready = torch.cuda.Event() if streams is not None else None
+            if ready is not None:
+                ready.record(streams.decode)  # type: ignore[union-attr]
+        for it in group:
+            it.data = None
+        return chunks, ready, time.perf_counter() - t0
+
+    def _finish_group(self, group: list[_Item], raw: _Raw, streams: _Streams | None) -> None:
+        """Preprocess a decoded batch on the device (the caller's thread, on ``streams.pre``;
+        the caller's current stream is made to wait for it, not the host), filling each file's
+        ``Decoded.tensors``. Files the device failed on take the CPU path."""
+        chunks, ready, decode_s = raw
+        items = [it for chunk, _ in chunks for it in chunk]
         if not items:
             return
         t0 = time.perf_counter()
         bases: list[torch.Tensor] = []
         failed: list[_Item] = []
-        with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
-            for chunk in self._pixel_chunks(items):
-                images = self._decode_jpegs(chunk)
+        with torch.no_grad(), (torch.cuda.stream(streams.pre) if streams is not None else nullcontext()):
+            if streams is not None:
+                streams.pre.wait_event(ready)
+            for chunk, images in chunks:
                 ok = [(it, im) for it, im in zip(chunk, images, strict=True) if im is not None]
                 failed += [it for it, im in zip(chunk, images, strict=True) if im is None]
-                del images
+                if streams is not None:  # made on the decode stream, read here, freed by us
+                    for _, im in ok:
+                        im.record_stream(streams.pre)
                 try:
                     if ok:
                         bases += self._preprocess([it for it, _ in ok], [im for _, im in ok])
                 except RuntimeError as e:  # e.g. device out of memory: the CPU path still works
                     log.warning("device preprocessing failed (%s); %d files fall back to the CPU", e, len(ok))
                     failed += [it for it, _ in ok]
-            if stream is not None:  # the caller's stream waits for it, the host does not
+            if streams is not None:  # the caller's stream waits for it, the host does not
                 user = torch.cuda.current_stream(self.device)
-                user.wait_stream(stream)
+                user.wait_stream(streams.pre)
                 for b in bases:  # made on the side stream, used and freed on the caller's
                     b.record_stream(user)
-        share = (time.perf_counter() - t0) / len(items)
+        share = (decode_s + time.perf_counter() - t0) / len(items)
         self._count("gpu", len(items) - len(failed))
         for it in items:
-            it.data = None
             it.out.parts["gpu"] = share
             it.out.seconds += share
         for it in failed:
@@ -244,55 +317,78 @@ class GpuDecoder:
     # ----- the stream --------------------------------------------------------------------------
     #: ``imap`` takes ``defer`` (the local pipeline asks for it; Ray's actors do not).
     defers = True
+    #: Batches formed, their decode started, beyond the one being handed out.
+    decode_ahead = 2
 
     def imap(self, tasks: Iterable[DecodeTask], workers: int, lookahead: int,
              defer: bool = False) -> Iterator[Decoded]:
         """``Decoded`` for every task, in order (see module doc). Files are read ahead on
-        ``min(workers, max_readers)`` threads; each device batch is decoded and preprocessed in
-        the caller's thread, on a high-priority side stream, and the caller's current stream is
-        made to wait for that work instead of the host. Tensors of device-decoded files are
-        views of batch tensors on ``device``, safe to use on the caller's stream.
+        ``min(workers, max_readers)`` threads. Each device batch is decoded by nvJPEG on one
+        decode thread as soon as it is formed, up to ``decode_ahead`` batches ahead of the one
+        handed out, then preprocessed in the caller's thread on a high-priority side stream,
+        the caller's current stream being made to wait for that work instead of the host.
+        Tensors of device-decoded files are views of batch tensors on ``device``, safe to use
+        on the caller's stream.
 
-        ``defer``: hand a batch's files out before decoding them, each with ``Decoded.pending``
-        (``decode.settle``), so the caller does its per-file work while the device still
-        encodes the previous batch, and decodes right before it queues this one. Why: nvJPEG
-        (torchvision's batched decode) waits on the host for each file's kernels, which queue
-        behind the encoder's, so a decode issued beside a running encode returns only when that
-        encode is nearly done; per-file work done after it would leave the device idle. Batches
-        are decoded regardless when the byte budget (``max_bytes_in_flight``) runs out.
+        Why a decode thread, running ahead: torchvision's batched nvJPEG decode waits on the
+        host for the device, and its work queues behind the encoder's kernels (whatever the
+        streams' priorities), so a decode issued beside a running encode returns only when that
+        encode is nearly done. On the caller's thread that wait would keep the next encode from
+        being queued. The thread makes one library call per batch, which releases the GIL for
+        the whole wait; per-file torch calls stay on the caller's thread, since each one would
+        queue for the GIL behind the busy caller (5 ms switch interval). On the H200 (probe,
+        2026-12-04, a ViT-L-sized fp16 stack + real nvJPEG) the thread running two batches
+        ahead reached 91 % of encode-only throughput, decoding on the caller's thread 83 %.
 
-        Why no decode thread: CUDA calls release and retake the GIL, and a thread that retakes
-        it behind a busy Python thread waits a whole switch interval (5 ms) each time; on the
-        H200 a decode thread beside the encoding thread managed 868 img/s where the same work
-        alone runs at ~12k img/s (``.carry`` probe, 2026-12-03). One thread issuing all device
-        work has no such convoy; the readers mostly wait on I/O and hashing, which release it."""
-        stream = torch.cuda.Stream(self.device, priority=-1) if self.device.type == "cuda" else None
+        ``defer``: hand a batch's files out before preprocessing them, each with
+        ``Decoded.pending`` (``decode.settle``), so the caller does its per-file work while the
+        device still encodes the previous batch. Batches are finished regardless when the byte
+        budget (``max_bytes_in_flight``) runs out."""
+        streams = (_Streams(torch.cuda.Stream(self.device), torch.cuda.Stream(self.device, priority=-1))
+                   if self.device.type == "cuda" else None)
         readers = max(1, min(workers, self.max_readers))
-        held = [0]  # bytes in flight
-        owed: deque[_Batch] = deque()  # deferred batches not yet decoded, oldest first
+        budget = _Budget()
+        owed: deque[_Batch] = deque()  # deferred batches not yet preprocessed, oldest first
+        formed: deque[tuple[_Batch, bool]] = deque()  # (batch, starved), not yet handed out
 
-        def release() -> None:  # the byte budget is spent: decode what is owed
+        def release() -> None:  # the byte budget is spent: finish what is owed, drain the thread
             while owed:
                 owed.popleft()()
+            for b, _ in formed:
+                b.wait()
 
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu-decode")
+        ended = False
         try:
-            with closing(self._reads(tasks, readers, lookahead, held)) as reads:
-                for group, starved in self._groups(reads, held, release):
-                    batch = _Batch(self, group, stream, held)
+            with closing(self._reads(tasks, readers, lookahead, budget)) as reads:
+                groups = self._groups(reads, budget, release)
+                while True:
+                    while len(formed) <= self.decode_ahead and not (formed and formed[-1][1]):
+                        nxt = next(groups, None)
+                        if nxt is None:
+                            break
+                        formed.append((_Batch(self, nxt[0], streams, budget).start(pool), nxt[1]))
+                    if not formed:
+                        ended = True
+                        return
+                    batch, starved = formed.popleft()
                     if defer and not starved:
                         while owed and owed[0].done:
                             owed.popleft()
                         owed.append(batch)
                     else:
                         batch()
-                    yield from (it.out for it in group)
+                    yield from (it.out for it in batch.items)
         finally:
+            # At the end the thread finishes the batches handed out (the caller settles them);
+            # closed early, it stops: batches it had not started are then decoded when settled.
+            pool.shutdown(wait=not ended, cancel_futures=not ended)
             self._log_stats()
 
     def _reads(self, tasks: Iterable[DecodeTask], workers: int, lookahead: int,
-               held: list[int]) -> Generator[_Item | None, None, None]:
+               budget: _Budget) -> Generator[_Item | None, None, None]:
         """``_read`` on ``workers`` threads, in order, with at most ``lookahead`` files and
-        ``max_bytes_in_flight`` bytes (``held``) in flight. Yields None when the byte budget is
+        ``max_bytes_in_flight`` bytes (``budget``) in flight. Yields None when the byte budget is
         spent and nothing is being read: the caller must then decode what it holds."""
         it = iter(tasks)
         nxt = next(it, None)
@@ -301,8 +397,8 @@ class GpuDecoder:
             try:
                 while True:
                     while nxt is not None and len(pending) < max(1, lookahead) and (
-                            held[0] == 0 or held[0] + nxt.entry.size <= self.max_bytes_in_flight):
-                        held[0] += nxt.entry.size
+                            budget.value == 0 or budget.value + nxt.entry.size <= self.max_bytes_in_flight):
+                        budget.add(nxt.entry.size)
                         pending.append(ex.submit(self._read, nxt, nxt.entry.size))
                         nxt = next(it, None)
                     if pending:
@@ -315,11 +411,11 @@ class GpuDecoder:
                 for fut in pending:
                     fut.cancel()
 
-    def _groups(self, reads: Iterator[_Item | None], held: list[int],
+    def _groups(self, reads: Iterator[_Item | None], budget: _Budget,
                 release: Callable[[], None]) -> Iterator[tuple[list[_Item], bool]]:
         """(items, starved): consecutive items holding ``batch_size`` device files (or fewer at
         the end, or when the byte budget asks for a flush: ``starved``, after ``release()``
-        decoded every deferred batch); finished items pass at once when nothing waits."""
+        finished every deferred batch); finished items pass at once when nothing waits."""
         group: list[_Item] = []
         waiting = 0
         for item in reads:
@@ -327,7 +423,7 @@ class GpuDecoder:
             if item is not None:
                 group.append(item)
                 if item.shape is None:  # finished on the CPU or failed: its bytes are gone
-                    held[0] -= item.held
+                    budget.add(-item.held)
                 else:
                     waiting += 1
                 if waiting and waiting < self.batch_size:

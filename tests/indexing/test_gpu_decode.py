@@ -196,6 +196,41 @@ def test_deferred_stream_decodes_itself_when_the_byte_budget_runs_out(encoder: E
     same_results(a, b)
 
 
+def test_batches_are_decoded_ahead_on_the_decode_thread(encoder: Encoder, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """nvJPEG runs on one decode thread, ``decode_ahead`` batches beyond the one handed out,
+    before anyone settles them; preprocessing stays on the caller's thread."""
+    paths = write_photos(tmp_path / "c", 40)
+    _, gpu = decoders(encoder, "cpu")
+    gpu.batch_size = 8
+    raw_threads: list[str] = []
+    pre_threads: list[str] = []
+    decode_raw, finish = GpuDecoder._decode_raw, GpuDecoder._finish_group
+    started = threading.Event()
+
+    def spy_raw(self: GpuDecoder, *a: object) -> object:
+        raw_threads.append(threading.current_thread().name)
+        if len(raw_threads) == 1 + gpu.decode_ahead:
+            started.set()
+        return decode_raw(self, *a)  # type: ignore[arg-type]
+
+    def spy_finish(self: GpuDecoder, *a: object) -> None:
+        pre_threads.append(threading.current_thread().name)
+        finish(self, *a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(GpuDecoder, "_decode_raw", spy_raw)
+    monkeypatch.setattr(GpuDecoder, "_finish_group", spy_finish)
+    stream = gpu.imap(tasks(paths, tmp_path / "c"), 2, 64, defer=True)
+    first = next(stream)
+    assert started.wait(30), raw_threads  # three batches decoding, nothing settled yet
+    assert first.pending is not None and pre_threads == []
+    rest = [first, *stream]
+    settle(rest)
+    assert len(raw_threads) == 5 and {t.split("_")[0] for t in raw_threads} == {"gpu-decode"}
+    assert pre_threads == [threading.current_thread().name] * 5
+    assert all(d.error is None and d.tensors for d in rest)
+
+
 def test_closing_the_stream_early_stops_its_threads(encoder: Encoder, tmp_path: Path) -> None:
     paths = write_photos(tmp_path / "c", 40)
     _, gpu = decoders(encoder, "cpu")
