@@ -112,18 +112,24 @@ class _Batch:
         finally:  # the JPEG bytes are no longer needed
             self.budget.add(-sum(it.held for it in self.items if it.shape is not None))
 
+    def _from_thread(self) -> _Raw | None:
+        """The decode thread's answer, waited for; None when it never ran (no thread, or the
+        stream was closed before the thread got to it: its pool is shut down)."""
+        if self.future is None or self.future.cancelled():
+            return None
+        return self.future.result()
+
     def wait(self) -> None:
         """Block until the decode thread is done with this batch (its bytes are given back)."""
-        if self.future is not None and not self.future.cancelled():
-            self.future.result()
+        self._from_thread()
 
     def __call__(self) -> None:
         if self.done:
             return
         self.done = True
-        # Inline when the stream was closed before the thread got to it (its pool is shut down).
-        running = self.future is not None and not self.future.cancelled()
-        raw = self.future.result() if running else self.raw()  # type: ignore[union-attr]
+        raw = self._from_thread()
+        if raw is None:
+            raw = self.raw()
         self.decoder._finish_group(self.items, raw, self.streams)
         for it in self.items:
             it.out.pending = None
@@ -266,9 +272,10 @@ class GpuDecoder:
         with torch.no_grad(), (torch.cuda.stream(streams.decode) if streams is not None else nullcontext()):
             for chunk in self._pixel_chunks([it for it in group if it.data is not None]):
                 chunks.append((chunk, self._decode_jpegs(chunk)))
-            ready = torch.cuda.Event() if streams is not None else None
-            if ready is not None:
-                ready.record(streams.decode)  # type: ignore[union-attr]
+            ready = None
+            if streams is not None:
+                ready = torch.cuda.Event()
+                ready.record(streams.decode)
         for it in group:
             it.data = None
         return chunks, ready, time.perf_counter() - t0
