@@ -228,7 +228,10 @@ class _Run:
         if run["rc"] != 0 or not summary.is_file():
             return {**out, "error": run["tail"]}
         s = json.loads(summary.read_text())
+        # seconds: the indexing pass; warmup_s: the encoders' first-call cost before it (a start
+        # cost, as loading the model is: both are in process_wall_s).
         return {**out, "indexed": s["indexed"], "seconds": round(s["total_seconds"], 3),
+                "warmup_s": round(s.get("warmup_seconds", 0.0), 3),
                 "img_per_s": s["indexed"] / s["total_seconds"] if s["total_seconds"] else 0.0,
                 "decoder": s.get("decoder", "?"), "skipped": s.get("skipped", {}),
                 "stage_seconds": {k: round(v, 3) for k, v in s.get("stage_seconds", {}).items()},

@@ -86,14 +86,14 @@ def markdown(result: dict[str, Any]) -> str:
             else f"{corpus.get('count')} files of {corpus.get('folder', '?')}")
     lines = [f"`{meta.get('command', 'clipfp8 bench')}` — {meta.get('date_utc', '')}, {meta.get('device', '')}, "
              f"model {meta.get('model', '')}, {what}", "",
-             "| precision | index img/s (end to end) | encoder-only img/s | ratio | decode | process wall s "
-             "| cold search s (min) | warm search p50 ms |",
-             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+             "| precision | index img/s (end to end) | encoder-only img/s | ratio | decode | warm-up s "
+             "| process wall s | cold search s (min) | warm search p50 ms |",
+             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     d = derived(result)
     for p, ix in (result.get("index") or {}).items():
         lines.append(f"| {p} | {_fmt(ix.get('img_per_s'))} | {_fmt(_get(result, 'encoder_only', p, 'items_per_s'))} | "
                      f"{_fmt(d.get(f'{p}_index_over_encoder_only'), 3)} | {ix.get('decoder', ix.get('error', ''))} | "
-                     f"{_fmt(ix.get('process_wall_s'))} | {_fmt(d.get(f'cold_search_{p}_s'), 2)} | "
+                     f"{_fmt(ix.get('warmup_s'), 2)} | {_fmt(ix.get('process_wall_s'))} | {_fmt(d.get(f'cold_search_{p}_s'), 2)} | "
                      f"{_fmt(d.get(f'search_{p}_p50_ms'), 3)} |")
     if "fp8_index_over_fp16_index" in d:
         lines += ["", f"FP8 / FP16 end to end: {d['fp8_index_over_fp16_index']:.3f}x"]

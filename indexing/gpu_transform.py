@@ -11,6 +11,7 @@ result rounded to uint8 levels like Pillow's, the same crop offsets and zero pad
 """
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -190,9 +191,18 @@ def preprocess_images(images: Sequence[torch.Tensor], spec: TransformSpec,
             else:
                 for i, row in zip(chunk, x, strict=True):  # row copies: no index tensor to upload
                     out[i].copy_(row)
+    mean, std = _mean_std(spec, device)
+    return out.div_(255.0).sub_(mean).div_(std)
+
+
+@functools.lru_cache(maxsize=32)
+def _mean_std(spec: TransformSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``spec``'s mean and std as float32 (1, 3, 1, 1) on ``device``, made once: building them
+    per batch copies from pageable host memory, which makes the host wait until the stream has
+    run everything queued before (on a GPU busy encoding, nearly a whole batch)."""
     mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    return out.div_(255.0).sub_(mean).div_(std)
+    return mean, std
 
 
 __all__ = ["TransformSpec", "transform_spec", "preprocess_images"]

@@ -51,7 +51,11 @@ class IndexSummary:
     ``stage_seconds``: wall time of scan, plan, embed (and ``embed:<encoder>``), store and
     decode_wait (the embedder waiting for decoders); summed worker time of decode (and
     ``decode:read|hash|decode|preprocess``; on the GPU data path also ``decode:header``, and
-    ``decode_device``: the device batches, decoded right before they are encoded)."""
+    ``decode_device``: the device batches, decoded right before they are encoded).
+    ``warmup_seconds``: the encoders' first-call cost paid before the first batch (a compiled
+    encoder compiles or loads its engine's kernels: ``Encoder.warm_up_images``), a start cost
+    like loading the model, so not part of ``total_seconds`` (the run's wall time without it).
+    """
 
     indexed: int = 0
     unchanged: int = 0
@@ -63,6 +67,7 @@ class IndexSummary:
     bad_files: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     total_seconds: float = 0.0
+    warmup_seconds: float = 0.0
     #: Which decode path ran: "cpu" (Pillow on worker threads), "gpu:<device>" (batched), or
     #: "ray:cpu"/"ray:gpu" (``--engine ray``: in the actors, which also embed).
     decoder: str = ""
@@ -81,7 +86,8 @@ class IndexSummary:
     def format(self) -> str:
         lines = [f"indexed {self.indexed}, unchanged {self.unchanged}, updated {self.updated}, "
                  f"moved {self.moved}, removed {self.removed}, skipped {sum(self.skipped.values())}"
-                 f" in {self.total_seconds:.1f}s ({self.images_per_second:.1f} images/s)"]
+                 f" in {self.total_seconds:.1f}s ({self.images_per_second:.1f} images/s)"
+                 + (f" after a {self.warmup_seconds:.1f}s encoder warm-up" if self.warmup_seconds else "")]
         lines += [f"  skipped {n:5d}  {reason}" for reason, n in sorted(self.skipped.items())]
         lines += [f"  stage {k:<24} {v:8.2f}s" for k, v in self.stage_seconds.items()]
         return "\n".join(lines)
@@ -224,6 +230,10 @@ class _Run:
             self.plan = make_plan(scan, dbm.image_rows(self.store.db), embedded, rehash=self.cfg.rehash,
                                   retry=raised_limits(recorded, limits))
         self.summary.unchanged = self.plan.unchanged
+        if self.plan.tasks:  # something to embed: pay the encoders' first-call cost up front
+            warm = time.perf_counter()
+            if any([e.warm_up_images(self.cfg.batch_size) for e in self.encoders]):
+                self.summary.warmup_seconds = time.perf_counter() - warm
         for rel, reason, row in self.plan.scan_errors:
             self.ops.append(self._error(FileEntry(rel, 0, 0), row, reason))
         self._process(self.plan.tasks)
@@ -236,7 +246,7 @@ class _Run:
         device = getattr(self.decoder, "device", None)  # a batching GpuDecoder knows its device
         s.decoder = getattr(self.decoder, "label", None) or (f"gpu:{device}" if device is not None else "cpu")
         s.stage_seconds = dict(self.seconds)
-        s.total_seconds = time.perf_counter() - t0
+        s.total_seconds = time.perf_counter() - t0 - s.warmup_seconds
         return s
 
     def _abs(self, entry: FileEntry) -> Path:

@@ -74,6 +74,13 @@ class Encoder(abc.ABC):
         out = self.encode_images(images)
         return lambda: out
 
+    def warm_up_images(self, batch_size: int) -> bool:
+        """Make the first ``encode_images`` of ``batch_size`` images run as fast as later ones
+        (a compiled encoder compiles, or loads its engine's kernels, on its first call: seconds
+        for a large model). Returns whether there was anything to warm up; this default has
+        nothing (an eager encoder is as fast on its first call)."""
+        return False
+
     @abc.abstractmethod
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """N strings -> float32 array (N, D), rows unit-norm."""

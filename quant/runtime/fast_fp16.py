@@ -183,6 +183,18 @@ class FastTorchEncoder(Encoder):
 
         return result
 
+    def warm_up_images(self, batch_size: int) -> bool:
+        """Run the image tower once on a zero batch of ``min(batch_size, self.batch_size)``
+        (the size ``encode_images`` splits into), so its compile -- a cache hit with an engine,
+        still seconds of Dynamo tracing and kernel loading -- happens before the first real
+        batch. Only on CUDA with a compiled tower (else returns False)."""
+        if not str(self.device).startswith("cuda") or not getattr(self.image_runner, "compiled", False):
+            return False
+        n = max(1, min(batch_size, self.batch_size))
+        zeros = torch.zeros((n, 3, *self.image_size), dtype=torch.float32, device=self.device)
+        self.encode_images_async(zeros)()
+        return True
+
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         texts = list(texts)
         if not texts:

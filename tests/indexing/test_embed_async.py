@@ -2,6 +2,7 @@
 while the host decodes), and the index it writes is the same as with encoders that finish at once."""
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,3 +50,49 @@ def test_batches_overlap_and_index_is_unchanged(tmp_path: Path) -> None:
         assert sorted(k for what, k in log if what == "finish") == list(range(6))  # all waited for, once
         # Batch k+1 was queued before batch k was waited for: the device would never idle.
         assert all(log.index(("start", k + 1)) < log.index(("finish", k)) for k in range(5))
+
+
+class WarmingFake(FakeEncoder):
+    """A FakeEncoder with a first-call cost paid in ``warm_up_images`` (as a compiled encoder's)."""
+
+    def __init__(self, log: list[tuple[str, int]], cost_s: float, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]  # FakeEncoder's keyword arguments
+        self.log, self.cost_s = log, cost_s
+
+    def warm_up_images(self, batch_size: int) -> bool:
+        self.log.append(("warm", batch_size))
+        time.sleep(self.cost_s)
+        return True
+
+    def encode_images(self, images: torch.Tensor) -> np.ndarray:
+        self.log.append(("encode", int(images.shape[0])))
+        return super().encode_images(images)
+
+
+def test_encoders_are_warmed_up_once_before_the_first_batch_and_not_timed(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    make_corpus(corpus, 10)
+    log: list[tuple[str, int]] = []
+    encs = [WarmingFake(log, 0.4), WarmingFake(log, 0.0, precision="fp8-fake", noise=0.05)]
+    cfg = IndexConfig(batch_size=4, workers=2)
+    t0 = time.perf_counter()
+    s = index_corpus(corpus, tmp_path / "idx", encs, config=cfg)
+    wall = time.perf_counter() - t0
+    assert s.indexed == 10
+    assert log[:2] == [("warm", 4), ("warm", 4)]  # every encoder, at the run's batch size, first
+    assert [e for e in log if e[0] == "warm"] == log[:2]
+    assert s.warmup_seconds >= 0.4
+    assert wall - s.total_seconds >= 0.4  # the warm-up is a start cost, outside total_seconds
+    assert "after a 0.4s encoder warm-up" in s.format()
+    assert s.to_dict()["warmup_seconds"] == s.warmup_seconds
+
+    log.clear()  # nothing changed: no batch to embed, so no warm-up either
+    again = index_corpus(corpus, tmp_path / "idx", encs, config=cfg)
+    assert again.unchanged == 10 and log == [] and again.warmup_seconds == 0.0
+
+
+def test_encoders_without_a_first_call_cost_report_no_warm_up(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    make_corpus(corpus, 5)
+    s = index_corpus(corpus, tmp_path / "idx", encoders(), config=IndexConfig(batch_size=4, workers=2))
+    assert s.indexed == 5 and s.warmup_seconds == 0.0 and "warm-up" not in s.format()
