@@ -355,7 +355,8 @@ def run_bench(cfg: BenchConfig, command: str = "clipfp8 bench", progress: Progre
     cfg = cfg.resolved()
     work = Path(cfg.work_dir) if cfg.work_dir else Path(tempfile.mkdtemp(prefix="clipfp8-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    subs = {str(work.resolve()): "$WORK", **({} if work.is_absolute() else {str(work): "$WORK"}), **(subs or {})}
+    subs = {str(work.resolve()): "$WORK", **({} if work.is_absolute() else {str(work): "$WORK"}), **(subs or {}),
+            str(Path.home()) + os.sep: "~" + os.sep}  # last: the engine cache under the home folder
     user_save = save or (lambda r: None)
 
     def _save(r: dict[str, Any]) -> None:

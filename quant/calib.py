@@ -1,6 +1,11 @@
-"""Calibration data: image-text pairs from a folder, batched for both CLIP towers.
+"""Calibration data: image-text pairs from a folder or webdataset shards, batched for both CLIP towers.
 
-Captions come from an optional file read leniently by ``quant.core.captions.read_captions`` --
+``folder`` is a folder of image files, or -- when it holds none -- webdataset shards (a shard
+file, or a folder with shards at any depth, e.g. ``../shared/data/train``): each sample is
+``KEY.<image>`` with its caption from ``KEY.json`` (``"captions"`` list or ``"caption"``), else
+``KEY.txt`` -- a class name when the sample is labelled (``KEY.json`` ``"label"``/``"class"``),
+which becomes a prompt -- else a prompt from the key. Shards are read twice: once for keys and
+captions, once for the sampled images only. For image files, captions come from an optional file read leniently by ``quant.core.captions.read_captions`` --
 JSON ``{"file": ["caption", ...] | "caption"}`` or CSV ``image,caption`` (several rows per image
 allowed; the header may be left out) -- keyed by the path relative to the folder or by the bare
 file name. Images without a caption get a prompt built from their class folder
@@ -9,6 +14,8 @@ Sampling is deterministic: a seeded ``random.Random`` picks the files and the ca
 """
 from __future__ import annotations
 
+import io
+import json
 import logging
 import random
 import re
@@ -21,7 +28,8 @@ import torch
 
 from clipfp8.quant.core.captions import read_captions
 from clipfp8.quant.core.config import IMAGE_EXTS
-from clipfp8.quant.core.errors import CalibrationDataError
+from clipfp8.quant.core.errors import CalibrationDataError, DatasetError
+from clipfp8.quant.core.shards import IMAGE_PARTS, image_part, is_shard, iter_samples, list_shards
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +61,14 @@ class CalibConfig:
                 raise ValueError(f"CalibConfig.{key} must be >= 1, got {v}")
 
 
+def _holds_images(folder: Path) -> bool:
+    """Whether ``folder`` is a folder with image files (else it may hold shards); a missing path
+    counts as one, so ``find_images`` reports it."""
+    if not folder.is_dir():
+        return not is_shard(folder)
+    return any(p.is_file() and p.suffix.lower() in IMAGE_EXTS for p in folder.rglob("*"))
+
+
 def find_images(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursive, sorted). Raises ``CalibrationDataError`` when
     the folder is missing, not a folder, or holds no image file."""
@@ -66,6 +82,58 @@ def find_images(folder: Path) -> list[Path]:
         exts = ", ".join(sorted(IMAGE_EXTS))
         raise CalibrationDataError(f"calibration folder {folder} holds no image files ({exts})")
     return files
+
+
+def _shard_caption(key: str, parts: dict[str, bytes]) -> list[str]:
+    """A shard sample's captions (see module doc); [] when it carries none usable."""
+    meta: Any = {}
+    if parts.get("json"):
+        try:
+            meta = json.loads(parts["json"].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            meta = {}
+    if isinstance(meta, dict):
+        caps = meta.get("captions") or meta.get("caption")
+        if isinstance(caps, str):
+            caps = [caps]
+        if isinstance(caps, list) and all(isinstance(c, str) for c in caps) and any(c.strip() for c in caps):
+            return [c.strip() for c in caps if c.strip()]
+    text = parts.get("txt", b"").decode("utf-8", "replace").strip()
+    if text and isinstance(meta, dict) and ("label" in meta or "class" in meta):
+        return [PROMPT.format(name=text)]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def shard_pairs(root: Path, num_samples: int, rng: random.Random) -> list[tuple[str, bytes, list[str]]]:
+    """``num_samples`` (or all, if fewer) seeded random samples of the shards under ``root``:
+    (``"<shard name>:<key>"``, encoded image bytes, its captions). Raises
+    ``CalibrationDataError`` when there are no shards, a shard is unreadable, or no sample has an
+    image."""
+    shards = list_shards(root, recursive=True)
+    if not shards:
+        raise CalibrationDataError(f"calibration folder {root} holds no image files and no webdataset shards")
+    index: list[tuple[int, str, str, list[str]]] = []  # (shard, key, image ext, captions)
+    try:
+        for s, shard in enumerate(shards):  # first pass: keys and captions, images not read
+            for key, parts in iter_samples(shard, skip=IMAGE_PARTS):
+                ext = image_part(parts)
+                if ext is not None:
+                    index.append((s, key, ext, _shard_caption(key, parts) or [prompt_for(Path(key), Path())]))
+        if not index:
+            raise CalibrationDataError(f"calibration shards under {root}: no sample holds an image")
+        chosen = sorted(rng.sample(index, num_samples)) if len(index) > num_samples else index
+        wanted: dict[int, dict[str, tuple[str, list[str]]]] = {}
+        for s, key, ext, caps in chosen:
+            wanted.setdefault(s, {})[key] = (ext, caps)
+        out = []
+        for s in sorted(wanted):  # second pass: only the shards and images sampled
+            for key, parts in iter_samples(shards[s]):
+                if key in wanted[s]:
+                    ext, caps = wanted[s][key]
+                    out.append((f"{shards[s].name}:{key}", parts[ext], caps))
+    except DatasetError as e:
+        raise CalibrationDataError(str(e)) from e
+    return out
 
 
 def prompt_for(path: Path, root: Path) -> str:
@@ -91,13 +159,24 @@ class CalibrationSet:
         self.num_samples = cfg.num_samples or n_default
         self.batch_size = min(cfg.batch_size or b_default, self.num_samples)
         self._preprocess, self._tokenizer = preprocess, tokenizer
-        files = find_images(cfg.folder)
         rng = random.Random(cfg.seed)
-        if len(files) > self.num_samples:
-            files = sorted(rng.sample(files, self.num_samples))
-        caps = read_captions(cfg.captions, strict=False) if cfg.captions else {}
-        self.pairs = [(f, self._caption(f, caps, rng)) for f in files]
-        self.skipped: list[Path] = []
+        #: (image file, or "<shard>:<key>" with its bytes in ``_encoded``; caption)
+        self.pairs: list[tuple[Path | str, str]] = []
+        self._encoded: dict[str, bytes] = {}
+        if _holds_images(cfg.folder):
+            files = find_images(cfg.folder)
+            if len(files) > self.num_samples:
+                files = sorted(rng.sample(files, self.num_samples))
+            caps = read_captions(cfg.captions, strict=False) if cfg.captions else {}
+            self.pairs = [(f, self._caption(f, caps, rng)) for f in files]
+        else:
+            if cfg.captions is not None:
+                raise CalibrationDataError(f"--captions applies to a folder of images; {cfg.folder} holds shards, "
+                                           "whose samples carry their own captions")
+            for name, data, options in shard_pairs(cfg.folder, self.num_samples, rng):
+                self._encoded[name] = data
+                self.pairs.append((name, rng.choice(options)))
+        self.skipped: list[Path | str] = []
 
     def _caption(self, f: Path, caps: dict[str, list[str]], rng: random.Random) -> str:
         options = caps.get(f.relative_to(self.cfg.folder).as_posix()) or caps.get(f.name)
@@ -107,11 +186,12 @@ class CalibrationSet:
         """Number of batches (an upper bound when files turn out undecodable)."""
         return -(-len(self.pairs) // self.batch_size)
 
-    def _decode(self, path: Path) -> torch.Tensor | None:
+    def _decode(self, path: Path | str) -> torch.Tensor | None:
         from PIL import Image, UnidentifiedImageError
 
         try:
-            with Image.open(path) as im:
+            src = io.BytesIO(self._encoded[path]) if isinstance(path, str) else path
+            with Image.open(src) as im:
                 return self._preprocess(im.convert("RGB"))
         except (UnidentifiedImageError, OSError, ValueError) as e:
             log.warning("skipping undecodable calibration image %s: %s", path, e)
@@ -138,8 +218,8 @@ class CalibrationSet:
             yielded += len(images)
         if yielded == 0:
             raise CalibrationDataError(
-                f"calibration folder {self.cfg.folder}: none of {len(self.pairs)} image files could be decoded")
+                f"calibration folder {self.cfg.folder}: none of {len(self.pairs)} images could be decoded")
 
 
-__all__ = ["CalibConfig", "CalibrationSet", "find_images", "prompt_for",
+__all__ = ["CalibConfig", "CalibrationSet", "find_images", "prompt_for", "shard_pairs",
            "default_sizes", "IMAGE_EXTS", "PROMPT"]

@@ -174,7 +174,9 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 def _add_calib_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--calib", type=Path, required=required, help="folder of calibration images")
+    p.add_argument("--calib", type=Path, required=required,
+                   help="folder of calibration images, or of webdataset shards (.tar/.tar.gz at any depth; "
+                        "captions from each sample's .json/.txt)")
     p.add_argument("--captions", type=Path, default=None,
                    help="captions file: JSON {file: [captions]} or CSV image,caption (default: prompts from names)")
     p.add_argument("--num-samples", type=int, default=None, help="calibration pairs (default 8192 GPU / 256 CPU)")

@@ -32,6 +32,7 @@ import numpy as np
 from clipfp8.quant.core.captions import CAPTION_FILES, find_captions_file, read_captions
 from clipfp8.quant.core.config import IMAGE_EXTS
 from clipfp8.quant.core.errors import DatasetError
+from clipfp8.quant.core.shards import SHARD_SUFFIXES, list_shards
 from clipfp8.quant.eval.data import (
     CLASSES_FILE,
     ClassificationData,
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 
 Kind = Literal["auto", "classification", "retrieval"]
 KINDS: tuple[str, ...] = ("auto", "classification", "retrieval")
-SHARD_SUFFIXES: tuple[str, ...] = (".tar", ".tar.gz", ".tgz")
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -91,21 +91,8 @@ def _default_name(path: Path) -> str:
     return name or str(path)
 
 
-def is_shard(path: Path) -> bool:
-    return path.is_file() and path.name.endswith(SHARD_SUFFIXES)
-
-
 def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTS and not path.name.startswith(".")
-
-
-def list_shards(path: Path) -> list[Path]:
-    """The shard files a path names: itself, or the shards directly inside a folder (sorted)."""
-    if is_shard(path):
-        return [path]
-    if path.is_dir():
-        return sorted(p for p in path.iterdir() if is_shard(p))
-    return []
 
 
 def detect_kind(path: Path) -> str:

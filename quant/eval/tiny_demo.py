@@ -23,10 +23,10 @@ import torch
 from clipfp8.quant.core.config import ModelSpec
 from clipfp8.quant.core.encoder import TorchEncoder
 from clipfp8.quant.core.models import LoadedModel, load_model, tiny_config
+from clipfp8.quant.core.shards import iter_samples
 from clipfp8.quant.eval.cli import SHARED_EVAL_DIR, preset_datasets
 from clipfp8.quant.eval.datasets import DatasetSpec, open_image
 from clipfp8.quant.eval.run import evaluate
-from clipfp8.quant.eval.webdataset import iter_samples
 
 log = logging.getLogger(__name__)
 CALIB_SHARDS = SHARED_EVAL_DIR.parent / "train" / "imagenette-train"

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
-import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from clipfp8.quant.core.config import IMAGE_EXTS
 from clipfp8.quant.core.errors import DatasetError
+from clipfp8.quant.core.shards import image_part, iter_samples
 from clipfp8.quant.eval.data import (
     CLASSES_FILE,
     ClassificationData,
@@ -36,43 +34,13 @@ from clipfp8.quant.eval.data import (
 
 log = logging.getLogger(__name__)
 
-_IMAGE_EXTS = {e.lstrip(".") for e in IMAGE_EXTS}
 #: How many samples ``detect_shard_kind`` looks at.
 _DETECT_SAMPLES = 16
 
 
-def _split_key(member_name: str) -> tuple[str, str]:
-    folder, _, base = member_name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
-
-
-def iter_samples(shard: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield ``(key, {ext: bytes})`` per sample of one shard, in member order."""
-    try:
-        with tarfile.open(shard, mode="r:*") as tar:
-            key, parts = None, {}
-            for member in tar:
-                if not member.isfile() or member.name.rpartition("/")[2].startswith("."):
-                    continue
-                k, ext = _split_key(member.name)
-                if k != key and key is not None:
-                    yield key, parts
-                    parts = {}
-                key = k
-                fh = tar.extractfile(member)
-                parts[ext] = fh.read() if fh else b""
-            if key is not None:
-                yield key, parts
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise DatasetError(f"{shard}: not a readable tar/tar.gz shard ({e})") from e
-
-
 def _image_part(parts: dict[str, bytes]) -> bytes | None:
-    for ext in sorted(parts):
-        if ext in _IMAGE_EXTS:
-            return parts[ext]
-    return None
+    ext = image_part(parts)
+    return parts[ext] if ext is not None else None
 
 
 def _json_part(shard: Path, key: str, parts: dict[str, bytes]) -> dict[str, Any]:
@@ -182,4 +150,4 @@ def load_shards(shards: list[Path], kind: str, name: str) -> EvalData:
     return RetrievalData(name, images, ids, meta)
 
 
-__all__ = ["iter_samples", "detect_shard_kind", "load_shards"]
+__all__ = ["detect_shard_kind", "load_shards"]

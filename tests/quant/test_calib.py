@@ -116,3 +116,86 @@ def test_undecodable_files_skipped_and_zero_decodable_raises(tmp_path: Path, cap
 def test_config_validates(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="num_samples"):
         CalibConfig(tmp_path, num_samples=0)
+
+
+def _jpeg(seed: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    arr = np.random.default_rng(seed).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _write_shard(path: Path, samples: dict[str, dict[str, bytes]]) -> Path:
+    import io
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz" if path.name.endswith(".gz") else "w") as tar:
+        for key, parts in samples.items():
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture
+def shard_root(tmp_path: Path) -> Path:
+    """Webdataset shards in nested folders, in the layouts of ../shared/data/train."""
+    root = tmp_path / "train"
+    _write_shard(root / "photos" / "p-0000.tar.gz", {
+        "f8k_1": {"jpg": _jpeg(1), "txt": b"first caption", "json": json.dumps(
+            {"captions": ["a dog runs on the beach", "a brown dog in the sand"]}).encode()},
+        "web_2": {"jpg": _jpeg(2), "txt": b"ignored", "json": json.dumps({"caption": "a red car"}).encode()},
+    })
+    _write_shard(root / "classes" / "c-0000.tar", {
+        "cifar_3": {"jpg": _jpeg(3), "txt": b"cat", "json": json.dumps({"label": "cat"}).encode()},
+        "bare_4": {"png": _jpeg(4), "txt": b"just a line"},  # extension is not content: Pillow sniffs
+        "noimage_5": {"txt": b"text only", "json": b"{}"},
+    })
+    return root
+
+
+def test_calibration_from_webdataset_shards(shard_root: Path) -> None:
+    tok = _Tok()
+    cs = CalibrationSet(CalibConfig(shard_root, num_samples=100, batch_size=3), _pre, tok)
+    caps = {name.split(":", 1)[1]: cap for name, cap in cs.pairs}
+    assert sorted(caps) == ["bare_4", "cifar_3", "f8k_1", "web_2"]  # every sample with an image
+    assert caps["f8k_1"] in ("a dog runs on the beach", "a brown dog in the sand")  # json captions
+    assert caps["web_2"] == "a red car"  # json caption beats txt
+    assert caps["cifar_3"] == "a photo of a cat."  # a labelled sample's txt is a class name
+    assert caps["bare_4"] == "just a line"
+    batches = list(cs)
+    assert [b[0].shape for b in batches] == [(3, 3, 8, 8), (1, 3, 8, 8)] and not cs.skipped
+    assert sorted(tok.seen) == sorted(caps.values())
+
+
+def test_shard_sampling_is_seeded_and_reads_only_what_it_needs(shard_root: Path) -> None:
+    pick = lambda seed: [n for n, _ in CalibrationSet(  # noqa: E731
+        CalibConfig(shard_root, num_samples=2, seed=seed), _pre, _Tok()).pairs]
+    assert pick(0) == pick(0) and len(pick(0)) == 2
+    assert {tuple(pick(s)) for s in range(6)} != {tuple(pick(0))}  # the seed chooses the subset
+    one = CalibrationSet(CalibConfig(shard_root / "classes" / "c-0000.tar"), _pre, _Tok())  # a shard file
+    assert sorted(n for n, _ in one.pairs) == ["c-0000.tar:bare_4", "c-0000.tar:cifar_3"]
+
+
+def test_shard_errors_name_the_problem(shard_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(CalibrationDataError, match="--captions applies to a folder of images"):
+        CalibrationSet(CalibConfig(shard_root, captions=tmp_path / "c.json"), _pre, _Tok())
+    (tmp_path / "nothing").mkdir()
+    (tmp_path / "nothing" / "notes.txt").write_text("hi")
+    with pytest.raises(CalibrationDataError, match="no image files and no webdataset shards"):
+        CalibrationSet(CalibConfig(tmp_path / "nothing"), _pre, _Tok())
+    bad = tmp_path / "bad" / "x-0000.tar.gz"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a tar at all")
+    with pytest.raises(CalibrationDataError, match="x-0000.tar.gz"):
+        CalibrationSet(CalibConfig(bad.parent), _pre, _Tok())
+    _write_shard(tmp_path / "noimg" / "t.tar", {"a": {"txt": b"no picture"}})
+    with pytest.raises(CalibrationDataError, match="no sample holds an image"):
+        CalibrationSet(CalibConfig(tmp_path / "noimg"), _pre, _Tok())

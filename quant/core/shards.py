@@ -1,0 +1,71 @@
+"""Webdataset shards (``.tar``, ``.tar.gz``, ``.tgz``): finding them and reading their samples.
+
+A sample is the group of members sharing a key (the member path up to the first dot of its file
+name, the webdataset convention), e.g. ``KEY.jpg`` + ``KEY.txt`` + ``KEY.json``. Shared by the
+evaluation datasets (``quant.eval.webdataset``) and the calibration data (``quant.calib``).
+"""
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from clipfp8.quant.core.config import IMAGE_EXTS
+from clipfp8.quant.core.errors import DatasetError
+
+SHARD_SUFFIXES: tuple[str, ...] = (".tar", ".tar.gz", ".tgz")
+#: Member extensions (no dot, lower case) that hold an image.
+IMAGE_PARTS = frozenset(e.lstrip(".") for e in IMAGE_EXTS)
+
+
+def is_shard(path: Path) -> bool:
+    return path.is_file() and path.name.endswith(SHARD_SUFFIXES)
+
+
+def list_shards(path: Path, recursive: bool = False) -> list[Path]:
+    """The shard files a path names: itself, or the shards inside a folder (directly, or at any
+    depth with ``recursive``), sorted by path."""
+    if is_shard(path):
+        return [path]
+    if path.is_dir():
+        found = path.rglob("*") if recursive else path.iterdir()
+        return sorted(p for p in found if is_shard(p))
+    return []
+
+
+def split_key(member_name: str) -> tuple[str, str]:
+    """A member name -> (sample key, extension in lower case): ``a/b.c.jpg`` -> (``a/b``, ``c.jpg``)."""
+    folder, _, base = member_name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def iter_samples(shard: Path, skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield ``(key, {ext: bytes})`` per sample of one shard, in member order. Members whose
+    extension is in ``skip`` are listed with empty bytes, not read (a first pass over large
+    shards that needs only the small parts). Raises ``DatasetError`` naming an unreadable shard."""
+    try:
+        with tarfile.open(shard, mode="r:*") as tar:
+            key, parts = None, {}
+            for member in tar:
+                if not member.isfile() or member.name.rpartition("/")[2].startswith("."):
+                    continue
+                k, ext = split_key(member.name)
+                if k != key and key is not None:
+                    yield key, parts
+                    parts = {}
+                key = k
+                fh = None if ext in skip else tar.extractfile(member)
+                parts[ext] = fh.read() if fh else b""
+            if key is not None:
+                yield key, parts
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DatasetError(f"{shard}: not a readable tar/tar.gz shard ({e})") from e
+
+
+def image_part(parts: dict[str, bytes]) -> str | None:
+    """The extension of a sample's image member (the first in sorted order), or None."""
+    return next((ext for ext in sorted(parts) if ext in IMAGE_PARTS), None)
+
+
+__all__ = ["SHARD_SUFFIXES", "IMAGE_PARTS", "is_shard", "list_shards", "split_key", "iter_samples", "image_part"]
