@@ -12,6 +12,7 @@ from clipfp8.quant.calib import CalibConfig, CalibrationSet, default_sizes, find
 from clipfp8.quant.core.captions import read_captions
 from clipfp8.quant.core.errors import CalibrationDataError
 from tests.quant.conftest import make_images
+from tests.quant.eval.conftest import make_shard
 
 
 def _pre(im) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -131,17 +132,8 @@ def _jpeg(seed: int) -> bytes:
 
 
 def _write_shard(path: Path, samples: dict[str, dict[str, bytes]]) -> Path:
-    import io
-    import tarfile
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w:gz" if path.name.endswith(".gz") else "w") as tar:
-        for key, parts in samples.items():
-            for ext, data in parts.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return path
+    return make_shard(path, [{"__key__": key, **parts} for key, parts in samples.items()])
 
 
 @pytest.fixture

@@ -23,7 +23,13 @@ def tiny_model(monkeypatch):
         torch.manual_seed(0)
         return real(ModelSpec(name="tiny", config=clipfp8.quant.core.models.tiny_config(embed_dim=16, image_size=32)))
 
+    # quant.checkpoint binds load_model when first imported: first imported under the patch, it
+    # would keep the fake after this test (later tests then load every quantized dir as this
+    # 16-d model). Import it before patching and patch its binding too: teardown restores both.
+    from clipfp8.quant import checkpoint
+
     monkeypatch.setattr(clipfp8.quant.core.models, "load_model", fake_load_model)
+    monkeypatch.setattr(checkpoint, "load_model", fake_load_model)
     return built
 
 
