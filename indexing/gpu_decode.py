@@ -345,7 +345,10 @@ class GpuDecoder:
         the whole wait; per-file torch calls stay on the caller's thread, since each one would
         queue for the GIL behind the busy caller (5 ms switch interval). On the H200 (probe,
         2026-12-04, a ViT-L-sized fp16 stack + real nvJPEG) the thread running two batches
-        ahead reached 91 % of encode-only throughput, decoding on the caller's thread 83 %.
+        ahead reached 91 % of encode-only throughput, decoding on the caller's thread 83 %. In
+        the shipped ``clipfp8 index`` (ViT-L-14, timeline probe the same day) the decode thread
+        is the bound: about 120 ms per 256-file batch beside a running encode (7-10 ms alone),
+        so the device idles 20-25 ms per batch waiting for pixels (docs/benchmarks.md).
 
         ``defer``: hand a batch's files out before preprocessing them, each with
         ``Decoded.pending`` (``decode.settle``), so the caller does its per-file work while the

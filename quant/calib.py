@@ -84,7 +84,7 @@ def find_images(folder: Path) -> list[Path]:
     return files
 
 
-def _shard_caption(key: str, parts: dict[str, bytes]) -> list[str]:
+def _shard_caption(parts: dict[str, bytes]) -> list[str]:
     """A shard sample's captions (see module doc); [] when it carries none usable."""
     meta: Any = {}
     if parts.get("json"):
@@ -118,7 +118,7 @@ def shard_pairs(root: Path, num_samples: int, rng: random.Random) -> list[tuple[
             for key, parts in iter_samples(shard, skip=IMAGE_PARTS):
                 ext = image_part(parts)
                 if ext is not None:
-                    index.append((s, key, ext, _shard_caption(key, parts) or [prompt_for(Path(key), Path())]))
+                    index.append((s, key, ext, _shard_caption(parts) or [prompt_for(Path(key), Path())]))
         if not index:
             raise CalibrationDataError(f"calibration shards under {root}: no sample holds an image")
         chosen = sorted(rng.sample(index, num_samples)) if len(index) > num_samples else index
