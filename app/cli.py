@@ -168,6 +168,11 @@ def _report(exc: BaseException, command: str, sub_parser: argparse.ArgumentParse
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from clipfp8.quant.core.cuda_env import widen_device_queues
+
+    # Before anything starts CUDA: one hardware queue per stream, so nvJPEG's decodes do not
+    # queue behind the encoder's kernels (quant/core/cuda_env.py has the measurement).
+    widen_device_queues()
     parser = build_parser()
     args = parser.parse_args(argv)
     from clipfp8.app.cli_logging import configure_logging

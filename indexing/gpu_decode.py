@@ -36,6 +36,7 @@ from clipfp8.indexing.decode import Decoded, Decoder, DecodeTask, ImageDecoder, 
 from clipfp8.indexing.errors import DecodeError, IndexConfigError
 from clipfp8.indexing.gpu_transform import TransformSpec, preprocess_images, transform_spec
 from clipfp8.indexing.jpeg_header import gpu_refusal
+from clipfp8.quant.core.cuda_env import queue_warning
 from clipfp8.quant.core.encoder import Encoder
 
 log = logging.getLogger(__name__)
@@ -338,17 +339,14 @@ class GpuDecoder:
         on the caller's stream.
 
         Why a decode thread, running ahead: torchvision's batched nvJPEG decode waits on the
-        host for the device, and its work queues behind the encoder's kernels (whatever the
-        streams' priorities), so a decode issued beside a running encode returns only when that
-        encode is nearly done. On the caller's thread that wait would keep the next encode from
-        being queued. The thread makes one library call per batch, which releases the GIL for
-        the whole wait; per-file torch calls stay on the caller's thread, since each one would
-        queue for the GIL behind the busy caller (5 ms switch interval). On the H200 (probe,
-        2026-12-04, a ViT-L-sized fp16 stack + real nvJPEG) the thread running two batches
-        ahead reached 91 % of encode-only throughput, decoding on the caller's thread 83 %. In
-        the shipped ``clipfp8 index`` (ViT-L-14, timeline probe the same day) the decode thread
-        is the bound: about 120 ms per 256-file batch beside a running encode (7-10 ms alone),
-        so the device idles 20-25 ms per batch waiting for pixels (docs/benchmarks.md).
+        host for the device, so on the caller's thread it would keep the next encode from being
+        queued. The thread makes one library call per batch, which releases the GIL for the
+        whole wait; per-file torch calls stay on the caller's thread, since each one would queue
+        for the GIL behind the busy caller (5 ms switch interval). The decode itself is short
+        (11 ms per 256 files of 500x375 on the H200) only when nvJPEG's internal streams have
+        hardware queues of their own: with CUDA's default of 8 they share one with the encoder
+        and each decode waited 120-390 ms behind the queued encode batches (probe, 2026-12-04;
+        ``quant.core.cuda_env``, which the CLI applies before CUDA starts).
 
         ``defer``: hand a batch's files out before preprocessing them, each with
         ``Decoded.pending`` (``decode.settle``), so the caller does its per-file work while the
@@ -514,6 +512,9 @@ def choose_decoder(encoders: Sequence[Encoder], cfg: IndexConfig, cpu: ImageDeco
         return cpu
     device = str(encoders[0].device)
     log.info("decoding JPEGs on %s (batched torchvision.io.decode_jpeg)", device)
+    slow = queue_warning() if torch.device(device).type == "cuda" else None
+    if slow is not None:
+        log.warning("%s", slow)
     return GpuDecoder(specs, cpu, device, batch_size=cfg.batch_size)
 
 

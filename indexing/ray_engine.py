@@ -46,6 +46,7 @@ from clipfp8.indexing.errors import IndexConfigError, IndexingError
 from clipfp8.indexing.gpu_decode import make_decoder
 from clipfp8.indexing.scan import FileEntry
 from clipfp8.quant.core.config import EncoderSpec
+from clipfp8.quant.core.cuda_env import widen_device_queues
 from clipfp8.quant.core.encoder import Encoder, EncoderIdentity, create_encoder
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,7 @@ class _Worker:
     def __init__(self, recipes: list[Recipe], root: str, cfg: IndexConfig, skip_sets: list[list[str]],
                  test_env: dict[str, str]) -> None:
         os.environ.update(test_env)  # the driver's test hooks (empty outside tests)
+        widen_device_queues()  # before the encoders start CUDA in this actor
         self.encoders = [_build(r) for r in recipes]
         self.decoder = make_decoder(self.encoders, cfg)
         self.root, self.cfg = os.fsencode(root), cfg
