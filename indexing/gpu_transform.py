@@ -160,30 +160,38 @@ def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     return x
 
 
-def _chunks(idx: list[int], pixels: int, budget: int) -> list[list[int]]:
-    """Split same-size image indices so one float32 resize input stays within ``budget`` pixels."""
-    per = max(1, budget // max(pixels, 1))
-    return [idx[i:i + per] for i in range(0, len(idx), per)]
+#: Images of one size stacked: (indices into the batch, uint8 (n, 3, h, w) on the device).
+SizeGroup = tuple[list[int], torch.Tensor]
 
 
-def preprocess_images(images: Sequence[torch.Tensor], spec: TransformSpec,
-                      pixel_budget: int = 64_000_000) -> torch.Tensor:
-    """uint8 (3, h_i, w_i) images on one device -> float32 (N, 3, H, W) on that device, where
-    (H, W) = ``spec.out_size``. Images of equal size are resized together, at most
-    ``pixel_budget`` source pixels per call (bounds the float32 working memory)."""
-    if not images:
-        raise ValueError("preprocess_images: no images")
-    device = images[0].device
-    out = torch.empty((len(images), 3, *spec.out_size), dtype=torch.float32, device=device)
+def stack_by_size(images: Sequence[torch.Tensor]) -> list[SizeGroup]:
+    """uint8 (3, h_i, w_i) images on one device -> one uint8 (n, 3, h, w) stack per distinct
+    size, with the images' indices. The indexer runs this on its decode thread, so that the
+    thread issuing the encoders' work gets a few tensors per batch instead of one per file."""
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, im in enumerate(images):
         if im.ndim != 3 or im.shape[0] != 3 or im.dtype != torch.uint8:
             raise ValueError(f"preprocess_images: image {i} is {im.dtype} {tuple(im.shape)}, expected uint8 (3, h, w)")
         groups[(int(im.shape[1]), int(im.shape[2]))].append(i)
-    for (h, w), idx in groups.items():
+    return [(idx, torch.stack([images[i] for i in idx])) for idx in groups.values()]
+
+
+def preprocess_groups(groups: Sequence[SizeGroup], count: int, spec: TransformSpec,
+                      pixel_budget: int = 64_000_000) -> torch.Tensor:
+    """``stack_by_size``'s groups (covering indices 0..count-1) -> float32 (count, 3, H, W) on
+    their device, where (H, W) = ``spec.out_size``; at most ``pixel_budget`` source pixels are
+    resized per call (bounds the float32 working memory)."""
+    if not groups or count <= 0:
+        raise ValueError("preprocess_images: no images")
+    device = groups[0][1].device
+    out = torch.empty((count, 3, *spec.out_size), dtype=torch.float32, device=device)
+    for idx, stacked in groups:
+        h, w = int(stacked.shape[2]), int(stacked.shape[3])
         size = spec.resized_size(h, w)
-        for chunk in _chunks(idx, h * w, pixel_budget):
-            x = _resize(torch.stack([images[i] for i in chunk]).float(), size, spec.interpolation)
+        per = max(1, pixel_budget // max(h * w, 1))
+        for start in range(0, len(idx), per):
+            chunk = idx[start:start + per]
+            x = _resize(stacked[start:start + per].float(), size, spec.interpolation)
             if spec.crop is not None:
                 x = _center_crop(x, spec.crop)
             if chunk[-1] - chunk[0] == len(chunk) - 1:  # the common case: one copy, not N launches
@@ -193,6 +201,15 @@ def preprocess_images(images: Sequence[torch.Tensor], spec: TransformSpec,
                     out[i].copy_(row)
     mean, std = _mean_std(spec, device)
     return out.div_(255.0).sub_(mean).div_(std)
+
+
+def preprocess_images(images: Sequence[torch.Tensor], spec: TransformSpec,
+                      pixel_budget: int = 64_000_000) -> torch.Tensor:
+    """uint8 (3, h_i, w_i) images on one device -> float32 (N, 3, H, W) on that device, where
+    (H, W) = ``spec.out_size`` (``stack_by_size`` then ``preprocess_groups``)."""
+    if not images:
+        raise ValueError("preprocess_images: no images")
+    return preprocess_groups(stack_by_size(images), len(images), spec, pixel_budget)
 
 
 @functools.lru_cache(maxsize=32)
@@ -205,4 +222,4 @@ def _mean_std(spec: TransformSpec, device: torch.device) -> tuple[torch.Tensor, 
     return mean, std
 
 
-__all__ = ["TransformSpec", "transform_spec", "preprocess_images"]
+__all__ = ["TransformSpec", "SizeGroup", "transform_spec", "stack_by_size", "preprocess_groups", "preprocess_images"]
