@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipfp8.quant.core.models import skip_weight_init
+
 log = logging.getLogger(__name__)
 
 #: The quantizer names every quantized attention module carries (standard ModelOpt names).
@@ -102,10 +104,13 @@ class ExplicitAttention(nn.Module):
         """Copy the weights of ``mha`` (packed or separate Q/K/V projections)."""
         if mha.bias_k is not None or mha.add_zero_attn:
             raise ValueError("nn.MultiheadAttention with add_bias_kv/add_zero_attn is not supported")
-        new = cls(mha.embed_dim, mha.num_heads, bias=mha.in_proj_bias is not None, kdim=mha.kdim,
-                  vdim=mha.vdim, batch_first=mha.batch_first, dropout=mha.dropout)
         ref = mha.out_proj.weight
-        new.to(device=ref.device, dtype=ref.dtype)
+        # Built where the weights live, without random init: every parameter is copied below
+        # (on the CPU, random init and a move were half a second of a ViT-L/14 cold start).
+        with skip_weight_init(), torch.device(ref.device):
+            new = cls(mha.embed_dim, mha.num_heads, bias=mha.in_proj_bias is not None, kdim=mha.kdim,
+                      vdim=mha.vdim, batch_first=mha.batch_first, dropout=mha.dropout)
+        new.to(dtype=ref.dtype)
         with torch.no_grad():
             if mha._qkv_same_embed_dim:
                 ws = mha.in_proj_weight.chunk(3)

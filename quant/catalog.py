@@ -11,12 +11,13 @@ import contextlib
 import copy
 import json
 import logging
-import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from clipfp8.quant.core.fileio import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def _cached_tags(name: str, tags: list[str]) -> list[str]:
 
 
 def params_cache_file() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipfp8" / "open_clip_params.json"
+    return cache_root() / "open_clip_params.json"
 
 
 def _load_counts(path: Path, version: str) -> dict[str, int | None]:

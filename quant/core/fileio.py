@@ -140,6 +140,11 @@ def replace_dir(tmp: str | Path, target: str | Path) -> None:
             log.warning("could not delete the replaced directory %s", old)
 
 
+def cache_root() -> Path:
+    """The project's cache folder: ``$XDG_CACHE_HOME/clipfp8`` (``~/.cache/clipfp8``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipfp8"
+
+
 def portable_path(path: str | Path, base: str | Path) -> str:
     """``path`` as recorded in results that get committed: relative paths are kept (POSIX form);
     an absolute path under ``base`` or under ``base``'s parent (e.g. ``../shared/data``) becomes
@@ -154,5 +159,5 @@ def portable_path(path: str | Path, base: str | Path) -> str:
     return str(p)
 
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_path", "replace_dir", "fsync_dir", "fsync_file",
+__all__ = ["cache_root", "atomic_write_bytes", "atomic_write_text", "atomic_path", "replace_dir", "fsync_dir", "fsync_file",
            "fsync_tree", "portable_path"]

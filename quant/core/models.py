@@ -11,6 +11,7 @@ import copy
 import hashlib
 import json
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from clipfp8.quant.core import checksum_cache
+from clipfp8.quant.core.checksum_cache import LoadStamp
 from clipfp8.quant.core.config import DEFAULT_MODEL_NAME, ModelSpec
 from clipfp8.quant.core.errors import ModelLoadError
 from clipfp8.quant.core.protocols import tower_image_size
@@ -53,10 +56,24 @@ class LoadedModel:
     embed_dim: int
     #: Set when ``model`` is not the whole model (a text-only load): the whole model's checksum.
     checksum: str | None = None
+    #: Set by a checkpoint load: the file's identity and the tensors as loaded, so the digest
+    #: is computed once per checkpoint file, then remembered (``checksum_cache``).
+    source: LoadStamp | None = None
 
     def weights_checksum(self) -> str:
-        """sha256 over every parameter and buffer (name, dtype, shape, bytes); 16 hex chars."""
-        return self.checksum or state_checksum(self.model.state_dict())
+        """sha256 over every parameter and buffer (name, dtype, shape, bytes); 16 hex chars.
+        For a model loaded from a checkpoint file and not changed since, the digest remembered
+        for that file when there is one (else it is computed and remembered)."""
+        if self.checksum is not None:
+            return self.checksum
+        state = self.model.state_dict()
+        if self.source is None or not self.source.matches(state):
+            return state_checksum(state)
+        known = checksum_cache.lookup(self.source.key)
+        if known is None:
+            known = state_checksum(state)
+            checksum_cache.remember(self.source.key, known)
+        return known
 
 
 def state_checksum(state: dict[str, torch.Tensor]) -> str:
@@ -242,13 +259,23 @@ def skip_weight_init(enabled: bool = True) -> Iterator[None]:
         yield
         return
     saved = {n: getattr(nn.init, n) for n in _INIT_FUNCTIONS if hasattr(nn.init, n)}
+    # Modules that bound the functions by name (``nn.MultiheadAttention``'s module does
+    # ``from torch.nn.init import xavier_uniform_``) are patched too: patching ``nn.init`` alone
+    # left every attention block's in-projection drawing random numbers.
+    bound = [(mod, n) for name, mod in list(sys.modules.items())
+             if mod is not None and name.startswith("torch.nn") and mod is not nn.init
+             for n, f in saved.items() if getattr(mod, n, None) is f]
     try:
         for n in saved:
             setattr(nn.init, n, _no_init)
+        for mod, n in bound:
+            setattr(mod, n, _no_init)
         yield
     finally:
         for n, f in saved.items():
             setattr(nn.init, n, f)
+        for mod, n in bound:
+            setattr(mod, n, saved[n])
 
 
 def _no_init(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -304,9 +331,11 @@ def _from_checkpoint(spec: ModelSpec) -> LoadedModel:
     cfg = _open_clip_cfg(spec.name)
     with skip_weight_init():  # every key is loaded below (strictly): random init is wasted time
         model = build_from_config(cfg, pretrained_text=False)
+    key = checksum_cache.try_file_key(path)  # before reading: the identity of what is read
     load_safetensors_into(model, path)
     pre, tok, size = _transforms_and_tokenizer(model, cfg)
-    return LoadedModel(model, pre, tok, spec, size, int(cfg["embed_dim"]))
+    return LoadedModel(model, pre, tok, spec, size, int(cfg["embed_dim"]),
+                       source=checksum_cache.LoadStamp.of(key, model.state_dict()))
 
 
 def _from_open_clip(spec: ModelSpec) -> LoadedModel:

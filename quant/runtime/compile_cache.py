@@ -14,11 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
+from clipfp8.quant.core.fileio import cache_root
+
 
 def configure_compile_cache(cache_dir: Path | None = None) -> Path:
     """Point Inductor's FX-graph/autotune caches at a persistent folder (env wins if set):
     ``$TORCHINDUCTOR_CACHE_DIR``, else ``cache_dir``, else ``~/.cache/clipfp8/inductor``."""
-    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipfp8" / "inductor"
+    default = cache_root() / "inductor"
     path = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir or default)))
     path.mkdir(parents=True, exist_ok=True)
     import torch._inductor.config as inductor_config

@@ -42,7 +42,7 @@ from typing import Any
 
 from clipfp8.quant.core.config import EncoderSpec
 from clipfp8.quant.core.errors import EngineError, EngineMismatchError, UnsupportedPrecisionError
-from clipfp8.quant.core.fileio import atomic_write_bytes, atomic_write_text
+from clipfp8.quant.core.fileio import atomic_write_bytes, atomic_write_text, cache_root
 from clipfp8.quant.runtime.compile_cache import CompileCache, TorchCompileCache, configure_compile_cache
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ class EngineManifest:
 
 def default_cache_root() -> Path:
     """``$XDG_CACHE_HOME/clipfp8/engines`` (``~/.cache/clipfp8/engines``)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipfp8" / ENGINES_SUBDIR
+    return cache_root() / ENGINES_SUBDIR
 
 
 def engine_root(spec: EncoderSpec, checksum: str, engine_dir: Path | None = None) -> Path:

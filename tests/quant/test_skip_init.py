@@ -37,3 +37,36 @@ def test_init_is_restored_and_disabled_context_inits() -> None:
     with skip_weight_init(enabled=False):
         nn.init.ones_(t)
     assert torch.equal(t, torch.ones(4))
+
+
+def test_attention_built_without_drawing_random_numbers() -> None:
+    """``nn.MultiheadAttention`` binds ``xavier_uniform_`` by name in its own module: skipping
+    init must reach it (it drew ViT-L/14's in-projections at every cold start), and give it back."""
+    import torch.nn.modules.activation as activation
+
+    original = activation.xavier_uniform_
+    before = torch.random.get_rng_state()
+    with skip_weight_init():
+        assert activation.xavier_uniform_ is not original
+        nn.MultiheadAttention(64, 4)
+        nn.Linear(64, 64)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert activation.xavier_uniform_ is original
+    nn.MultiheadAttention(64, 4)
+    assert not torch.equal(torch.random.get_rng_state(), before)  # init is back
+
+
+def test_explicit_attention_copies_weights_without_random_init() -> None:
+    from clipfp8.quant.attention import ExplicitAttention
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(64, 4, batch_first=True).to(torch.float64)
+    before = torch.random.get_rng_state()
+    new = ExplicitAttention.from_mha(mha)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert new.q_proj.weight.dtype == torch.float64
+    q, k, v = mha.in_proj_weight.chunk(3)
+    assert torch.equal(new.q_proj.weight, q) and torch.equal(new.v_proj.weight, v)
+    assert torch.equal(new.out_proj.bias, mha.out_proj.bias)
+    x = torch.randn(2, 5, 64, dtype=torch.float64)
+    assert torch.allclose(new(x, x, x, need_weights=False)[0], mha(x, x, x, need_weights=False)[0], atol=1e-10)
