@@ -15,7 +15,6 @@ Sampling is deterministic: a seeded ``random.Random`` picks the files and the ca
 from __future__ import annotations
 
 import io
-import json
 import logging
 import random
 import re
@@ -29,7 +28,15 @@ import torch
 from clipfp8.quant.core.captions import read_captions
 from clipfp8.quant.core.config import IMAGE_EXTS
 from clipfp8.quant.core.errors import CalibrationDataError, DatasetError
-from clipfp8.quant.core.shards import IMAGE_PARTS, image_part, is_shard, iter_samples, list_shards
+from clipfp8.quant.core.shards import (
+    IMAGE_PARTS,
+    image_part,
+    is_shard,
+    iter_samples,
+    list_shards,
+    sample_captions,
+    sample_meta,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,23 +92,13 @@ def find_images(folder: Path) -> list[Path]:
 
 
 def _shard_caption(parts: dict[str, bytes]) -> list[str]:
-    """A shard sample's captions (see module doc); [] when it carries none usable."""
-    meta: Any = {}
-    if parts.get("json"):
-        try:
-            meta = json.loads(parts["json"].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            meta = {}
-    if isinstance(meta, dict):
-        caps = meta.get("captions") or meta.get("caption")
-        if isinstance(caps, str):
-            caps = [caps]
-        if isinstance(caps, list) and all(isinstance(c, str) for c in caps) and any(c.strip() for c in caps):
-            return [c.strip() for c in caps if c.strip()]
-    text = parts.get("txt", b"").decode("utf-8", "replace").strip()
-    if text and isinstance(meta, dict) and ("label" in meta or "class" in meta):
-        return [PROMPT.format(name=text)]
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    """A shard sample's captions (see module doc); [] when it carries none usable. Lenient
+    (``strict=False``): a sample with broken metadata is skipped for calibration, not fatal."""
+    meta = sample_meta(parts, strict=False)
+    if "captions" not in meta and "caption" not in meta and ("label" in meta or "class" in meta):
+        text = parts.get("txt", b"").decode("utf-8", "replace").strip()
+        return [PROMPT.format(name=text)] if text else []  # a class name, not a caption
+    return sample_captions(parts, strict=False)
 
 
 def shard_pairs(root: Path, num_samples: int, rng: random.Random) -> list[tuple[str, bytes, list[str]]]:

@@ -6,9 +6,11 @@ evaluation datasets (``quant.eval.webdataset``) and the calibration data (``quan
 """
 from __future__ import annotations
 
+import json
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from clipfp8.quant.core.config import IMAGE_EXTS
 from clipfp8.quant.core.errors import DatasetError
@@ -63,9 +65,49 @@ def iter_samples(shard: Path, skip: frozenset[str] = frozenset()) -> Iterator[tu
         raise DatasetError(f"{shard}: not a readable tar/tar.gz shard ({e})") from e
 
 
+def sample_meta(parts: dict[str, bytes], where: str = "sample", strict: bool = True) -> dict[str, Any]:
+    """A sample's ``.json`` part as a dict ({} when absent). ``strict``: an invalid or non-object
+    ``.json`` raises ``DatasetError`` naming ``where`` (evaluation: a broken dataset must not
+    score); else it counts as absent (calibration: any usable text will do)."""
+    if not parts.get("json"):
+        return {}
+    try:
+        meta = json.loads(parts["json"].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        if strict:
+            raise DatasetError(f"{where} has an invalid .json ({e})") from e
+        return {}
+    if not isinstance(meta, dict):
+        if strict:
+            raise DatasetError(f"{where}: .json must be an object")
+        return {}
+    return meta
+
+
+def sample_captions(parts: dict[str, bytes], where: str = "sample", strict: bool = True) -> list[str]:
+    """A sample's captions: the ``.json``'s ``captions`` (a list) or ``caption`` (a string), else
+    the ``.txt`` lines; stripped, empty ones dropped. ``strict``: a malformed ``.json``, captions
+    that are not strings, or no caption at all raise ``DatasetError`` naming ``where``; else they
+    give [] (see ``sample_meta``)."""
+    meta = sample_meta(parts, where, strict)
+    caps: Any = meta.get("captions", meta.get("caption"))
+    if caps is None:
+        caps = parts["txt"].decode("utf-8", errors="replace").splitlines() if "txt" in parts else []
+    caps = [caps] if isinstance(caps, str) else caps
+    if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+        if strict:
+            raise DatasetError(f"{where}: captions must be a string or a list of strings")
+        return []
+    caps = [c.strip() for c in caps if c.strip()]
+    if not caps and strict:
+        raise DatasetError(f"{where} has no caption (json caption(s) or .txt)")
+    return caps
+
+
 def image_part(parts: dict[str, bytes]) -> str | None:
     """The extension of a sample's image member (the first in sorted order), or None."""
     return next((ext for ext in sorted(parts) if ext in IMAGE_PARTS), None)
 
 
-__all__ = ["SHARD_SUFFIXES", "IMAGE_PARTS", "is_shard", "list_shards", "split_key", "iter_samples", "image_part"]
+__all__ = ["SHARD_SUFFIXES", "IMAGE_PARTS", "is_shard", "list_shards", "split_key", "iter_samples", "image_part",
+           "sample_meta", "sample_captions"]

@@ -14,7 +14,6 @@ that suits evaluation sets of up to some 100k images. Samples are ordered by (sh
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from clipfp8.quant.core.errors import DatasetError
-from clipfp8.quant.core.shards import image_part, iter_samples
+from clipfp8.quant.core.shards import image_part, iter_samples, sample_captions, sample_meta
 from clipfp8.quant.eval.data import (
     CLASSES_FILE,
     ClassificationData,
@@ -44,15 +43,7 @@ def _image_part(parts: dict[str, bytes]) -> bytes | None:
 
 
 def _json_part(shard: Path, key: str, parts: dict[str, bytes]) -> dict[str, Any]:
-    if "json" not in parts:
-        return {}
-    try:
-        meta = json.loads(parts["json"].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DatasetError(f"{shard}: sample {key!r} has an invalid .json ({e})") from e
-    if not isinstance(meta, dict):
-        raise DatasetError(f"{shard}: sample {key!r}: .json must be an object")
-    return meta
+    return sample_meta(parts, f"{shard}: sample {key!r}")
 
 
 def detect_shard_kind(shards: list[Path]) -> str:
@@ -93,17 +84,7 @@ def _label_of(shard: Path, key: str, parts: dict[str, bytes]) -> int | str:
 
 
 def _captions_of(shard: Path, key: str, parts: dict[str, bytes]) -> list[str]:
-    meta = _json_part(shard, key, parts)
-    caps: Any = meta.get("captions", meta.get("caption"))
-    if caps is None and "txt" in parts:
-        caps = [ln for ln in parts["txt"].decode("utf-8", errors="replace").splitlines()]
-    caps = [caps] if isinstance(caps, str) else caps
-    if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
-        raise DatasetError(f"{shard}: sample {key!r}: captions must be a string or a list of strings")
-    caps = [c.strip() for c in caps if c.strip()]
-    if not caps:
-        raise DatasetError(f"{shard}: sample {key!r} has no caption (json caption(s) or .txt)")
-    return caps
+    return sample_captions(parts, f"{shard}: sample {key!r}")
 
 
 def _class_index(shards: list[Path], raw: list[int | str]) -> tuple[np.ndarray, list[str]]:
