@@ -331,3 +331,29 @@ def test_cli_decode_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
     assert main([*args, "--decode", "gpu"]) == 2  # the fake encoder has no open_clip transform
     assert "--decode gpu: encoder 'fake-fp16'" in capsys.readouterr().err
     assert main([*args, "--decode", "cpu"]) == 0 and "indexed 3," in capsys.readouterr().out
+
+
+def test_several_decode_calls_per_batch_give_the_same_tensors(encoder: Encoder, tmp_path: Path) -> None:
+    """A batch split into several ``decode_jpeg`` calls (``max_batch_pixels``), each stacked per
+    size on the decode thread, with a file the decoder fails on inside: the same results as one
+    call per batch, in order."""
+    routes = bad_corpus(tmp_path / "c" / "odd")
+    write_photos(tmp_path / "c" / "ok", 20)
+    paths = sorted(p for p in (tmp_path / "c").rglob("*") if p.is_file())
+    ts = tasks(paths, tmp_path / "c")
+    _, whole = decoders(encoder, "cpu", max_pixels=MAX_PIXELS)
+    _, split = decoders(encoder, "cpu", max_pixels=MAX_PIXELS)
+    split.max_batch_pixels = 60_000  # a couple of photos per call
+    calls: list[int] = []
+    real = split._decode_jpegs
+
+    def counted(chunk: list) -> list:
+        calls.append(len(chunk))
+        return real(chunk)
+
+    split._decode_jpegs = counted  # type: ignore[method-assign]
+    ref, got = list(whole.imap(ts, 2, 64)), list(split.imap(ts, 2, 64, defer=True))
+    settle(got)
+    assert len(calls) > 4 and max(calls) < 16  # really split
+    assert split.stats == whole.stats and split.stats["cpu:device_failed"] == Counter(routes.values())["cpu:device_failed"]
+    same_results(ref, got)
