@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Bring the `ray` extra (ray[data]==2.60.0 and its wheels, ~145 MB) to a lent GPU machine whose
+# calls carry at most 64 MiB each: split it into parts here, carry one part per call on a warm
+# machine (ignored folders and /tmp survive between calls while it stays warm), then install.
+#
+#   bash scripts/device_ray_stage.sh pack        # here (PyPI reachable): .ray-parts/part-*
+#   # on the GPU machine, one call per part, carrying only that part:
+#   bash scripts/device_ray_stage.sh receive     # copies the carried .ray-parts/part-* to /tmp/ray-stage
+#   bash scripts/device_ray_stage.sh install     # once every part is there: pip install --target /tmp/site
+#
+# .ray-parts/ must be ignored (.git/info/exclude) so that the working tree stays small.
+set -euo pipefail
+PARTS=.ray-parts
+STAGE=/tmp/ray-stage
+PART_MB=${PART_MB:-40}
+case "${1:-}" in
+  pack)
+    rm -rf "$PARTS" && mkdir -p "$PARTS/wheels"
+    python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+      --platform any -d "$PARTS/wheels" "ray[data]==2.60.0"
+    # numpy is torch's and is on the GPU image already: not carried.
+    rm -f "$PARTS"/wheels/numpy-*.whl
+    tar -C "$PARTS" -cf - wheels | split -b "${PART_MB}m" - "$PARTS/part-"
+    rm -rf "$PARTS/wheels"
+    (cd "$PARTS" && sha256sum part-* > SHA256SUMS)
+    ls -l "$PARTS"
+    ;;
+  receive)
+    mkdir -p "$STAGE"
+    cp -v "$PARTS"/part-* "$PARTS"/SHA256SUMS "$STAGE"/ 2>/dev/null || cp -v "$PARTS"/part-* "$STAGE"/
+    ls -l "$STAGE"
+    ;;
+  install)
+    cd "$STAGE"
+    sha256sum -c SHA256SUMS
+    cat part-* | tar -xf -
+    python3 -m pip install -q --no-index --no-deps --no-cache-dir --target /tmp/site wheels/*.whl
+    PYTHONPATH=/tmp/site python3 -c 'import ray, ray.data; print("ray", ray.__version__)'
+    ;;
+  *)
+    echo "usage: $0 pack|receive|install" >&2
+    exit 2
+    ;;
+esac
