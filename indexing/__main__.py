@@ -9,10 +9,12 @@ from collections.abc import Sequence
 
 from clipfp8.indexing import cli
 from clipfp8.indexing.errors import IndexingError
+from clipfp8.quant.core.cuda_env import widen_device_queues
 from clipfp8.quant.core.errors import QuantError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    widen_device_queues()  # before CUDA starts, as ``clipfp8`` does (quant/core/cuda_env.py)
     parser = argparse.ArgumentParser(prog="python -m clipfp8.indexing")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)

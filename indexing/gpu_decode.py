@@ -171,11 +171,18 @@ class GpuDecoder:
 
     # ----- one file --------------------------------------------------------------------------
     def __call__(self, task: DecodeTask) -> Decoded:
-        """Decode one file synchronously (on the caller's current stream)."""
+        """Decode one file synchronously; on CUDA with the same streams as ``imap`` (the
+        caller's current stream is made to wait for its tensors)."""
         item = self._read(task, 0)
         if item.data is not None:
-            _Batch(self, [item], None, _Budget())()
+            _Batch(self, [item], self._streams(), _Budget())()
         return item.out
+
+    def _streams(self) -> _Streams | None:
+        """The decode and preprocessing streams on CUDA; None on the CPU (one stream there)."""
+        if self.device.type != "cuda":
+            return None
+        return _Streams(torch.cuda.Stream(self.device), torch.cuda.Stream(self.device, priority=-1))
 
     def _count(self, route: str, n: int = 1) -> None:
         with self._lock:
@@ -297,16 +304,18 @@ class GpuDecoder:
         ``record_stream`` calls there took 15 % of its time in the shipped ``index``)."""
         t0 = time.perf_counter()
         chunks: list[_Chunk] = []
-        held: list[list[torch.Tensor | None]] = []
         ready = None
         with torch.no_grad(), (torch.cuda.stream(streams.decode) if streams is not None else nullcontext()):
             for chunk in self._pixel_chunks([it for it in group if it.data is not None]):
-                chunks.append(self._stack(chunk, held))
-            if streams is not None:
-                ready = torch.cuda.Event()
-                ready.record(streams.decode)
-                ready.synchronize()
-        held.clear()  # the stacks have read them (on the device: waited for above)
+                held: list[list[torch.Tensor | None]] = []
+                try:
+                    chunks.append(self._stack(chunk, held))
+                finally:  # per chunk, so at most one chunk's per-file images are alive
+                    if streams is not None:
+                        ready = torch.cuda.Event()
+                        ready.record(streams.decode)
+                        ready.synchronize()
+                    held.clear()  # the stacks have read them (on the device: waited for above)
         for it in group:
             it.data = None
         return chunks, ready, time.perf_counter() - t0
@@ -380,8 +389,7 @@ class GpuDecoder:
         ``Decoded.pending`` (``decode.settle``), so the caller does its per-file work while the
         device still encodes the previous batch. Batches are finished regardless when the byte
         budget (``max_bytes_in_flight``) runs out."""
-        streams = (_Streams(torch.cuda.Stream(self.device), torch.cuda.Stream(self.device, priority=-1))
-                   if self.device.type == "cuda" else None)
+        streams = self._streams()
         readers = max(1, min(workers, self.max_readers))
         budget = _Budget()
         owed: deque[_Batch] = deque()  # deferred batches not yet preprocessed, oldest first

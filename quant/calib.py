@@ -93,11 +93,15 @@ def find_images(folder: Path) -> list[Path]:
 
 def _shard_caption(parts: dict[str, bytes]) -> list[str]:
     """A shard sample's captions (see module doc); [] when it carries none usable. Lenient
-    (``strict=False``): a sample with broken metadata is skipped for calibration, not fatal."""
+    (``strict=False``): broken metadata is skipped for calibration, not fatal. A ``.txt`` beside
+    a json label/class is a class name, made into a prompt."""
+    caps = sample_captions(parts, strict=False, txt=False)
+    if caps:
+        return caps
     meta = sample_meta(parts, strict=False)
-    if "captions" not in meta and "caption" not in meta and ("label" in meta or "class" in meta):
-        text = parts.get("txt", b"").decode("utf-8", "replace").strip()
-        return [PROMPT.format(name=text)] if text else []  # a class name, not a caption
+    text = parts.get("txt", b"").decode("utf-8", "replace").strip()
+    if text and ("label" in meta or "class" in meta):
+        return [PROMPT.format(name=text)]
     return sample_captions(parts, strict=False)
 
 

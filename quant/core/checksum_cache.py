@@ -78,19 +78,23 @@ def _fingerprint(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
 
 @dataclass(frozen=True)
 class LoadStamp:
-    """A checkpoint file's identity and its loaded tensors' (storage, version) right after load."""
+    """A checkpoint file's path and identity, and its loaded tensors' (storage, version) right
+    after load."""
 
+    path: Path
     key: str
     tensors: dict[str, tuple[int, int]]
 
     @classmethod
-    def of(cls, key: str | None, state: dict[str, torch.Tensor]) -> LoadStamp | None:
-        """``key``: ``file_key`` taken before the file was read (None: no stamp)."""
-        return None if key is None else cls(key, _fingerprint(state))
+    def of(cls, path: str | Path, key: str | None, state: dict[str, torch.Tensor]) -> LoadStamp | None:
+        """``key``: ``file_key(path)`` taken before the file was read (None: no stamp)."""
+        return None if key is None else cls(Path(path), key, _fingerprint(state))
 
     def matches(self, state: dict[str, torch.Tensor]) -> bool:
-        """Whether ``state`` holds exactly the tensors loaded, unchanged since."""
-        return _fingerprint(state) == self.tensors
+        """Whether ``state`` holds exactly the tensors loaded, unchanged since, and the file is
+        still the one loaded: safetensors maps the file, so weights loaded by assignment change
+        with it if it is overwritten in place (same storage, same version counter)."""
+        return _fingerprint(state) == self.tensors and try_file_key(self.path) == self.key
 
 
 __all__ = ["LoadStamp", "CACHE_FILE", "cache_file", "file_key", "try_file_key", "lookup", "remember"]

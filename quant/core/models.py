@@ -11,7 +11,6 @@ import copy
 import hashlib
 import json
 import logging
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from clipfp8.quant.core.config import DEFAULT_MODEL_NAME, ModelSpec
 from clipfp8.quant.core.errors import ModelLoadError
 from clipfp8.quant.core.protocols import tower_image_size
 from clipfp8.quant.core.resources import default_model_dir
+from clipfp8.quant.core.weight_init import skip_weight_init
 
 log = logging.getLogger(__name__)
 
@@ -242,46 +242,6 @@ def _load_default(spec: ModelSpec) -> LoadedModel:
     return LoadedModel(model, pre, tok, spec, size, int(model_cfg["embed_dim"]))
 
 
-#: ``torch.nn.init`` functions that ``skip_weight_init`` turns into no-ops.
-_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
-                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
-                   "sparse_")
-
-
-@contextlib.contextmanager
-def skip_weight_init(enabled: bool = True) -> Iterator[None]:
-    """Build modules without drawing random initial weights (``torch.nn.init`` becomes a no-op;
-    parameters keep whatever memory they were allocated with). Only for models whose every
-    parameter is then loaded from a checkpoint: random init of ViT-L/14 costs seconds of a
-    cold start (4.8 s of 6 s to build it on a 2-core CPU). Buffers computed by constructors
-    (attention masks, position tables) are unaffected. Not thread-safe: it patches a module."""
-    if not enabled:
-        yield
-        return
-    saved = {n: getattr(nn.init, n) for n in _INIT_FUNCTIONS if hasattr(nn.init, n)}
-    # Modules that bound the functions by name (``nn.MultiheadAttention``'s module does
-    # ``from torch.nn.init import xavier_uniform_``) are patched too: patching ``nn.init`` alone
-    # left every attention block's in-projection drawing random numbers.
-    bound = [(mod, n) for name, mod in list(sys.modules.items())
-             if mod is not None and name.startswith("torch.nn") and mod is not nn.init
-             for n, f in saved.items() if getattr(mod, n, None) is f]
-    try:
-        for n in saved:
-            setattr(nn.init, n, _no_init)
-        for mod, n in bound:
-            setattr(mod, n, _no_init)
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(nn.init, n, f)
-        for mod, n in bound:
-            setattr(mod, n, saved[n])
-
-
-def _no_init(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    return tensor
-
-
 def load_safetensors_into(model: nn.Module, path: Path, allowed_missing_prefix: str | None = None) -> None:
     """Load a safetensors state dict into ``model``; every key must match in name and shape,
     except missing keys under ``allowed_missing_prefix``. Raises ``ModelLoadError`` naming ``path``."""
@@ -335,7 +295,7 @@ def _from_checkpoint(spec: ModelSpec) -> LoadedModel:
     load_safetensors_into(model, path)
     pre, tok, size = _transforms_and_tokenizer(model, cfg)
     return LoadedModel(model, pre, tok, spec, size, int(cfg["embed_dim"]),
-                       source=checksum_cache.LoadStamp.of(key, model.state_dict()))
+                       source=checksum_cache.LoadStamp.of(path, key, model.state_dict()))
 
 
 def _from_open_clip(spec: ModelSpec) -> LoadedModel:
@@ -381,4 +341,4 @@ def tiny_config(embed_dim: int = 32, image_size: int = 32, hf_text: bool = False
 
 
 __all__ = ["LoadedModel", "load_model", "tiny_config", "build_from_config", "load_safetensors_into",
-           "state_checksum", "minilm_path", "DEFAULT_MODEL_DIR", "DEFAULT_MODEL_NAME"]
+           "state_checksum", "skip_weight_init", "minilm_path", "DEFAULT_MODEL_DIR", "DEFAULT_MODEL_NAME"]

@@ -84,22 +84,36 @@ def sample_meta(parts: dict[str, bytes], where: str = "sample", strict: bool = T
     return meta
 
 
-def sample_captions(parts: dict[str, bytes], where: str = "sample", strict: bool = True) -> list[str]:
+def _listed(value: Any) -> list[str] | None:
+    """``value`` (a string or a list of strings) as stripped, non-empty captions; None when it
+    is neither."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        return None
+    return [c.strip() for c in value if c.strip()]
+
+
+def sample_captions(parts: dict[str, bytes], where: str = "sample", strict: bool = True,
+                    txt: bool = True) -> list[str]:
     """A sample's captions: the ``.json``'s ``captions`` (a list) or ``caption`` (a string), else
-    the ``.txt`` lines; stripped, empty ones dropped. ``strict``: a malformed ``.json``, captions
-    that are not strings, or no caption at all raise ``DatasetError`` naming ``where``; else they
-    give [] (see ``sample_meta``)."""
+    the ``.txt`` lines (``txt``); stripped, empty ones dropped. ``strict``: a malformed ``.json``,
+    captions that are not strings, or no caption at all raise ``DatasetError`` naming ``where``.
+    Lenient: an unusable field counts as absent and the next one is tried ([] when none is
+    usable), so any usable text serves (calibration)."""
     meta = sample_meta(parts, where, strict)
-    caps: Any = meta.get("captions", meta.get("caption"))
-    if caps is None:
-        caps = parts["txt"].decode("utf-8", errors="replace").splitlines() if "txt" in parts else []
-    caps = [caps] if isinstance(caps, str) else caps
-    if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
-        if strict:
-            raise DatasetError(f"{where}: captions must be a string or a list of strings")
+    lines = parts["txt"].decode("utf-8", errors="replace").splitlines() if txt and "txt" in parts else None
+    if not strict:
+        for raw in (meta.get("captions"), meta.get("caption"), lines):
+            caps = _listed(raw) if raw is not None else None
+            if caps:
+                return caps
         return []
-    caps = [c.strip() for c in caps if c.strip()]
-    if not caps and strict:
+    raw = meta.get("captions", meta.get("caption"))
+    caps = _listed(lines if raw is None and lines is not None else raw if raw is not None else [])
+    if caps is None:
+        raise DatasetError(f"{where}: captions must be a string or a list of strings")
+    if not caps:
         raise DatasetError(f"{where} has no caption (json caption(s) or .txt)")
     return caps
 

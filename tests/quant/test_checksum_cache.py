@@ -71,3 +71,20 @@ def test_an_unreadable_cache_is_ignored(checkpoint: Path) -> None:
     loaded = load(checkpoint)
     assert loaded.weights_checksum() == state_checksum(loaded.model.state_dict())
     assert checksum_cache.lookup(loaded.source.key) == loaded.weights_checksum()  # rewritten
+
+
+def test_a_file_overwritten_in_place_after_loading_is_hashed_again(checkpoint: Path) -> None:
+    """Weights loaded by assignment may map the file: overwritten in place (``cp`` over it), the
+    live tensors change without a new storage or version, so the file's identity is checked too."""
+    loaded = load(checkpoint)
+    digest = loaded.weights_checksum()
+    torch.manual_seed(2)
+    other = build_from_config(tiny_config())
+    tmp = checkpoint.with_suffix(".new")
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp))
+    with open(checkpoint, "r+b") as f:  # in place: same inode, new content and mtime
+        f.write(tmp.read_bytes())
+        f.truncate()
+    now = loaded.weights_checksum()
+    assert now == state_checksum(loaded.model.state_dict())
+    assert checksum_cache.lookup(loaded.source.key) == digest  # the old entry is not overwritten

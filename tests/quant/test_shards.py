@@ -46,3 +46,14 @@ def test_a_class_name_becomes_a_prompt_for_calibration_only() -> None:
     parts = {"json": j({"label": 3}), "txt": b"golden retriever"}
     assert _shard_caption(parts) == ["a photo of a golden retriever."]
     assert sample_meta(parts) == {"label": 3}
+
+
+@pytest.mark.parametrize(("parts", "expected"), [
+    ({"json": j({"captions": [], "caption": "a dog"})}, ["a dog"]),  # an empty list falls back
+    ({"json": j({"caption": "", "label": 3}), "txt": b"cat"}, ["a photo of a cat."]),
+    ({"json": j({"captions": [1], "caption": " a cat "})}, ["a cat"]),
+    ({"json": j({"captions": None}), "txt": b"from txt"}, ["from txt"]),
+    ({"json": b"{broken", "txt": b"line"}, ["line"]),
+])
+def test_calibration_tries_every_usable_text(parts: dict[str, bytes], expected: list[str]) -> None:
+    assert _shard_caption(parts) == expected

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -70,3 +71,51 @@ def test_explicit_attention_copies_weights_without_random_init() -> None:
     assert torch.equal(new.out_proj.bias, mha.out_proj.bias)
     x = torch.randn(2, 5, 64, dtype=torch.float64)
     assert torch.allclose(new(x, x, x, need_weights=False)[0], mha(x, x, x, need_weights=False)[0], atol=1e-10)
+
+
+def test_overlapping_uses_restore_init_when_the_last_one_exits() -> None:
+    """Threads may load checkpoints at once (A in, B in, A out, B out): init stays off while
+    any use is open and is the real one afterwards, not whatever an entry happened to see."""
+    import threading
+
+    real = nn.init.normal_
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, object] = {}
+
+    def a() -> None:
+        with skip_weight_init():
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def b() -> None:
+        a_in.wait(5)
+        with skip_weight_init():
+            b_in.set()
+            a_out.wait(5)
+            seen["while_b_open"] = nn.init.normal_
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen["while_b_open"] is not real  # A's exit did not turn init back on under B
+    assert nn.init.normal_ is real
+
+
+def test_a_library_imported_inside_keeps_the_real_init_functions() -> None:
+    """transformers copies torch's init functions into a table when ``transformers.initialization``
+    is first imported; imported inside the context it must not keep the no-ops."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    code = ("import torch, transformers\n"
+            "from clipfp8.quant.core.models import skip_weight_init\n"
+            "with skip_weight_init():\n"
+            "    import transformers.initialization as ti\n"
+            "assert ti.TORCH_INIT_FUNCTIONS['normal_'] is torch.nn.init.normal_, ti.TORCH_INIT_FUNCTIONS['normal_']\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
