@@ -160,14 +160,18 @@ def same_results(x: list[Decoded], y: list[Decoded]) -> None:
         assert a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
 
 
+def odd_and_photos(root: Path) -> tuple[dict[str, str], list[DecodeTask]]:
+    """``bad_corpus``'s odd files in root/odd and 20 photos in root/ok: (expected routes, tasks)."""
+    routes = bad_corpus(root / "odd")
+    write_photos(root / "ok", 20)
+    return routes, tasks(sorted(p for p in root.rglob("*") if p.is_file()), root)
+
+
 def test_deferred_stream_decodes_when_settled(encoder: Encoder, tmp_path: Path) -> None:
     """``imap(defer=True)`` hands files out before decoding them (the pipeline does its per-file
     work while the device still encodes); ``settle`` then gives exactly the eager results, a file
     the device fails on included (its Pillow answer lands in the same ``Decoded``)."""
-    routes = bad_corpus(tmp_path / "c" / "odd")
-    write_photos(tmp_path / "c" / "ok", 20)
-    paths = sorted(p for p in (tmp_path / "c").rglob("*") if p.is_file())
-    ts = tasks(paths, tmp_path / "c")
+    routes, ts = odd_and_photos(tmp_path / "c")
     _, eager = decoders(encoder, "cpu", max_pixels=MAX_PIXELS)
     _, lazy = decoders(encoder, "cpu", max_pixels=MAX_PIXELS)
     ref, got = list(eager.imap(ts, 2, 64)), list(lazy.imap(ts, 2, 64, defer=True))
@@ -337,10 +341,7 @@ def test_several_decode_calls_per_batch_give_the_same_tensors(encoder: Encoder, 
     """A batch split into several ``decode_jpeg`` calls (``max_batch_pixels``), each stacked per
     size on the decode thread, with a file the decoder fails on inside: the same results as one
     call per batch, in order."""
-    routes = bad_corpus(tmp_path / "c" / "odd")
-    write_photos(tmp_path / "c" / "ok", 20)
-    paths = sorted(p for p in (tmp_path / "c").rglob("*") if p.is_file())
-    ts = tasks(paths, tmp_path / "c")
+    routes, ts = odd_and_photos(tmp_path / "c")
     _, whole = decoders(encoder, "cpu", max_pixels=MAX_PIXELS)
     _, split = decoders(encoder, "cpu", max_pixels=MAX_PIXELS)
     split.max_batch_pixels = 60_000  # a couple of photos per call
