@@ -51,7 +51,7 @@ class IndexSummary:
     ``stage_seconds``: wall time of scan, plan, embed (and ``embed:<encoder>``), store and
     decode_wait (the embedder waiting for decoders); summed worker time of decode (and
     ``decode:read|hash|decode|preprocess``; on the GPU data path also ``decode:header``, and
-    ``decode_device``: the device batches, decoded right before they are encoded).
+    ``decode_device``: the device batches, preprocessed right before they are encoded).
     ``warmup_seconds``: the encoders' first-call cost paid before the first batch (a compiled
     encoder compiles or loads its engine's kernels: ``Encoder.warm_up_images``), a start cost
     like loading the model, so not part of ``total_seconds`` (the run's wall time without it).

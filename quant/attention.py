@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipfp8.quant.core.models import skip_weight_init
+from clipfp8.quant.core.weight_init import skip_weight_init
 
 log = logging.getLogger(__name__)
 

@@ -105,12 +105,14 @@ def sample_captions(parts: dict[str, bytes], where: str = "sample", strict: bool
     lines = parts["txt"].decode("utf-8", errors="replace").splitlines() if txt and "txt" in parts else None
     if not strict:
         for raw in (meta.get("captions"), meta.get("caption"), lines):
-            caps = _listed(raw) if raw is not None else None
+            caps = _listed(raw)
             if caps:
                 return caps
         return []
     raw = meta.get("captions", meta.get("caption"))
-    caps = _listed(lines if raw is None and lines is not None else raw if raw is not None else [])
+    if raw is None:
+        raw = lines if lines is not None else []
+    caps = _listed(raw)
     if caps is None:
         raise DatasetError(f"{where}: captions must be a string or a list of strings")
     if not caps:
