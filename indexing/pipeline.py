@@ -55,6 +55,8 @@ class IndexSummary:
     ``warmup_seconds``: the encoders' first-call cost paid before the first batch (a compiled
     encoder compiles or loads its engine's kernels: ``Encoder.warm_up_images``), a start cost
     like loading the model, so not part of ``total_seconds`` (the run's wall time without it).
+    With ``--engine ray`` it is the longest actor start-up (build and warm its encoders; the
+    pool waits for it before the first batch).
     """
 
     indexed: int = 0
@@ -242,6 +244,8 @@ class _Run:
             with self.store.db.atomic():
                 dbm.set_meta(self.store.db, "limits", json.dumps(limits, sort_keys=True))
         s = self.summary
+        # A Ray pool's actors build and warm their own encoders (RayDecoder.warmup_seconds).
+        s.warmup_seconds += float(getattr(self.decoder, "warmup_seconds", 0.0))
         s.bad_files = dbm.error_count(self.store.db)
         device = getattr(self.decoder, "device", None)  # a batching GpuDecoder knows its device
         s.decoder = getattr(self.decoder, "label", None) or (f"gpu:{device}" if device is not None else "cpu")

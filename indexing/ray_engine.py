@@ -25,6 +25,8 @@ import json
 import logging
 import math
 import os
+import threading
+import time
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -41,7 +43,7 @@ import torch
 from clipfp8.indexing import _testhooks
 from clipfp8.indexing.config import IndexConfig
 from clipfp8.indexing.decode import Decoded, DecodeTask, imap_bounded
-from clipfp8.indexing.embed import embed_batch
+from clipfp8.indexing.embed import start_embed
 from clipfp8.indexing.errors import IndexConfigError, IndexingError
 from clipfp8.indexing.gpu_decode import make_decoder
 from clipfp8.indexing.scan import FileEntry
@@ -55,6 +57,8 @@ log = logging.getLogger(__name__)
 RETRIES = 3
 #: Most CPU actors (each reserves ``min(workers, CPUs / 2)`` CPUs for its decode threads and torch).
 MAX_CPU_ACTORS = 8
+#: Batches each actor works on at once: one decodes while the other is on the encoders.
+ACTOR_CALLS = 2
 #: What an actor builds an encoder from: a spec (``create_encoder``) or a picklable test encoder.
 Recipe = EncoderSpec | Encoder
 
@@ -155,12 +159,21 @@ class _Worker:
 
     def __init__(self, recipes: list[Recipe], root: str, cfg: IndexConfig, skip_sets: list[list[str]],
                  test_env: dict[str, str]) -> None:
+        t0 = time.perf_counter()
         os.environ.update(test_env)  # the driver's test hooks (empty outside tests)
         widen_device_queues()  # before the encoders start CUDA in this actor
         self.encoders = [_build(r) for r in recipes]
         self.decoder = make_decoder(self.encoders, cfg)
         self.root, self.cfg = os.fsencode(root), cfg
         self.skip_sets = [frozenset(s) for s in skip_sets]
+        # Compile (a stored engine: seconds of loading) before the first batch, as one process does.
+        for enc in self.encoders:
+            enc.warm_up_images(cfg.batch_size)
+        # Ray runs ACTOR_CALLS batches at once on threads: the encoders take one batch at a time
+        # (queued under the lock, waited for outside it), decoding the next overlaps the encode.
+        self._encode_lock = threading.Lock()
+        #: Seconds from the actor's start to ready, reported once with its first batch.
+        self._start_seconds: float | None = time.perf_counter() - t0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tasks, needs = [], []
@@ -175,20 +188,30 @@ class _Worker:
         todo = [i for i, d in enumerate(done) if d.error is None and d.tensors]  # not skipped by hash
         vectors: dict[int, dict[str, np.ndarray]] = {}
         if todo:
-            res = embed_batch(self.encoders, [done[i].tensors for i in todo], [needs[i] for i in todo])
+            with self._encode_lock:
+                finish = start_embed(self.encoders, [done[i].tensors for i in todo], [needs[i] for i in todo])
+            res = finish()
             share = sum(res.seconds.values()) / len(todo)  # each file's part of the batch's embedding
             for i, v in zip(todo, res.vectors, strict=True):
                 vectors[i] = v
                 done[i].parts["embed"] = share
                 done[i].seconds += share
         _testhooks.checkpoint("ray:batch_embedded")
-        return self._columns(batch["idx"], done, vectors)
+        with self._encode_lock:
+            start, self._start_seconds = self._start_seconds, None
+        return self._columns(batch["idx"], done, vectors, start)
 
-    def _columns(self, idx: np.ndarray, done: list[Decoded], vectors: dict[int, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    def _columns(self, idx: np.ndarray, done: list[Decoded], vectors: dict[int, dict[str, np.ndarray]],
+                 start: float | None) -> dict[str, np.ndarray]:
         """``idx``, ``sha256``/``error`` ("" for none), ``width``/``height`` (-1 for none),
-        ``seconds``, ``parts`` (JSON), and per encoder i ``v{i}`` float32 (N, D) with ``h{i}``
-        (bool (N,): row i holds a vector)."""
+        ``seconds``, ``parts`` (JSON), ``start`` (float64 (N,): the actor's start-up seconds on
+        the first row of its first batch, else 0), and per encoder i ``v{i}`` float32 (N, D) with
+        ``h{i}`` (bool (N,): row i holds a vector)."""
+        first = np.zeros(len(done), np.float64)
+        if start is not None and len(done):
+            first[0] = start
         out: dict[str, np.ndarray] = {
+            "start": first,
             "idx": np.asarray(idx, np.int64),
             "sha256": np.array([d.sha256 or "" for d in done], dtype=object),
             "error": np.array([d.error or "" for d in done], dtype=object),
@@ -226,6 +249,9 @@ class RayDecoder:
         self.root, self.cfg = root, cfg
         self.encoders = [RemoteEncoder(ident, size, s) for (ident, size), s in zip(self._describe(given), specs, strict=True)]
         self._last: Decoded | None = None
+        #: The longest start-up (build, compile and warm the encoders) of an actor in this run:
+        #: ``pipeline`` reports it as the warm-up, as it does one process's encoder warm-up.
+        self.warmup_seconds = 0.0
 
     def _describe(self, given: Sequence[Recipe]) -> list[tuple[EncoderIdentity, tuple[int, int]]]:
         found: dict[int, tuple[EncoderIdentity, tuple[int, int]]] = {}
@@ -256,6 +282,7 @@ class RayDecoder:
         pending: dict[int, Decoded] = {}
         nxt = 0
         for out in self._dataset(tasks).iter_batches(batch_size=None, batch_format="numpy"):
+            self.warmup_seconds = max(self.warmup_seconds, float(np.max(out["start"], initial=0.0)))
             for j, idx in enumerate(out["idx"]):
                 pending[int(idx)] = self._decoded(out, j, tasks[int(idx)])
             while nxt in pending:  # the pool may finish batches out of order
@@ -282,7 +309,8 @@ class RayDecoder:
             # (unbounded restarts and retries) would loop forever on a file that kills the actor.
             warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
             ds = ray.data.from_items(records, override_num_blocks=blocks).map_batches(
-                _Worker, batch_size=self.cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=self.actors),
+                _Worker, batch_size=self.cfg.batch_size, compute=ray.data.ActorPoolStrategy(
+                    size=self.actors, max_concurrent_calls_per_actor=ACTOR_CALLS, enable_true_multi_threading=True),
                 fn_constructor_kwargs={"recipes": self.recipes, "root": str(self.root), "cfg": self.cfg,
                                        "skip_sets": table, "test_env": _testhooks.forwarded_env()},
                 max_restarts=RETRIES, max_task_retries=RETRIES, **self.resources)

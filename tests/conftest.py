@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+# CLIPFP8_SHARED_DATA points elsewhere, e.g. at a subset carried to a lent GPU machine.
+SHARED_DATA = Path(os.environ.get("CLIPFP8_SHARED_DATA") or REPO / ".." / "shared" / "data").resolve()
 
 # Keep the 2-core CI machine responsive: tests are small, thread oversubscription only hurts.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -26,7 +27,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """../shared/data (real eval/train images); skips the test where it is absent."""
+    """../shared/data or $CLIPFP8_SHARED_DATA (real eval/train images); skips the test where it is absent."""
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is absent (real images are not shipped with the project)")
     return SHARED_DATA

@@ -9,12 +9,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import clipfp8.indexing
 from clipfp8.indexing.config import IndexConfig
@@ -23,6 +25,7 @@ from clipfp8.indexing.errors import IndexConfigError
 from clipfp8.indexing.pipeline import IndexSummary, index_corpus
 from clipfp8.indexing.report import list_errors
 from clipfp8.indexing.store import open_index
+from clipfp8.quant.core.testing import FakeEncoder
 from tests.indexing import badfiles as bf
 from tests.indexing.conftest import REPO, encoders, make_corpus, write_image
 
@@ -179,6 +182,41 @@ def test_a_killed_driver_resumes_where_it_stopped(cluster: str, tmp_path: Path) 
     assert (resumed.unchanged, resumed.indexed) == (16, 24)
     index_corpus(corpus, tmp_path / "local", encoders(), config=CFG)
     assert_same_index(idx, tmp_path / "local")
+
+
+class _SlowFake(FakeEncoder):
+    """A fake encoder with a compile-like warm-up and a slow encode that logs its threads."""
+
+    def __init__(self, log: Path) -> None:
+        super().__init__()
+        self.log = str(log)
+
+    def warm_up_images(self, batch_size: int) -> bool:
+        time.sleep(0.5)
+        return True
+
+    def encode_images(self, images: torch.Tensor) -> np.ndarray:
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()} {threading.get_ident()}\n")
+        time.sleep(0.2)  # long enough that the actor's other call is waiting for the encoder
+        return super().encode_images(images)
+
+
+def test_actors_warm_up_first_and_decode_beside_the_encode(cluster: str, tmp_path: Path) -> None:
+    """Each actor warms its encoders before its first batch (reported as the run's warm-up, not
+    in its wall time, as one process does) and runs two batches at once: the encodes come from
+    two threads of one actor (one batch decodes while the other is on the encoder)."""
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actor cannot import tests/
+    corpus = tmp_path / "corpus"
+    make_corpus(corpus, 24)
+    local = index_corpus(corpus, tmp_path / "local", [_SlowFake(tmp_path / "local.log")], config=CFG)
+    remote = index_corpus(corpus, tmp_path / "ray", [_SlowFake(tmp_path / "ray.log")], config=CFG, engine="ray")
+    assert local.warmup_seconds >= 0.5 and remote.warmup_seconds >= 0.5
+    assert remote.decoder == "ray:cpu" and remote.indexed == 24
+    calls = (tmp_path / "ray.log").read_text().split("\n")[:-1]
+    assert len(calls) == 24 // CFG.batch_size
+    assert len({c.split()[0] for c in calls}) == 1 and len(set(calls)) == 2, calls  # one actor, two threads
+    assert_same_index(tmp_path / "ray", tmp_path / "local")
 
 
 @pytest.mark.slow
