@@ -127,9 +127,15 @@ def test_cli_watch_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     make_corpus(corpus, 2)
     env = dict(os.environ, CLIPFP8_TEST_FAKE_ENCODER="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "clipfp8.app.cli", "index", str(corpus), "--index-dir",
-                             str(tmp_path / "idx"), "--precision", "fake", "--no-progress", "--watch"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # A shell's background job (e.g. `.ci/run &`) ignores SIGINT, and a child inherits an ignored
+    # signal: catch it here while the child starts, so the child gets Python's own handler.
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "clipfp8.app.cli", "index", str(corpus), "--index-dir",
+                                 str(tmp_path / "idx"), "--precision", "fake", "--no-progress", "--watch"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    finally:
+        signal.signal(signal.SIGINT, old)
     try:
         lines = []
         for line in proc.stdout:  # type: ignore[union-attr]
