@@ -16,19 +16,21 @@ The Ray engine hands the driver's ``CLIPFP8_TEST_*`` variables to its actors (``
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 _counts: Counter[str] = Counter()
+_lock = threading.Lock()  # a Ray actor reaches its checkpoints from two threads
 PREFIX = "CLIPFP8_TEST_"
 #: The exit status of a process ended by ``CLIPFP8_TEST_EXIT_AT``.
 EXIT_STATUS = 70
 
 
-def _reached(spec: str, name: str) -> bool:
+def _reached(spec: str, name: str, count: int) -> bool:
     want, _, nth = spec.rpartition(":")
-    return want == name and _counts[name] == int(nth)
+    return want == name and count == int(nth)
 
 
 def checkpoint(name: str) -> None:
@@ -38,12 +40,14 @@ def checkpoint(name: str) -> None:
     pause, crash = os.environ.get("CLIPFP8_TEST_PAUSE_AT"), os.environ.get("CLIPFP8_TEST_EXIT_AT")
     if not (pause or crash):
         return
-    _counts[name] += 1
-    if pause and _reached(pause, name):
+    with _lock:
+        _counts[name] += 1
+        count = _counts[name]
+    if pause and _reached(pause, name, count):
         Path(os.environ["CLIPFP8_TEST_PAUSE_FILE"]).write_text(str(os.getpid()))
         while True:  # wait for the test's SIGKILL
             time.sleep(0.05)
-    if crash and _reached(crash, name):
+    if crash and _reached(crash, name, count):
         marker = Path(os.environ["CLIPFP8_TEST_EXIT_MARKER"])
         if not marker.exists():
             marker.write_text(str(os.getpid()))

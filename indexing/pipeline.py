@@ -55,8 +55,8 @@ class IndexSummary:
     ``warmup_seconds``: the encoders' first-call cost paid before the first batch (a compiled
     encoder compiles or loads its engine's kernels: ``Encoder.warm_up_images``), a start cost
     like loading the model, so not part of ``total_seconds`` (the run's wall time without it).
-    With ``--engine ray`` it is the longest actor start-up (build and warm its encoders; the
-    pool waits for it before the first batch).
+    With ``--engine ray`` it is the longest first start-up of an actor (load, build and warm
+    its encoders; the pool waits for every actor before its first batch).
     """
 
     indexed: int = 0

@@ -13,7 +13,10 @@ get the same reasons and report rows as in one process. A file's vectors come ba
 encoder, hands them through ``encode_images`` unchanged, so batching, row order (ids follow the
 sorted paths) and commits are the pipeline's own.
 
-Failures: an actor that dies is restarted and its batch retried (``RETRIES``); an exception in
+Each actor works on ``ACTOR_CALLS`` batches at once on threads (one decodes while another is on
+the encoders); the pool starts only when every actor has built and warmed its encoders.
+
+Failures: an actor that dies is restarted and its batches retried (``RETRIES``); an exception in
 a batch fails the run (a bug, not a bad file: bad files are results). The driver commits only
 what came back, in order, so a killed driver resumes like the local engine. Docs:
 docs/indexing.md ("On a Ray cluster").
@@ -43,7 +46,7 @@ import torch
 from clipfp8.indexing import _testhooks
 from clipfp8.indexing.config import IndexConfig
 from clipfp8.indexing.decode import Decoded, DecodeTask, imap_bounded
-from clipfp8.indexing.embed import start_embed
+from clipfp8.indexing.embed import embed_batch
 from clipfp8.indexing.errors import IndexConfigError, IndexingError
 from clipfp8.indexing.gpu_decode import make_decoder
 from clipfp8.indexing.scan import FileEntry
@@ -59,6 +62,9 @@ RETRIES = 3
 MAX_CPU_ACTORS = 8
 #: Batches each actor works on at once: one decodes while the other is on the encoders.
 ACTOR_CALLS = 2
+#: How long the pool waits for all its actors to build and warm their encoders (a hub download
+#: included) before Ray gives up on the run.
+ACTOR_START_TIMEOUT_S = 1800
 #: What an actor builds an encoder from: a spec (``create_encoder``) or a picklable test encoder.
 Recipe = EncoderSpec | Encoder
 
@@ -169,11 +175,16 @@ class _Worker:
         # Compile (a stored engine: seconds of loading) before the first batch, as one process does.
         for enc in self.encoders:
             enc.warm_up_images(cfg.batch_size)
-        # Ray runs ACTOR_CALLS batches at once on threads: the encoders take one batch at a time
-        # (queued under the lock, waited for outside it), decoding the next overlaps the encode.
+        # Ray runs ACTOR_CALLS batches at once on threads; the encoders take one batch at a time
+        # (queued and waited for under the lock: an encoder returns results in call order), so
+        # the other batch decodes meanwhile. On the CPU the calls share the decode threads.
         self._encode_lock = threading.Lock()
-        #: Seconds from the actor's start to ready, reported once with its first batch.
+        on_cpu = all(str(e.device) == "cpu" for e in self.encoders)
+        self.workers = max(1, cfg.workers // ACTOR_CALLS) if on_cpu else cfg.workers
+        #: Seconds from the actor's start to ready, reported once with its first batch, with
+        #: the actor's id (a restarted actor reports again; the driver keeps the first).
         self._start_seconds: float | None = time.perf_counter() - t0
+        self._actor = ray.get_runtime_context().get_actor_id() or ""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tasks, needs = [], []
@@ -184,13 +195,12 @@ class _Worker:
             tasks.append(DecodeTask(entry, Path(os.fsdecode(os.path.join(self.root, entry.rel))), skip))
             needs.append({e.name for b, e in enumerate(self.encoders) if int(batch["needs"][i]) >> b & 1})
         run = getattr(self.decoder, "imap", None) or partial(imap_bounded, self.decoder)
-        done: list[Decoded] = list(run(tasks, self.cfg.workers, self.cfg.effective_lookahead))
+        done: list[Decoded] = list(run(tasks, self.workers, self.cfg.effective_lookahead))
         todo = [i for i, d in enumerate(done) if d.error is None and d.tensors]  # not skipped by hash
         vectors: dict[int, dict[str, np.ndarray]] = {}
         if todo:
             with self._encode_lock:
-                finish = start_embed(self.encoders, [done[i].tensors for i in todo], [needs[i] for i in todo])
-            res = finish()
+                res = embed_batch(self.encoders, [done[i].tensors for i in todo], [needs[i] for i in todo])
             share = sum(res.seconds.values()) / len(todo)  # each file's part of the batch's embedding
             for i, v in zip(todo, res.vectors, strict=True):
                 vectors[i] = v
@@ -205,13 +215,15 @@ class _Worker:
                  start: float | None) -> dict[str, np.ndarray]:
         """``idx``, ``sha256``/``error`` ("" for none), ``width``/``height`` (-1 for none),
         ``seconds``, ``parts`` (JSON), ``start`` (float64 (N,): the actor's start-up seconds on
-        the first row of its first batch, else 0), and per encoder i ``v{i}`` float32 (N, D) with
-        ``h{i}`` (bool (N,): row i holds a vector)."""
+        the first row of its first batch, else 0) with ``actor`` (its Ray actor id there, else
+        ""), and per encoder i ``v{i}`` float32 (N, D) with ``h{i}`` (bool (N,): row i holds a
+        vector)."""
         first = np.zeros(len(done), np.float64)
+        actor = np.array([""] * len(done), dtype=object)
         if start is not None and len(done):
-            first[0] = start
+            first[0], actor[0] = start, self._actor
         out: dict[str, np.ndarray] = {
-            "start": first,
+            "start": first, "actor": actor,
             "idx": np.asarray(idx, np.int64),
             "sha256": np.array([d.sha256 or "" for d in done], dtype=object),
             "error": np.array([d.error or "" for d in done], dtype=object),
@@ -249,9 +261,11 @@ class RayDecoder:
         self.root, self.cfg = root, cfg
         self.encoders = [RemoteEncoder(ident, size, s) for (ident, size), s in zip(self._describe(given), specs, strict=True)]
         self._last: Decoded | None = None
-        #: The longest start-up (build, compile and warm the encoders) of an actor in this run:
-        #: ``pipeline`` reports it as the warm-up, as it does one process's encoder warm-up.
+        #: The longest first start-up (build, compile and warm the encoders) of an actor in this
+        #: run -- the pool waits for all of them before its first batch: ``pipeline`` reports it as
+        #: the warm-up, as it does one process's encoder warm-up. A restart's is not counted.
         self.warmup_seconds = 0.0
+        self._started: set[str] = set()
 
     def _describe(self, given: Sequence[Recipe]) -> list[tuple[EncoderIdentity, tuple[int, int]]]:
         found: dict[int, tuple[EncoderIdentity, tuple[int, int]]] = {}
@@ -282,7 +296,7 @@ class RayDecoder:
         pending: dict[int, Decoded] = {}
         nxt = 0
         for out in self._dataset(tasks).iter_batches(batch_size=None, batch_format="numpy"):
-            self.warmup_seconds = max(self.warmup_seconds, float(np.max(out["start"], initial=0.0)))
+            self._note_starts(out)
             for j, idx in enumerate(out["idx"]):
                 pending[int(idx)] = self._decoded(out, j, tasks[int(idx)])
             while nxt in pending:  # the pool may finish batches out of order
@@ -291,6 +305,13 @@ class RayDecoder:
                 yield self._last
         if nxt != len(tasks):
             raise IndexingError(f"the Ray actor pool returned {nxt} of {len(tasks)} files")
+
+    def _note_starts(self, out: dict[str, np.ndarray]) -> None:
+        for j in np.flatnonzero(out["start"] > 0):
+            actor = str(out["actor"][j])
+            if actor not in self._started:
+                self._started.add(actor)
+                self.warmup_seconds = max(self.warmup_seconds, float(out["start"][j]))
 
     def __call__(self, task: DecodeTask) -> Decoded:
         """The pipeline asks again for the file just handed over when the moved file its hash
@@ -318,6 +339,9 @@ class RayDecoder:
         ctx.enable_progress_bars = False  # the CLI shows its own
         ctx.max_errored_blocks = 0  # never drop a batch: its files would silently stay unindexed
         ctx.actor_task_retry_on_errors = False  # a Python exception in a batch is a bug: fail loudly
+        # Start on the first batch only when every actor is ready, so that a run's timed pass holds
+        # no actor's start-up (reported as the warm-up instead).
+        ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
         return ds
 
     def _decoded(self, out: dict[str, np.ndarray], j: int, task: DecodeTask) -> Decoded:

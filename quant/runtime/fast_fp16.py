@@ -73,7 +73,10 @@ class BatchRunner:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: the indexer's decode threads (and a Ray actor's second batch) keep using
+        # the GPU on their own streams while a small batch's graph is captured here; the default
+        # ("global") would fail the capture on their allocations.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             static_out = self._call_fn(static_in)
         return graph, static_in, static_out
 

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -185,37 +186,56 @@ def test_a_killed_driver_resumes_where_it_stopped(cluster: str, tmp_path: Path) 
 
 
 class _SlowFake(FakeEncoder):
-    """A fake encoder with a compile-like warm-up and a slow encode that logs its threads."""
+    """A fake encoder with a compile-like warm-up and a slow encode; it logs each encode's
+    (start, end, pid, thread) and each image's preprocessing time (the decode stage)."""
 
     def __init__(self, log: Path) -> None:
         super().__init__()
         self.log = str(log)
 
+    def _write(self, line: str) -> None:
+        with open(self.log, "a") as f:
+            f.write(line + "\n")
+
     def warm_up_images(self, batch_size: int) -> bool:
         time.sleep(0.5)
         return True
 
+    def preprocess(self, image: Any) -> torch.Tensor:
+        self._write(f"decode {time.time()}")
+        return super().preprocess(image)
+
     def encode_images(self, images: torch.Tensor) -> np.ndarray:
-        with open(self.log, "a") as f:
-            f.write(f"{os.getpid()} {threading.get_ident()}\n")
-        time.sleep(0.2)  # long enough that the actor's other call is waiting for the encoder
-        return super().encode_images(images)
+        t0 = time.time()
+        time.sleep(0.2)  # long enough that the actor's other call decodes meanwhile
+        out = super().encode_images(images)
+        self._write(f"encode {t0} {time.time()} {os.getpid()} {threading.get_ident()}")
+        return out
 
 
 def test_actors_warm_up_first_and_decode_beside_the_encode(cluster: str, tmp_path: Path) -> None:
     """Each actor warms its encoders before its first batch (reported as the run's warm-up, not
-    in its wall time, as one process does) and runs two batches at once: the encodes come from
-    two threads of one actor (one batch decodes while the other is on the encoder)."""
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actor cannot import tests/
-    corpus = tmp_path / "corpus"
-    make_corpus(corpus, 24)
-    local = index_corpus(corpus, tmp_path / "local", [_SlowFake(tmp_path / "local.log")], config=CFG)
-    remote = index_corpus(corpus, tmp_path / "ray", [_SlowFake(tmp_path / "ray.log")], config=CFG, engine="ray")
+    in its wall time, as one process does) and runs two batches at once on two threads: the
+    encodes never overlap (one batch at a time on the encoders), and files of one batch are
+    decoded while another batch is being encoded."""
+    module = sys.modules[__name__]
+    ray.cloudpickle.register_pickle_by_value(module)  # the actor cannot import tests/
+    try:
+        corpus = tmp_path / "corpus"
+        make_corpus(corpus, 24)
+        local = index_corpus(corpus, tmp_path / "local", [_SlowFake(tmp_path / "local.log")], config=CFG)
+        remote = index_corpus(corpus, tmp_path / "ray", [_SlowFake(tmp_path / "ray.log")], config=CFG, engine="ray")
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(module)
     assert local.warmup_seconds >= 0.5 and remote.warmup_seconds >= 0.5
     assert remote.decoder == "ray:cpu" and remote.indexed == 24
-    calls = (tmp_path / "ray.log").read_text().split("\n")[:-1]
-    assert len(calls) == 24 // CFG.batch_size
-    assert len({c.split()[0] for c in calls}) == 1 and len(set(calls)) == 2, calls  # one actor, two threads
+    lines = [ln.split() for ln in (tmp_path / "ray.log").read_text().splitlines()]
+    encodes = sorted((float(a), float(b), pid, tid) for kind, a, b, pid, tid in (ln for ln in lines if ln[0] == "encode"))
+    decodes = [float(ln[1]) for ln in lines if ln[0] == "decode"]
+    assert len(encodes) == 24 // CFG.batch_size and len(decodes) == 24
+    assert len({pid for *_, pid, _ in encodes}) == 1 and len({tid for *_, tid in encodes}) == 2, encodes
+    assert all(prev[1] <= nxt[0] for prev, nxt in zip(encodes, encodes[1:], strict=False)), "encodes overlapped"
+    assert any(a < t < b for t in decodes for a, b, *_ in encodes), "no file was decoded during an encode"
     assert_same_index(tmp_path / "ray", tmp_path / "local")
 
 
