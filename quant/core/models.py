@@ -104,8 +104,9 @@ def load_model(spec: ModelSpec | None = None, text_only: bool = False) -> Loaded
     ``text_only``: the caller only encodes texts. For the default model this builds just its
     text tower, without importing open_clip or transformers (``quant.core.minilm``: equal
     embeddings, the full model's checksum; ``encode_image`` and ``preprocess`` raise); other
-    models load whole. Raises ``ModelLoadError`` naming the model name, tag or file when
-    anything is wrong.
+    models load whole, then drop their image tower (``without_image_tower``), so that moving
+    the model to a GPU moves only what a text query runs. Raises ``ModelLoadError`` naming the
+    model name, tag or file when anything is wrong.
     """
     spec = spec or ModelSpec()
     if spec.config is not None:
@@ -118,7 +119,37 @@ def load_model(spec: ModelSpec | None = None, text_only: bool = False) -> Loaded
         loaded = _from_checkpoint(spec)
     else:
         loaded = _from_open_clip(spec)
+    if text_only and not spec.is_default:
+        loaded = without_image_tower(loaded)
     loaded.model.eval()
+    return loaded
+
+
+class _NoImageTower(nn.Module):
+    """Stands in for an image tower left out of a text-only load: it keeps what the model's
+    preprocessing is derived from, and refuses to run."""
+
+    def __init__(self, image_size: Any, preprocess_cfg: dict[str, Any]) -> None:
+        super().__init__()
+        self.image_size, self.preprocess_cfg = image_size, preprocess_cfg
+
+    def forward(self, *_: Any, **__: Any) -> torch.Tensor:
+        raise ModelLoadError("this model was loaded text-only (for a text query); it has no image tower")
+
+
+def without_image_tower(loaded: LoadedModel) -> LoadedModel:
+    """``loaded`` with its image tower replaced by a stand-in that refuses images, its
+    ``preprocess`` refusing too, and its checksum fixed to the whole model's (computed first:
+    remembered per checkpoint file, so usually not hashed again). The tower's weights, never
+    read when loaded from a safetensors file (memory-mapped), are then not read at all."""
+    visual = getattr(loaded.model, "visual", None)
+    if visual is None or isinstance(visual, _NoImageTower):
+        return loaded
+    loaded.checksum = loaded.weights_checksum()
+    loaded.model.visual = _NoImageTower(getattr(visual, "image_size", loaded.image_size),
+                                        dict(getattr(visual, "preprocess_cfg", {})))
+    loaded.preprocess = _text_only_unavailable
+    loaded.source = None
     return loaded
 
 
@@ -337,5 +368,5 @@ def tiny_config(embed_dim: int = 32, image_size: int = 32, hf_text: bool = False
     return {"embed_dim": embed_dim, "vision_cfg": vision, "text_cfg": text}
 
 
-__all__ = ["LoadedModel", "load_model", "tiny_config", "build_from_config", "load_safetensors_into",
+__all__ = ["LoadedModel", "load_model", "without_image_tower", "tiny_config", "build_from_config", "load_safetensors_into",
            "state_checksum", "skip_weight_init", "minilm_path", "DEFAULT_MODEL_DIR", "DEFAULT_MODEL_NAME"]
