@@ -171,7 +171,7 @@ def stack_by_size(images: Sequence[torch.Tensor]) -> list[SizeGroup]:
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, im in enumerate(images):
         if im.ndim != 3 or im.shape[0] != 3 or im.dtype != torch.uint8:
-            raise ValueError(f"preprocess_images: image {i} is {im.dtype} {tuple(im.shape)}, expected uint8 (3, h, w)")
+            raise ValueError(f"stack_by_size: image {i} is {im.dtype} {tuple(im.shape)}, expected uint8 (3, h, w)")
         groups[(int(im.shape[1]), int(im.shape[2]))].append(i)
     return [(idx, torch.stack([images[i] for i in idx])) for idx in groups.values()]
 
@@ -182,7 +182,7 @@ def preprocess_groups(groups: Sequence[SizeGroup], count: int, spec: TransformSp
     their device, where (H, W) = ``spec.out_size``; at most ``pixel_budget`` source pixels are
     resized per call (bounds the float32 working memory)."""
     if not groups or count <= 0:
-        raise ValueError("preprocess_images: no images")
+        raise ValueError("preprocess_groups: no images")
     device = groups[0][1].device
     out = torch.empty((count, 3, *spec.out_size), dtype=torch.float32, device=device)
     for idx, stacked in groups:

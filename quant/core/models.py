@@ -328,8 +328,8 @@ def _from_checkpoint(spec: ModelSpec) -> LoadedModel:
 
 
 def _from_open_clip(spec: ModelSpec) -> LoadedModel:
-    open_clip = import_open_clip_for(spec.name)
-    _open_clip_cfg(spec.name)  # fails fast, naming the model, before any download
+    cfg = _open_clip_cfg(spec.name)  # fails fast, naming the model, before any download
+    open_clip = import_open_clip(hf=needs_transformers(cfg))
     if spec.pretrained and spec.pretrained not in open_clip.list_pretrained_tags_by_model(spec.name):
         raise ModelLoadError(
             f"unknown pretrained tag {spec.pretrained!r} for {spec.name!r}; known: "
@@ -353,8 +353,7 @@ def _from_open_clip(spec: ModelSpec) -> LoadedModel:
         tokenizer = open_clip.get_tokenizer(spec.name)
     size = model.visual.image_size
     size = (size, size) if isinstance(size, int) else tuple(size)
-    embed_dim = int(_open_clip_cfg(spec.name)["embed_dim"])
-    return LoadedModel(model, preprocess, tokenizer, spec, size, embed_dim)
+    return LoadedModel(model, preprocess, tokenizer, spec, size, int(cfg["embed_dim"]))
 
 
 def tiny_config(embed_dim: int = 32, image_size: int = 32, hf_text: bool = False) -> dict[str, Any]:
