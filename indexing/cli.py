@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from clipfp8.indexing.config import DECODE_MODES, DEFAULT_MAX_ASPECT, DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, ENGINES
+from clipfp8.indexing.config import DECODE_MODES, DEFAULT_MAX_ASPECT, DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, ENGINES, IndexConfig
 from clipfp8.quant.cli import CLIUsageError, add_encoder_args, encoder_spec_from_args, positive_int
 from clipfp8.quant.core.config import AUTO_PRECISION, PRECISIONS
 
@@ -85,7 +85,7 @@ def index_encoder(store: Any, args: argparse.Namespace, precision: str, text_onl
 def cmd_index(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from clipfp8.indexing.config import DEFAULT_EXTENSIONS, IndexConfig
+    from clipfp8.indexing.config import DEFAULT_EXTENSIONS
     from clipfp8.indexing.pipeline import index_corpus
     from clipfp8.indexing.report import format_bad_files
     from clipfp8.indexing.scan import check_corpus
@@ -100,7 +100,8 @@ def cmd_index(args: argparse.Namespace) -> int:
                       max_pixels=args.max_pixels,
                       max_file_bytes=args.max_file_bytes, max_aspect=args.max_aspect,
                       extensions=tuple(args.extensions or DEFAULT_EXTENSIONS),
-                      jpeg_draft=args.jpeg_draft, rehash=args.rehash, decode=args.decode)
+                      jpeg_draft=args.jpeg_draft, rehash=args.rehash, decode=args.decode,
+                      encode_ahead=args.encode_ahead)
 
     def encoders() -> list[Any]:  # called once the index is locked: a second writer fails fast
         make = ray_encoder_spec if args.engine == "ray" else make_encoder
@@ -323,6 +324,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode", choices=DECODE_MODES, default="auto",
                    help="JPEG decoding: auto = batched nvJPEG + preprocessing on the GPU when every "
                         "encoder runs on CUDA, else Pillow on CPU threads; cpu; gpu (force)")
+    p.add_argument("--encode-ahead", type=positive_int, default=IndexConfig.encode_ahead, metavar="N",
+                   help="batches left queued on a GPU encoder while the next is prepared (default 2: "
+                        "the GPU stays busy through a commit or a slow read; 1 holds less GPU memory)")
     p.add_argument("--engine", choices=ENGINES, default="local",
                    help="local: decode and embed in this process; ray: in a Ray actor pool (one actor per "
                         "GPU), while this process scans, plans and commits (pip install 'clip-fp8[ray]')")

@@ -44,6 +44,11 @@ class IndexConfig:
     on the encoders' device (an error when it cannot serve them).
     ``train_min``: vectors needed before a trainable factory is trained; below it the index
     stays exact (Flat).
+    ``encode_ahead`` (``--encode-ahead``): batches left queued on the encoders (a GPU) while the
+    host prepares the next one. 1 is enough when the host is always faster than the device; 2
+    keeps the device busy through the host's uneven moments (a commit, a slow read, the thread
+    that issues the device work waiting for the GIL), at the cost of one more batch of device
+    memory. A CPU encoder encodes at once, so this changes nothing there.
     """
 
     batch_size: int = 64
@@ -62,9 +67,10 @@ class IndexConfig:
     jpeg_draft: bool = False
     rehash: bool = False
     decode: str = "auto"
+    encode_ahead: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "workers", "commit_every", "max_pixels", "max_file_bytes"):
+        for name in ("batch_size", "workers", "commit_every", "max_pixels", "max_file_bytes", "encode_ahead"):
             if getattr(self, name) < 1:
                 raise ValueError(f"IndexConfig.{name} (--{name.replace('_', '-')}) must be >= 1, "
                                  f"got {getattr(self, name)}")

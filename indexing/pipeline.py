@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +103,12 @@ class _Op:
     row: dict[str, Any]
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     drop_vectors: bool = False
+
+
+#: A batch queued on the encoders: (its files in order with their ops, None where a vector is
+#: due; the files being embedded; the function that waits for their vectors, None if none).
+_InFlight = tuple[list[tuple[Task, Decoded, "_Op | None"]], list[tuple[Task, Decoded]],
+                  Callable[[], EmbedResult] | None]
 
 
 def _row(entry: FileEntry, d: Decoded | None = None, error: str | None = None) -> dict[str, Any]:
@@ -196,9 +202,8 @@ class _Run:
         self.summary = IndexSummary()
         self.seconds: defaultdict[str, float] = defaultdict(float)
         self.ops: list[_Op] = []
-        #: The batch queued on the encoders and not yet waited for (see ``_embed``).
-        self.inflight: tuple[list[tuple[Task, Decoded, _Op | None]], list[tuple[Task, Decoded]],
-                             Callable[[], EmbedResult] | None] | None = None
+        #: Batches queued on the encoders and not yet waited for, oldest first (see ``_embed``).
+        self.inflight: deque[_InFlight] = deque()
         self.last_commit = time.monotonic()
         # Handled files in task order; an entry without an op still needs embedding. Ops are
         # emitted in this order so row ids follow the sorted paths (a resumed run matches).
@@ -284,7 +289,8 @@ class _Run:
             if self.progress is not None:
                 self.progress(done, len(tasks))
         self._embed()
-        self._finish_embed()
+        while self.inflight:
+            self._finish_embed()
 
     def _handle(self, task: Task, d: Decoded) -> None:
         if d.error is None and d.sha256 in task.skip_hashes:
@@ -321,8 +327,10 @@ class _Run:
 
     def _embed(self) -> None:
         """Queue the pending files that need it on the encoders (one batch per encoder), then
-        finish the batch queued before this one: on a GPU the device encodes this batch while
-        the host decodes the next (``start_embed``). Ops are emitted in file order."""
+        finish the oldest batches until ``cfg.encode_ahead`` stay queued: on a GPU the device
+        encodes them while the host decodes the next (``start_embed``). Two queued batches
+        keep the device busy when one host step runs long (a commit, a slow read, the GIL);
+        with one, every such step left the device idle. Ops are emitted in file order."""
         batch, self.pending, self.to_embed = self.pending, [], 0
         self._settle(batch)
         todo = [(t, d) for t, d, op in batch if op is None]
@@ -330,9 +338,10 @@ class _Run:
         if todo:
             with self.timed("embed"):
                 finish = start_embed(self.encoders, [d.tensors for _, d in todo], [t.needs for t, _ in todo])
-        self._finish_embed()
         if batch:
-            self.inflight = (batch, todo, finish)
+            self.inflight.append((batch, todo, finish))
+        while len(self.inflight) > self.cfg.encode_ahead:
+            self._finish_embed()
 
     def _settle(self, batch: list[tuple[Task, Decoded, _Op | None]]) -> None:
         """Decode what the decoder deferred (``Decoded.pending``) right before it is queued on
@@ -348,11 +357,10 @@ class _Run:
                 batch[k] = (t, d, self._error(d.entry, t.row, d.error))
 
     def _finish_embed(self) -> None:
-        """Wait for the batch in flight, if any, and turn it into ops."""
-        if self.inflight is None:
+        """Wait for the oldest batch in flight, if any, and turn it into ops."""
+        if not self.inflight:
             return
-        batch, todo, finish = self.inflight
-        self.inflight = None
+        batch, todo, finish = self.inflight.popleft()
         if finish is not None:
             with self.timed("embed"):
                 res = finish()
@@ -399,8 +407,8 @@ class _Run:
                 booked.append({"image_id": op.id, "encoder_id": self.enc_ids[name]})
             if op.drop_vectors:
                 db.execute("DELETE FROM embeddings WHERE image_id=?", [op.id])
-        db["images"].insert_all(inserts)
-        db["embeddings"].insert_all(booked, ignore=True)
+        dbm.insert_rows(db, "images", inserts)
+        dbm.insert_rows(db, "embeddings", booked, ignore=True)
         _delete_rows(db, doomed)
         changed: set[str] = set()
         for name, vec in vecs.items():

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from clipfp8.indexing.config import IndexConfig
@@ -35,10 +36,11 @@ class DeferredFake(FakeEncoder):
         return result
 
 
-def test_batches_overlap_and_index_is_unchanged(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ahead", [1, 2, 3])
+def test_batches_overlap_and_index_is_unchanged(tmp_path: Path, ahead: int) -> None:
     corpus = tmp_path / "corpus"
     make_corpus(corpus, 22)
-    cfg = IndexConfig(batch_size=4, workers=2, commit_every=8)
+    cfg = IndexConfig(batch_size=4, workers=2, commit_every=8, encode_ahead=ahead)
     index_corpus(corpus, tmp_path / "plain", encoders(), config=cfg)
     logs: list[list[tuple[str, int]]] = [[], []]
     deferred = [DeferredFake(log, dim=e.dim, precision=e.precision, noise=e.noise, name=e.name)
@@ -47,9 +49,17 @@ def test_batches_overlap_and_index_is_unchanged(tmp_path: Path) -> None:
     assert index_state(tmp_path / "deferred") == index_state(tmp_path / "plain")
     for enc, log in zip(deferred, logs, strict=True):
         assert enc.started == 6  # 22 files in batches of 4
-        assert sorted(k for what, k in log if what == "finish") == list(range(6))  # all waited for, once
-        # Batch k+1 was queued before batch k was waited for: the device would never idle.
-        assert all(log.index(("start", k + 1)) < log.index(("finish", k)) for k in range(5))
+        assert [k for what, k in log if what == "finish"] == list(range(6))  # all waited for, once, in order
+        # Batch k+ahead was queued before batch k was waited for: the device had `ahead`
+        # batches to work through while the host prepared the next one...
+        assert all(log.index(("start", k + ahead)) < log.index(("finish", k)) for k in range(6 - ahead))
+        # ... and no more: batch k+ahead+1 waited for batch k (device memory stays bounded).
+        assert all(log.index(("finish", k)) < log.index(("start", k + ahead + 1)) for k in range(5 - ahead))
+
+
+def test_encode_ahead_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="encode_ahead.*--encode-ahead.*>= 1"):
+        IndexConfig(encode_ahead=0)
 
 
 class WarmingFake(FakeEncoder):

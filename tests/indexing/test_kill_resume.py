@@ -71,7 +71,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict:
     ("pipeline:batch_embedded:3", 0),   # mid-run, between commit points
     ("commit:faiss_written:2", 0),      # new FAISS files durable, database not committed
     ("commit:db_committed:2", 0),       # database committed, old FAISS files not yet deleted
-    ("commit:faiss_written:4", 0),      # inside the final commit
+    ("commit:faiss_written:3", 0),      # inside the final commit (the third, with the default --encode-ahead 2)
     (None, 0.4),                        # whenever: a while after the (slowed) run started
     (None, 1.1),
 ])

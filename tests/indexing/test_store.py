@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,21 @@ def test_database_full_during_commit_is_a_storage_error(corpus: Path, tmp_path: 
         index_corpus(corpus, idx, encoders(), workers=1)
     assert index_state(idx) == before
     assert len(list((idx / "vectors").iterdir())) == 2
+
+
+def test_insert_rows_matches_sqlite_utils_whatever_the_key_order(tmp_path: Path) -> None:
+    db = dbm.connect(tmp_path / "m.sqlite", create=True)
+    row = {"id": 1, "path": "a.jpg", "path_raw": b"a.jpg", "size": 3, "mtime_ns": 4, "sha256": "ab",
+           "width": 5, "height": 6, "status": "ok", "error": None, "indexed_at": 7.5}
+    # The same keys in another order: values must land in their own columns.
+    shuffled = dict(reversed(list(dict(row, id=2, path="b.jpg", path_raw=b"b.jpg").items())))
+    dbm.insert_rows(db, "images", [row, shuffled])
+    got = {r["id"]: r for r in db.query("SELECT * FROM images")}
+    assert got[1] == row and got[2]["path_raw"] == b"b.jpg" and got[2]["width"] == 5
+    dbm.insert_rows(db, "embeddings", [{"image_id": 1, "encoder_id": 1}, {"image_id": 1, "encoder_id": 1}], ignore=True)
+    assert db["embeddings"].count == 1  # the duplicate was ignored
+    with pytest.raises(sqlite3.IntegrityError):  # without ignore, a duplicate path is refused
+        dbm.insert_rows(db, "images", [dict(row, id=3)])
+    # Rows of different shapes (a missing optional column) still go in.
+    dbm.insert_rows(db, "images", [dict(row, id=4, path_raw=b"c"), {"id": 5, "path": "d", "path_raw": b"d"}])
+    assert db["images"].count == 4 and db["images"].get(5)["status"] is None
