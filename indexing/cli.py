@@ -101,7 +101,7 @@ def cmd_index(args: argparse.Namespace) -> int:
                       max_file_bytes=args.max_file_bytes, max_aspect=args.max_aspect,
                       extensions=tuple(args.extensions or DEFAULT_EXTENSIONS),
                       jpeg_draft=args.jpeg_draft, rehash=args.rehash, decode=args.decode,
-                      encode_ahead=args.encode_ahead)
+                      encode_ahead=args.encode_ahead, read_processes=args.read_processes)
 
     def encoders() -> list[Any]:  # called once the index is locked: a second writer fails fast
         make = ray_encoder_spec if args.engine == "ray" else make_encoder
@@ -327,6 +327,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encode-ahead", type=positive_int, default=IndexConfig.encode_ahead, metavar="N",
                    help="batches left queued on a GPU encoder while the next is prepared (default 2: "
                         "the GPU stays busy through a commit or a slow read; 1 holds less GPU memory)")
+    p.add_argument("--read-processes", type=int, default=0, metavar="N",
+                   help="GPU path: read and check the files in N processes instead of threads of this one "
+                        "(0, the default: threads); frees the GIL for the thread that feeds the GPU")
     p.add_argument("--engine", choices=ENGINES, default="local",
                    help="local: decode and embed in this process; ray: in a Ray actor pool (one actor per "
                         "GPU), while this process scans, plans and commits (pip install 'clip-fp8[ray]')")

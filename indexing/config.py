@@ -49,6 +49,12 @@ class IndexConfig:
     keeps the device busy through the host's uneven moments (a commit, a slow read, the thread
     that issues the device work waiting for the GIL), at the cost of one more batch of device
     memory. A CPU encoder encodes at once, so this changes nothing there.
+    ``read_processes`` (``--read-processes``): on the GPU path, read, hash and check the files in
+    this many processes instead of threads of the indexing process (0, the default: threads),
+    so that the readers' Python does not compete for the GIL with the thread that feeds the GPU.
+    Local engine only. multiprocessing starts them (forkserver), so a script that calls
+    ``index_corpus`` with it needs the ``if __name__ == "__main__":`` guard; without one the
+    processes fail and the threads take over, with a warning.
     """
 
     batch_size: int = 64
@@ -68,6 +74,7 @@ class IndexConfig:
     rehash: bool = False
     decode: str = "auto"
     encode_ahead: int = 2
+    read_processes: int = 0
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "workers", "commit_every", "max_pixels", "max_file_bytes", "encode_ahead"):
@@ -82,6 +89,8 @@ class IndexConfig:
             raise ValueError(f"IndexConfig.commit_interval_s (--commit-interval) must be >= 0 seconds, got {self.commit_interval_s}")
         if not 0.0 <= self.commit_fraction <= 1.0:
             raise ValueError(f"IndexConfig.commit_fraction must be in [0, 1], got {self.commit_fraction}")
+        if self.read_processes < 0:
+            raise ValueError(f"IndexConfig.read_processes (--read-processes) must be >= 0, got {self.read_processes}")
         if self.lookahead < 0 or self.train_min < 0:
             raise ValueError("IndexConfig.lookahead and train_min must be >= 0")
         exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in self.extensions)

@@ -18,12 +18,8 @@ Decoded``) handing back device tensors; the pipeline only depends on that protoc
 from __future__ import annotations
 
 import contextlib
-import errno
-import hashlib
 import io
 import logging
-import os
-import stat
 import threading
 import time
 from collections import deque
@@ -40,7 +36,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clipfp8.indexing.config import DEFAULT_MAX_ASPECT, DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
 from clipfp8.indexing.errors import DecodeError
-from clipfp8.indexing.scan import FileEntry, special_file_kind
+from clipfp8.indexing.fileread import check_file, read_and_hash
+from clipfp8.indexing.scan import FileEntry
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +51,6 @@ for _plugin in ("pillow_heif", "pillow_avif"):  # optional HEIC/AVIF openers
 
 Preprocess = Callable[[Image.Image], torch.Tensor]
 
-_CHUNK = 8 << 20  # read (and hash) size; one chunk holds any ordinary photo, so no join copy
 
 
 # ----- the pixel limit, per call -------------------------------------------------------------
@@ -140,68 +136,7 @@ class Decoder(Protocol):
     def __call__(self, task: DecodeTask) -> Decoded: ...
 
 
-# ----- reading ---------------------------------------------------------------------------------
-def _os_error(e: OSError) -> DecodeError:
-    if isinstance(e, PermissionError):
-        return DecodeError("permission_denied", str(e))
-    return DecodeError("symlink_loop" if e.errno == errno.ELOOP else "unreadable", str(e))
-
-
-def _too_large(size: int, max_bytes: int, what: str = "") -> DecodeError:
-    return DecodeError("file_too_large", f"{what}{size:,} bytes > the limit of {max_bytes:,} "
-                                         "(--max-file-bytes)")
-
-
-def check_file(path: Path, max_bytes: int) -> os.stat_result:
-    """``stat`` (symlinks followed) without opening: raises ``DecodeError`` ``not_regular_file``
-    for FIFOs, devices and sockets (opening a FIFO blocks), ``file_too_large`` above
-    ``max_bytes``, or the reason of the ``OSError``."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise _os_error(e) from e
-    if not stat.S_ISREG(st.st_mode):
-        raise DecodeError("not_regular_file", special_file_kind(st.st_mode))
-    if st.st_size > max_bytes:
-        raise _too_large(st.st_size, max_bytes)
-    return st
-
-
-def _open_nonblocking(path: str, flags: int) -> int:
-    # Should the file be swapped for a FIFO after check_file, opening must not block either.
-    return os.open(path, flags | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
-
-
-def read_and_hash(path: Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> tuple[bytes, str]:
-    """The file's bytes and their sha256 hex digest, read in chunks hashed as they arrive.
-    Never reads more than ``max_bytes + 1`` bytes, whatever size ``stat`` reported. Raises
-    ``DecodeError`` (``not_regular_file``, ``file_too_large``, ``permission_denied``,
-    ``symlink_loop``, ``unreadable``)."""
-    st = check_file(path, max_bytes)
-    digest = hashlib.sha256()
-    chunks: list[bytes] = []
-    total = 0
-    try:
-        with open(path, "rb", buffering=0, opener=_open_nonblocking) as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise DecodeError("not_regular_file", "replaced while being read")
-            # First read sized by stat (one allocation, no copy for an honest size), then
-            # chunks until EOF or the cap.
-            want = min(st.st_size, max_bytes) + 1
-            while True:
-                chunk = f.read(want)
-                if not chunk:
-                    break
-                total += len(chunk)
-                if total > max_bytes:
-                    raise _too_large(total, max_bytes, "read more than stat reported: at least ")
-                digest.update(chunk)
-                chunks.append(chunk)
-                want = min(_CHUNK, max_bytes + 1 - total)
-    except OSError as e:
-        raise _os_error(e) from e
-    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    return data, digest.hexdigest()
+# ----- reading: clipfp8.indexing.fileread (no torch there: reader processes import it) -----
 
 
 def read_file(path: Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:

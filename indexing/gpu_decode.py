@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, nullcontext
 from dataclasses import dataclass
@@ -32,31 +32,16 @@ from typing import Any
 import torch
 
 from clipfp8.indexing.config import IndexConfig
-from clipfp8.indexing.decode import Decoded, Decoder, DecodeTask, ImageDecoder, read_and_hash
-from clipfp8.indexing.errors import DecodeError, IndexConfigError
+from clipfp8.indexing.decode import Decoded, Decoder, DecodeTask, ImageDecoder
+from clipfp8.indexing.errors import IndexConfigError
+from clipfp8.indexing.gpu_read import JPEG_SUFFIXES, DeviceReads
+from clipfp8.indexing.gpu_read import Budget as _Budget
+from clipfp8.indexing.gpu_read import Item as _Item
 from clipfp8.indexing.gpu_transform import SizeGroup, TransformSpec, preprocess_groups, stack_by_size, transform_spec
-from clipfp8.indexing.jpeg_header import gpu_refusal
 from clipfp8.quant.core.cuda_env import queue_warning
 from clipfp8.quant.core.encoder import Encoder
 
 log = logging.getLogger(__name__)
-
-JPEG_SUFFIXES = (b".jpg", b".jpeg", b".jpe", b".jfif")
-
-
-@dataclass
-class _Item:
-    """A file on its way: ``out`` is final unless ``data`` (the JPEG bytes, uint8 (n,) on the
-    CPU) awaits the device, which must decode it to ``shape`` (3, height, width) as its header
-    says. ``held``: bytes counted against ``max_bytes_in_flight`` (the scanned size) until the
-    device is done."""
-
-    task: DecodeTask
-    out: Decoded
-    held: int
-    data: torch.Tensor | None = None
-    shape: tuple[int, int, int] | None = None
-
 
 @dataclass
 class _Streams:
@@ -81,19 +66,6 @@ class _Chunk:
 #: The decode thread's answer for a batch: its chunks, an event on ``_Streams.decode`` that marks
 #: their stacks ready (None on the CPU), and the seconds it took.
 _Raw = tuple[list[_Chunk], Any, float]
-
-
-class _Budget:
-    """Bytes in flight (``max_bytes_in_flight``), shared by the reading generator and the decode
-    thread, which gives a batch's bytes back once nvJPEG is done with them."""
-
-    def __init__(self) -> None:
-        self.value = 0
-        self._lock = threading.Lock()
-
-    def add(self, n: int) -> None:
-        with self._lock:
-            self.value += n
 
 
 class _Batch:
@@ -154,26 +126,28 @@ class GpuDecoder:
     fallbacks (its limits ``max_pixels``, ``max_file_bytes``, ``max_aspect`` apply here too).
     ``batch_size``: files per device batch; ``max_batch_pixels``: decoded pixels per
     ``decode_jpeg`` call (bounds device memory). ``stats`` counts files by route:
-    ``gpu``, ``cpu:<refusal reason>``, ``cpu:device_failed``.
+    ``gpu``, ``cpu:<refusal reason>``, ``cpu:device_failed``. Files are read by
+    ``gpu_read.DeviceReads``: on up to ``max_readers`` threads, or in ``read_processes``
+    reader processes (``--read-processes``).
     """
 
     def __init__(self, specs: dict[str, TransformSpec], cpu: ImageDecoder, device: str,
                  batch_size: int = 64, max_bytes_in_flight: int = 1 << 30,
-                 max_batch_pixels: int = 256_000_000, max_readers: int = 4) -> None:
+                 max_batch_pixels: int = 256_000_000, max_readers: int = 4, read_processes: int = 0) -> None:
         if set(specs) != set(cpu.preprocess):
             raise ValueError(f"GpuDecoder: specs for {sorted(specs)} but CPU preprocess for {sorted(cpu.preprocess)}")
         self.specs, self.cpu, self.device = specs, cpu, torch.device(device)
-        self.batch_size, self.max_readers = max(1, batch_size), max(1, max_readers)
-        self.max_bytes_in_flight = max(max_bytes_in_flight, cpu.max_file_bytes)
+        self.batch_size = max(1, batch_size)
         self.max_batch_pixels = max_batch_pixels
         self.stats: Counter[str] = Counter()
         self._lock = threading.Lock()
+        self.reads = DeviceReads(cpu, self._count, max_readers, max_bytes_in_flight, read_processes)
 
     # ----- one file --------------------------------------------------------------------------
     def __call__(self, task: DecodeTask) -> Decoded:
         """Decode one file synchronously; on CUDA with the same streams as ``imap`` (the
         caller's current stream is made to wait for its tensors)."""
-        item = self._read(task, 0)
+        item = self.reads.item(task, 0)
         if item.data is not None:
             _Batch(self, [item], self._streams(), _Budget())()
         return item.out
@@ -187,52 +161,6 @@ class GpuDecoder:
     def _count(self, route: str, n: int = 1) -> None:
         with self._lock:
             self.stats[route] += n
-
-    def _read(self, task: DecodeTask, held: int) -> _Item:
-        """Read + hash + header check (a worker thread). Refused files are finished here by the
-        CPU path; the others keep their bytes for the device."""
-        item = _Item(task, Decoded(task.entry), held)
-        if not task.entry.rel.lower().endswith(JPEG_SUFFIXES):
-            self._count("cpu:not_jpeg")
-            item.out = self.cpu(task)
-            return item
-        t0 = time.perf_counter()
-        out = item.out
-        try:
-            data, out.sha256 = read_and_hash(task.path, self.cpu.max_file_bytes)
-            t1 = time.perf_counter()
-            out.parts["read"] = t1 - t0
-            if out.sha256 not in task.skip_hashes:
-                reason, head = gpu_refusal(data, self.cpu.max_pixels, self.cpu.max_aspect)
-                out.parts["header"] = time.perf_counter() - t1
-                if reason is not None or head is None:
-                    self._count(f"cpu:{reason or 'bad_header'}")
-                    return self._fallback(item)
-                # The tensor is made here, on the reader's thread: every torch call releases and
-                # retakes the GIL, and the thread that issues the device work must not queue
-                # for it once per file (see ``imap``).
-                item.data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                item.shape = (3, head.height, head.width)
-                out.width, out.height = head.width, head.height
-        except DecodeError as e:
-            out.error = str(e)
-        except Exception as e:  # one broken file must never stop the run
-            log.warning("unexpected error reading %s: %r", task.path, e)
-            out.error = f"decode_failed: {type(e).__name__}: {e}"
-        out.seconds = time.perf_counter() - t0
-        return item
-
-    def _fallback(self, item: _Item) -> _Item:
-        """The CPU path for this file (it reads the file again: its rules, its reasons)."""
-        fresh, out = self.cpu(item.task), item.out
-        # In place: a deferred file's ``Decoded`` is already in the caller's hands.
-        out.sha256, out.width, out.height = fresh.sha256, fresh.width, fresh.height
-        out.tensors, out.error = fresh.tensors, fresh.error
-        out.seconds = fresh.seconds + sum(out.parts.values())
-        for part, sec in fresh.parts.items():
-            out.parts[part] = out.parts.get(part, 0.0) + sec
-        item.data = None
-        return item
 
     # ----- batches on the device -------------------------------------------------------------
     def _pixel_chunks(self, items: list[_Item]) -> Iterator[list[_Item]]:
@@ -357,7 +285,7 @@ class GpuDecoder:
         for it in failed:
             it.out.tensors = {}
             self._count("cpu:device_failed")
-            self._fallback(it)
+            self.reads.fallback(it)
 
     # ----- the stream --------------------------------------------------------------------------
     #: ``imap`` takes ``defer`` (the local pipeline asks for it; Ray's actors do not).
@@ -390,7 +318,6 @@ class GpuDecoder:
         device still encodes the previous batch. Batches are finished regardless when the byte
         budget (``max_bytes_in_flight``) runs out."""
         streams = self._streams()
-        readers = max(1, min(workers, self.max_readers))
         budget = _Budget()
         owed: deque[_Batch] = deque()  # deferred batches not yet preprocessed, oldest first
         formed: deque[tuple[_Batch, bool]] = deque()  # (batch, starved), not yet handed out
@@ -404,7 +331,7 @@ class GpuDecoder:
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu-decode")
         ended = False
         try:
-            with closing(self._reads(tasks, readers, lookahead, budget)) as reads:
+            with closing(self.reads.stream(tasks, workers, lookahead, budget)) as reads:
                 groups = self._groups(reads, budget, release)
                 while True:
                     while len(formed) <= self.decode_ahead and not (formed and formed[-1][1]):
@@ -428,32 +355,6 @@ class GpuDecoder:
             # closed early, it stops: batches it had not started are then decoded when settled.
             pool.shutdown(wait=not ended, cancel_futures=not ended)
             self._log_stats()
-
-    def _reads(self, tasks: Iterable[DecodeTask], workers: int, lookahead: int,
-               budget: _Budget) -> Generator[_Item | None, None, None]:
-        """``_read`` on ``workers`` threads, in order, with at most ``lookahead`` files and
-        ``max_bytes_in_flight`` bytes (``budget``) in flight. Yields None when the byte budget is
-        spent and nothing is being read: the caller must then decode what it holds."""
-        it = iter(tasks)
-        nxt = next(it, None)
-        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="gpu-read") as ex:
-            pending: deque = deque()
-            try:
-                while True:
-                    while nxt is not None and len(pending) < max(1, lookahead) and (
-                            budget.value == 0 or budget.value + nxt.entry.size <= self.max_bytes_in_flight):
-                        budget.add(nxt.entry.size)
-                        pending.append(ex.submit(self._read, nxt, nxt.entry.size))
-                        nxt = next(it, None)
-                    if pending:
-                        yield pending.popleft().result()
-                    elif nxt is None:
-                        return
-                    else:
-                        yield None
-            finally:
-                for fut in pending:
-                    fut.cancel()
 
     def _groups(self, reads: Iterator[_Item | None], budget: _Budget,
                 release: Callable[[], None]) -> Iterator[tuple[list[_Item], bool]]:
@@ -551,7 +452,7 @@ def choose_decoder(encoders: Sequence[Encoder], cfg: IndexConfig, cpu: ImageDeco
     slow = queue_warning() if torch.device(device).type == "cuda" else None
     if slow is not None:
         log.warning("%s", slow)
-    return GpuDecoder(specs, cpu, device, batch_size=cfg.batch_size)
+    return GpuDecoder(specs, cpu, device, batch_size=cfg.batch_size, read_processes=cfg.read_processes)
 
 
 def make_decoder(encoders: Sequence[Encoder], cfg: IndexConfig) -> Decoder:

@@ -144,6 +144,8 @@ def index_corpus(corpus: str | Path, index_dir: str | Path, encoders: Encoders |
     if engine == "ray":
         if decoder is not None:
             raise IndexConfigError("index_corpus: decoder= applies to the local engine only")
+        if cfg.read_processes:  # an actor decodes one batch per call: a pool per call would cost more
+            raise IndexConfigError("--read-processes applies to the local engine only (Ray's actors are processes already)")
         return _index_on_ray(root, index_dir, encoders, cfg, progress, ray_address)
     if ray_address is not None:
         raise IndexConfigError("--ray-address needs --engine ray")

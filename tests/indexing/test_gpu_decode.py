@@ -4,9 +4,13 @@ tests repeat it with nvJPEG on CUDA."""
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import sqlite3
 import threading
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +20,9 @@ import torch
 from clipfp8.indexing.config import IndexConfig
 from clipfp8.indexing.decode import Decoded, DecodeTask, ImageDecoder, imap_bounded, settle
 from clipfp8.indexing.errors import IndexConfigError
+from clipfp8.indexing.fileread import ReadResult
 from clipfp8.indexing.gpu_decode import GpuDecoder, choose_decoder
+from clipfp8.indexing.gpu_read import Item, _Chunks
 from clipfp8.indexing.gpu_transform import transform_spec
 from clipfp8.indexing.pipeline import index_corpus
 from clipfp8.quant.core.config import EncoderSpec
@@ -38,11 +44,11 @@ def encoder() -> Encoder:
     return create_encoder(EncoderSpec(precision="fp32", device="cpu"))
 
 
-def decoders(enc: Encoder, device: str, **limits: object) -> tuple[ImageDecoder, GpuDecoder]:
+def decoders(enc: Encoder, device: str, read_processes: int = 0, **limits: object) -> tuple[ImageDecoder, GpuDecoder]:
     cpu = ImageDecoder({enc.name: enc.preprocess}, **limits)  # type: ignore[arg-type]
     spec = transform_spec(enc.preprocess_transform)
     assert spec is not None
-    return cpu, GpuDecoder({enc.name: spec}, cpu, device, batch_size=16)
+    return cpu, GpuDecoder({enc.name: spec}, cpu, device, batch_size=16, read_processes=read_processes)
 
 
 def both_paths(enc: Encoder, paths: list[Path], root: Path,
@@ -115,10 +121,11 @@ def bad_corpus(root: Path) -> dict[str, str]:
             "text.jpg": "cpu:not_jpeg", "ok.jpg": "gpu"}
 
 
-def test_fallbacks_give_the_cpu_paths_results(encoder: Encoder, tmp_path: Path) -> None:
+@pytest.mark.parametrize("procs", [0, 2])
+def test_fallbacks_give_the_cpu_paths_results(encoder: Encoder, tmp_path: Path, procs: int) -> None:
     routes = bad_corpus(tmp_path / "c")
     paths = sorted((tmp_path / "c").iterdir())
-    cpu, gpu = decoders(encoder, "cpu", max_pixels=MAX_PIXELS)
+    cpu, gpu = decoders(encoder, "cpu", read_processes=procs, max_pixels=MAX_PIXELS)
     ts = tasks(paths, tmp_path / "c")
     ref, got = list(imap_bounded(cpu, ts, 2, 8)), list(gpu.imap(ts, 2, 8))
     assert gpu.stats == Counter(routes.values())
@@ -139,14 +146,15 @@ def test_fallbacks_give_the_cpu_paths_results(encoder: Encoder, tmp_path: Path) 
     assert one.sha256 == got[-1].sha256 and torch.equal(one.tensors[encoder.name], got[-1].tensors[encoder.name])
 
 
-def test_stream_keeps_order_under_a_tight_byte_budget(encoder: Encoder, tmp_path: Path) -> None:
+@pytest.mark.parametrize("procs", [0, 2])
+def test_stream_keeps_order_under_a_tight_byte_budget(encoder: Encoder, tmp_path: Path, procs: int) -> None:
     paths = write_photos(tmp_path / "c", 30)
     ts = tasks(paths, tmp_path / "c")
     skip = frozenset({_sha(paths[4])})
     ts[4] = DecodeTask(ts[4].entry, ts[4].path, skip)  # an unchanged/moved file: hashed, not decoded
     _, roomy = decoders(encoder, "cpu")
-    _, tight = decoders(encoder, "cpu")
-    tight.max_bytes_in_flight = 20_000  # one or two files at a time (larger ones alone): early flushes
+    _, tight = decoders(encoder, "cpu", read_processes=procs)
+    tight.reads.max_bytes_in_flight = 20_000  # one or two files at a time (larger ones alone): early flushes
     a, b = list(roomy.imap(ts, 2, 64)), list(tight.imap(ts, 3, 64))
     assert [d.entry for d in b] == [t.entry for t in ts] == [d.entry for d in a]
     assert a[4].tensors == {} == b[4].tensors and a[4].sha256 == next(iter(skip)) == b[4].sha256
@@ -193,7 +201,7 @@ def test_deferred_stream_decodes_itself_when_the_byte_budget_runs_out(encoder: E
     ts = tasks(paths, tmp_path / "c")
     _, roomy = decoders(encoder, "cpu")
     _, tight = decoders(encoder, "cpu")
-    tight.max_bytes_in_flight = 20_000  # unsettled batches hold their bytes: the stream must decode them
+    tight.reads.max_bytes_in_flight = 20_000  # unsettled batches hold their bytes: the stream must decode them
     a, b = list(roomy.imap(ts, 2, 64)), list(tight.imap(ts, 3, 64, defer=True))
     assert sum(d.pending is None for d in b) >= 25  # decoded by the stream itself, not by a caller
     settle(b)
@@ -235,13 +243,67 @@ def test_batches_are_decoded_ahead_on_the_decode_thread(encoder: Encoder, tmp_pa
     assert all(d.error is None and d.tensors for d in rest)
 
 
-def test_closing_the_stream_early_stops_its_threads(encoder: Encoder, tmp_path: Path) -> None:
-    paths = write_photos(tmp_path / "c", 40)
-    _, gpu = decoders(encoder, "cpu")
+@pytest.mark.parametrize("procs", [0, 2])
+def test_closing_the_stream_early_stops_its_threads(encoder: Encoder, tmp_path: Path, procs: int) -> None:
+    paths = write_photos(tmp_path / "c", 100)  # more than the batches decoded ahead (3 x 16): still reading
+    _, gpu = decoders(encoder, "cpu", read_processes=procs)
     stream = gpu.imap(tasks(paths, tmp_path / "c"), 2, 8)
     assert next(stream).error is None
+    assert bool(_reader_processes()) == bool(procs)  # they did the reading
     stream.close()
     assert not [t for t in threading.enumerate() if t.name.startswith(("gpu-decode", "gpu-read"))]
+    assert not _reader_processes()  # gone too
+
+
+def _reader_processes() -> list[int]:
+    """Pids of the live processes forked by multiprocessing's forkserver (Linux /proc): the
+    reader processes of a stream (the forkserver itself is this process's child)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if b"multiprocessing.forkserver" in cmd and int(fields[1]) != os.getpid() and fields[0] != "Z":
+            found.append(int(d.name))
+    return found
+
+
+def test_a_dead_reader_process_is_replaced_by_threads(encoder: Encoder, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A reader process that dies (the pool breaks) costs nothing: its files are read on threads,
+    with the same results, and so is every later file of the stream."""
+    paths = write_photos(tmp_path / "c", 3)
+    ts = tasks(paths, tmp_path / "c")
+    _, gpu = decoders(encoder, "cpu", read_processes=1)
+    want = [gpu.reads.item(t, 0) for t in ts]
+    with ThreadPoolExecutor(2) as threads:
+        chunks = _Chunks(gpu.reads, None, threads)
+        slots: list[Future[Item]] = [Future() for _ in ts]
+        broken: Future[list[ReadResult]] = Future()
+        broken.set_exception(BrokenProcessPool("a reader process died"))
+        with caplog.at_level(logging.WARNING, logger="clipfp8.indexing.gpu_read"):
+            chunks._done([(t, 0, s) for t, s in zip(ts, slots, strict=True)], broken)
+        got = [s.result(timeout=30) for s in slots]
+        assert chunks.broken and "reading on threads" in caplog.text
+        later = chunks.add(ts[0], 0).result(timeout=30)  # later files: on threads at once
+        assert later.out.sha256 == want[0].out.sha256 and later.data is not None
+    for g, w in zip(got, want, strict=True):
+        assert (g.out.sha256, g.shape, g.out.error) == (w.out.sha256, w.shape, w.out.error)
+        assert g.data is not None and w.data is not None and torch.equal(g.data, w.data)
+
+
+def test_reader_processes_index_like_threads(encoder: Encoder, tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    write_photos(corpus / "d0", 12)
+    bad_corpus(corpus / "odd")
+    kw = dict(batch_size=8, workers=2, max_pixels=MAX_PIXELS, decode="gpu")
+    s0 = index_corpus(corpus, tmp_path / "threads", [encoder], config=IndexConfig(**kw))  # type: ignore[arg-type]
+    s2 = index_corpus(corpus, tmp_path / "procs", [encoder], config=IndexConfig(read_processes=2, **kw))  # type: ignore[arg-type]
+    assert (s0.indexed, s0.skipped) == (s2.indexed, s2.skipped) and s0.indexed >= 12
+    assert index_state(tmp_path / "threads") == index_state(tmp_path / "procs")
 
 
 def _sha(p: Path) -> str:
@@ -358,3 +420,12 @@ def test_several_decode_calls_per_batch_give_the_same_tensors(encoder: Encoder, 
     assert len(calls) > 4 and max(calls) < 16  # really split
     assert split.stats == whole.stats and split.stats["cpu:device_failed"] == Counter(routes.values())["cpu:device_failed"]
     same_results(ref, got)
+
+
+def test_reader_processes_are_checked_and_for_the_local_engine(tmp_path: Path) -> None:
+    write_photos(tmp_path / "c", 2)
+    with pytest.raises(IndexConfigError, match="--read-processes applies to the local engine"):
+        index_corpus(tmp_path / "c", tmp_path / "i", [FakeEncoder()], config=IndexConfig(read_processes=2), engine="ray")
+    assert not (tmp_path / "i").exists()  # refused before anything was written
+    with pytest.raises(ValueError, match=r"read_processes \(--read-processes\) must be >= 0"):
+        IndexConfig(read_processes=-1)

@@ -1,0 +1,261 @@
+"""Stage 1 of the GPU data path: files read, hashed and header-checked ahead of the device.
+
+``DeviceReads`` feeds ``GpuDecoder``: it reads files in task order with bounded prefetch (at most
+``lookahead`` files and ``max_bytes_in_flight`` bytes), checks each JPEG header
+(``fileread.read_for_device``), turns the bytes the device will decode into uint8 tensors, and
+sends every file the header check refuses (and every non-JPEG) through the CPU decoder
+(``ImageDecoder``), whose rules and error reasons then apply unchanged.
+
+Where the reading runs: ``read_processes`` = 0 (the default), on up to ``max_readers`` threads of
+this process; > 0, in that many reader processes (forkserver), ``read_many`` over chunks of
+files, only the CPU fallbacks staying on threads here. Reader threads spend ~0.3 ms of Python per
+file holding the GIL that the thread issuing the device work needs as well (on the H200, eight
+reader threads indexed slower than four: docs/benchmarks.md); processes take that off this
+process at the price of sending each file's bytes through a pipe.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable, Generator, Iterable
+from concurrent.futures import Future, InvalidStateError, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from clipfp8.indexing.decode import Decoded, DecodeTask, ImageDecoder
+from clipfp8.indexing.fileread import ReadJob, ReadResult, read_for_device, read_many
+
+log = logging.getLogger(__name__)
+
+JPEG_SUFFIXES = (b".jpg", b".jpeg", b".jpe", b".jfif")
+#: Files per reader-process task: few enough to keep the pipe busy, many enough that the
+#: per-task cost (pickling, a future) is small beside the files'.
+READ_CHUNK = 16
+
+
+@dataclass
+class Item:
+    """A file on its way: ``out`` is final unless ``data`` (the JPEG bytes, uint8 (n,) on the
+    CPU) awaits the device, which must decode it to ``shape`` (3, height, width) as its header
+    says. ``held``: bytes counted against ``max_bytes_in_flight`` (the scanned size) until the
+    device is done."""
+
+    task: DecodeTask
+    out: Decoded
+    held: int
+    data: torch.Tensor | None = None
+    shape: tuple[int, int, int] | None = None
+
+
+class Budget:
+    """Bytes in flight (``max_bytes_in_flight``), shared by the reading generator and the decode
+    thread, which gives a batch's bytes back once nvJPEG is done with them."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.value += n
+
+
+def _mp_context() -> multiprocessing.context.BaseContext:
+    # Not fork: this process has CUDA and threads. The forkserver starts once, light (it imports
+    # nothing of ours until a task names ``fileread.read_many``).
+    return multiprocessing.get_context("forkserver" if sys.platform.startswith("linux") else "spawn")
+
+
+class DeviceReads:
+    """Reading for ``GpuDecoder``. ``cpu``: the CPU decoder (its limits apply here, and it
+    decodes the files the device must not); ``count(route, n)``: route statistics."""
+
+    def __init__(self, cpu: ImageDecoder, count: Callable[[str, int], None], max_readers: int = 4,
+                 max_bytes_in_flight: int = 1 << 30, read_processes: int = 0) -> None:
+        if read_processes < 0:
+            raise ValueError(f"DeviceReads: read_processes must be >= 0, got {read_processes}")
+        self.cpu, self._count = cpu, count
+        self.max_readers, self.read_processes = max(1, max_readers), read_processes
+        self.max_bytes_in_flight = max(max_bytes_in_flight, cpu.max_file_bytes)
+
+    # ----- one file ------------------------------------------------------------------------------
+    def _job(self, task: DecodeTask) -> ReadJob:
+        return ReadJob(str(task.path), frozenset(task.skip_hashes), self.cpu.max_file_bytes,
+                       self.cpu.max_pixels, self.cpu.max_aspect)
+
+    def item(self, task: DecodeTask, held: int) -> Item:
+        """Read + hash + header check of one file here (a reader thread); refused files are
+        finished by the CPU path, the others keep their bytes for the device."""
+        if not task.entry.rel.lower().endswith(JPEG_SUFFIXES):
+            self._count("cpu:not_jpeg", 1)
+            return Item(task, self.cpu(task), held)
+        item, refused = self._convert(task, held, read_for_device(self._job(task)))
+        return self.fallback(item) if refused else item
+
+    def _convert(self, task: DecodeTask, held: int, res: ReadResult) -> tuple[Item, bool]:
+        """(the file as an ``Item``, whether the CPU path must take it). The byte tensor is made
+        on a reader's thread (or the pool's result thread): every torch call releases and retakes
+        the GIL, and the thread that issues the device work must not queue for it per file."""
+        out = Decoded(task.entry)
+        item = Item(task, out, held)
+        out.sha256, out.error = res.sha256, res.error
+        out.parts["read"] = res.read_s
+        if res.header_s:
+            out.parts["header"] = res.header_s
+        out.seconds = res.read_s + res.header_s
+        if res.unexpected:
+            log.warning("unexpected error reading %s: %s", task.path, res.error)
+        if res.refusal is not None:
+            self._count(f"cpu:{res.refusal}", 1)
+            return item, True
+        if res.data is not None:
+            item.data = torch.frombuffer(bytearray(res.data), dtype=torch.uint8)
+            item.shape = (3, res.height, res.width)
+            out.width, out.height = res.width, res.height
+        return item, False
+
+    def fallback(self, item: Item) -> Item:
+        """The CPU path for this file (it reads the file again: its rules, its reasons)."""
+        fresh, out = self.cpu(item.task), item.out
+        # In place: a deferred file's ``Decoded`` is already in the caller's hands.
+        out.sha256, out.width, out.height = fresh.sha256, fresh.width, fresh.height
+        out.tensors, out.error = fresh.tensors, fresh.error
+        out.seconds = fresh.seconds + sum(out.parts.values())
+        for part, sec in fresh.parts.items():
+            out.parts[part] = out.parts.get(part, 0.0) + sec
+        item.data = None
+        return item
+
+    # ----- the stream ------------------------------------------------------------------------------
+    def stream(self, tasks: Iterable[DecodeTask], workers: int, lookahead: int,
+               budget: Budget) -> Generator[Item | None, None, None]:
+        """An ``Item`` per task, in order, with at most ``lookahead`` files and
+        ``max_bytes_in_flight`` bytes (``budget``) in flight. Yields None when the byte budget is
+        spent and nothing is being read: the caller must then decode what it holds."""
+        threads = max(1, min(workers, self.max_readers))
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gpu-read") as ex:
+            procs = ProcessPoolExecutor(self.read_processes, mp_context=_mp_context()) if self.read_processes else None
+            try:
+                yield from self._stream(tasks, lookahead, budget, _Chunks(self, procs, ex))
+            finally:  # closed early: chunks not started are dropped (their slots were cancelled)
+                if procs is not None:
+                    procs.shutdown(wait=True, cancel_futures=True)
+
+    def _stream(self, tasks: Iterable[DecodeTask], lookahead: int, budget: Budget,
+                chunks: _Chunks) -> Generator[Item | None, None, None]:
+        it = iter(tasks)
+        nxt = next(it, None)
+        pending: deque[Future[Item]] = deque()
+        try:
+            while True:
+                while nxt is not None and len(pending) < max(1, lookahead) and (
+                        budget.value == 0 or budget.value + nxt.entry.size <= self.max_bytes_in_flight):
+                    budget.add(nxt.entry.size)
+                    pending.append(chunks.add(nxt, nxt.entry.size))
+                    nxt = next(it, None)
+                chunks.flush(pending[0] if pending else None, ending=nxt is None)
+                if pending:
+                    yield pending.popleft().result()
+                elif nxt is None:
+                    return
+                else:
+                    yield None
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+
+class _Chunks:
+    """Where ``DeviceReads`` sends its files: each to a reader thread (no ``procs``), or JPEGs in
+    chunks of ``READ_CHUNK`` to the reader processes, non-JPEGs and the files the header check
+    refuses to the threads (the CPU path)."""
+
+    def __init__(self, reads: DeviceReads, procs: ProcessPoolExecutor | None, threads: ThreadPoolExecutor) -> None:
+        self.reads, self.procs, self.threads = reads, procs, threads
+        self.waiting: list[tuple[DecodeTask, int, Future[Item]]] = []
+        self.broken = False
+
+    def add(self, task: DecodeTask, held: int) -> Future[Item]:
+        if self.procs is None or self.broken or not task.entry.rel.lower().endswith(JPEG_SUFFIXES):
+            return self.threads.submit(self.reads.item, task, held)
+        slot: Future[Item] = Future()
+        self.waiting.append((task, held, slot))
+        if len(self.waiting) >= READ_CHUNK:
+            self.flush(None, ending=True)
+        return slot
+
+    def flush(self, oldest: Future[Item] | None, ending: bool) -> None:
+        """Send the waiting files when a chunk is full, at the end, or when the caller's next
+        file (``oldest``) is among them -- it would otherwise wait for a file never sent."""
+        if not self.waiting or self.procs is None:
+            return
+        if not (ending or oldest is self.waiting[0][2]):
+            return
+        batch, self.waiting = self.waiting, []
+        try:
+            fut = self.procs.submit(read_many, [self.reads._job(t) for t, _, _ in batch])
+        except RuntimeError as e:  # the pool is broken or shut down: read here instead
+            self._on_threads(batch, e)
+            return
+        fut.add_done_callback(lambda f: self._done(batch, f))
+
+    def _done(self, batch: list[tuple[DecodeTask, int, Future[Item]]], fut: Future[list[ReadResult]]) -> None:
+        """The chunk's results (the process pool's result thread): items for the device at once,
+        refused files to the CPU path on the reader threads."""
+        if fut.cancelled():  # the stream closed early: nobody waits for these
+            for _, _, slot in batch:
+                _settle(slot, exc=RuntimeError("read cancelled"))
+            return
+        try:
+            results = fut.result()
+        except BaseException as e:  # a reader process died (BrokenProcessPool): read here instead
+            self._on_threads(batch, e)
+            return
+        for (task, held, slot), res in zip(batch, results, strict=True):
+            try:
+                item, refused = self.reads._convert(task, held, res)
+                if refused:
+                    _chain(self.threads.submit(self.reads.fallback, item), slot)
+                else:
+                    _settle(slot, item)
+            except BaseException as e:  # noqa: BLE001 - handed to the reader of this slot
+                _settle(slot, exc=e)
+
+    def _on_threads(self, batch: list[tuple[DecodeTask, int, Future[Item]]], why: BaseException) -> None:
+        if not self.broken:
+            log.warning("reader processes failed (%r); reading on threads from here", why)
+        self.broken = True
+        for task, held, slot in batch:
+            try:
+                _chain(self.threads.submit(self.reads.item, task, held), slot)
+            except RuntimeError as e:  # the stream is closing: nobody waits for this slot
+                _settle(slot, exc=e)
+
+
+def _settle(slot: Future[Item], item: Item | None = None, exc: BaseException | None = None) -> None:
+    """Complete ``slot`` unless the stream cancelled it (closed early)."""
+    try:
+        if exc is not None:
+            slot.set_exception(exc)
+        else:
+            slot.set_result(item)  # type: ignore[arg-type]  # an Item whenever exc is None
+    except InvalidStateError:
+        pass
+
+
+def _chain(src: Future[Item], slot: Future[Item]) -> None:
+    def copy(f: Future[Item]) -> None:
+        if f.cancelled():
+            _settle(slot, exc=RuntimeError("read cancelled"))
+        elif f.exception() is not None:
+            _settle(slot, exc=f.exception())
+        else:
+            _settle(slot, f.result())
+    src.add_done_callback(copy)
+
+
+__all__ = ["DeviceReads", "Item", "Budget", "READ_CHUNK", "JPEG_SUFFIXES"]
