@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# A/B of `clipfp8 index --read-processes` on a CUDA machine (the lent H200), shipped CLI in fresh
+# processes, alternated: N generated JPEGs of 500x375 (default 16,384), seeded random ViT-L-14,
+# fp16 engine from `clipfp8 build-engine`; with FP8=1 also `clipfp8 quantize` and fp8 runs (about
+# 4 more minutes). Prints one line per run (img/s and stage seconds from --summary-json) and
+# leaves the summaries in $OUT. Carry .whl/ as for scripts/device_bench.sh.
+#   bash scripts/device_read_ab.sh                 # fp16: read processes 0, 4, 8, twice each
+#   PROCS="0 8" REPS=3 FP8=1 bash scripts/device_read_ab.sh
+set -o pipefail
+OUT=${OUT:-/tmp/clipfp8-read-ab}; W=${WORK:-/tmp/clipfp8-read-ab-work}; mkdir -p "$OUT" "$W"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target /tmp/site . || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+unset PYTHONDONTWRITEBYTECODE; export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/clipfp8-pycache}
+N=${N:-16384}; PROCS=${PROCS:-"0 4 8"}; REPS=${REPS:-2}
+CLI="python3 -m clipfp8.app.cli"
+python3 -c "
+from pathlib import Path
+from clipfp8.app.bench_corpus import write_jpegs, random_checkpoint
+write_jpegs(Path('$W/corpus'), $N, (500, 375)); random_checkpoint('ViT-L-14', Path('$W/ckpt.safetensors'))
+" 2>&1 | grep -v "No pretrained weights" | tail -1
+MODEL=(--model ViT-L-14 --checkpoint "$W/ckpt.safetensors" --device cuda)
+$CLI build-engine --precision fp16 --batch-size 256 "${MODEL[@]}" 2>&1 | tail -1
+PRECS="fp16"
+if [ "${FP8:-0}" = 1 ]; then
+  $CLI quantize --calib "$W/corpus" --num-samples 256 --calib-batch-size 64 --output "$W/quantized" "${MODEL[@]}" 2>&1 | tail -1
+  PRECS="fp16 fp8"
+fi
+for prec in $PRECS; do
+  extra=(); [ "$prec" = fp8 ] && extra=(--quantized "$W/quantized")
+  for rep in $(seq "$REPS"); do for p in $PROCS; do
+    rm -rf "$W/idx"
+    $CLI index "$W/corpus" --index-dir "$W/idx" --precision "$prec" --batch-size 256 --workers 16 --no-progress \
+      --read-processes "$p" --summary-json "$OUT/$prec-p$p-r$rep.json" "${MODEL[@]}" "${extra[@]}" > /dev/null 2>&1 || echo "run failed: $prec $p"
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], 'read-processes', sys.argv[3], 'img/s', round(d['indexed']/d['total_seconds']), {k: round(v, 2) for k, v in d['stage_seconds'].items() if ':' not in k})" \
+      "$OUT/$prec-p$p-r$rep.json" "$prec" "$p"
+  done; done
+done
