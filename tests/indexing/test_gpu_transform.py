@@ -13,7 +13,7 @@ from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from clipfp8.indexing.decode import open_image
-from clipfp8.indexing.gpu_transform import preprocess_images, transform_spec
+from clipfp8.indexing.gpu_transform import preprocess_groups, preprocess_images, transform_spec
 from clipfp8.indexing.jpeg_header import gpu_refusal, parse_jpeg_header
 from tests.indexing import badfiles as bf
 from tests.indexing.gpujpeg import VARIANTS, bogus_huffman, exif_block, photo_bytes, with_save
@@ -123,3 +123,30 @@ def test_preprocess_rejects_non_uint8_images() -> None:
     spec = transform_spec(open_clip.image_transform(64, is_train=False))
     with pytest.raises(ValueError, match="expected uint8"):
         preprocess_images([torch.zeros(3, 8, 8)], spec)
+
+
+@pytest.mark.parametrize("transform", [
+    open_clip.image_transform(224, is_train=False),
+    open_clip.image_transform((72, 48), is_train=False),
+    open_clip.image_transform(80, is_train=False, resize_mode="squash", interpolation="bilinear"),
+    T.Compose([T.Resize(40), T.CenterCrop(56), T.ToTensor(), T.Normalize((0.4,) * 3, (0.3,) * 3)]),  # pads
+], ids=["224", "72x48", "squash", "pad"])
+@pytest.mark.parametrize("hw", [(375, 500), (517, 333), (60, 90)], ids=["landscape", "portrait", "upscaled"])
+def test_matrix_product_resize_matches_torchs_kernels(transform, hw: tuple[int, int]) -> None:
+    """The CUDA path's resize as two matrix products (only the kept pixels computed) gives
+    torch's antialiased kernels' pixels: at most a level apart, and that rarely (sum order)."""
+    spec = transform_spec(transform)
+    assert spec is not None
+    gen = torch.Generator().manual_seed(hw[0])
+    coarse = torch.randint(0, 256, (9, 3, hw[0] // 6 + 1, hw[1] // 6 + 1), generator=gen).float()
+    images = torch.nn.functional.interpolate(coarse, size=hw, mode="bilinear").round().to(torch.uint8)
+    groups = [(list(range(9)), images)]  # one size group, above MATMUL_MIN_IMAGES
+    kernel = preprocess_groups(groups, 9, spec, matmul=False)
+    product = preprocess_groups(groups, 9, spec, matmul=True)
+    levels = (product - kernel).abs() * torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0
+    assert product.shape == kernel.shape == (9, 3, *spec.out_size)
+    # A level where the exact sum is a tie (x.5: common when upscaling) that float noise breaks,
+    # two where the first pass's tie feeds the second's.
+    assert float(levels.max()) <= 2.01 and float((levels > 0.5).float().mean()) < 0.01
+    if spec.crop is not None and spec.resized_size(*hw)[0] < spec.crop[0]:  # the crop pads: torch's path
+        assert torch.equal(product, kernel)
