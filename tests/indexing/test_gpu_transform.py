@@ -145,8 +145,10 @@ def test_matrix_product_resize_matches_torchs_kernels(transform, hw: tuple[int, 
     product = preprocess_groups(groups, 9, spec, matmul=True)
     levels = (product - kernel).abs() * torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0
     assert product.shape == kernel.shape == (9, 3, *spec.out_size)
-    # A level where the exact sum is a tie (x.5: common when upscaling) that float noise breaks,
-    # two where the first pass's tie feeds the second's.
-    assert float(levels.max()) <= 2.01 and float((levels > 0.5).float().mean()) < 0.01
+    # A level where the exact sum is a tie (x.5) that float noise breaks, two where the first
+    # pass's tie feeds the second's. Ties are rare downscaling, common upscaling by a simple ratio.
+    upscaled = min(spec.resized_size(*hw)) > min(hw)
+    assert float(levels.max()) <= 2.01
+    assert float((levels > 0.5).float().mean()) < (0.05 if upscaled else 0.005)
     if spec.crop is not None and spec.resized_size(*hw)[0] < spec.crop[0]:  # the crop pads: torch's path
         assert torch.equal(product, kernel)
