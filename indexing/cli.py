@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from clipfp8.indexing.config import DECODE_MODES, DEFAULT_MAX_ASPECT, DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, ENGINES, IndexConfig
-from clipfp8.quant.cli import CLIUsageError, add_encoder_args, encoder_spec_from_args, positive_int
+from clipfp8.quant.cli import CLIUsageError, add_encoder_args, encoder_spec_from_args, non_negative_int, positive_int
 from clipfp8.quant.core.config import AUTO_PRECISION, PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -327,7 +327,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encode-ahead", type=positive_int, default=IndexConfig.encode_ahead, metavar="N",
                    help="batches left queued on a GPU encoder while the next is prepared (default 2: "
                         "the GPU stays busy through a commit or a slow read; 1 holds less GPU memory)")
-    p.add_argument("--read-processes", type=int, default=0, metavar="N",
+    p.add_argument("--read-processes", type=non_negative_int, default=0, metavar="N",
                    help="GPU path: read and check the files in N processes instead of threads of this one "
                         "(0, the default: threads); frees the GIL for the thread that feeds the GPU")
     p.add_argument("--engine", choices=ENGINES, default="local",

@@ -52,9 +52,10 @@ class IndexConfig:
     ``read_processes`` (``--read-processes``): on the GPU path, read, hash and check the files in
     this many processes instead of threads of the indexing process (0, the default: threads),
     so that the readers' Python does not compete for the GIL with the thread that feeds the GPU.
-    Local engine only. multiprocessing starts them (forkserver), so a script that calls
-    ``index_corpus`` with it needs the ``if __name__ == "__main__":`` guard; without one the
-    processes fail and the threads take over, with a warning.
+    GPU path and local engine only. multiprocessing starts them (forkserver), which imports the
+    main module first: a script that calls ``index_corpus`` with it needs the
+    ``if __name__ == "__main__":`` guard, or its top level runs again in the reader processes
+    (which then fail, and the threads take over, with a warning).
     """
 
     batch_size: int = 64
@@ -90,7 +91,7 @@ class IndexConfig:
         if not 0.0 <= self.commit_fraction <= 1.0:
             raise ValueError(f"IndexConfig.commit_fraction must be in [0, 1], got {self.commit_fraction}")
         if self.read_processes < 0:
-            raise ValueError(f"IndexConfig.read_processes (--read-processes) must be >= 0, got {self.read_processes}")
+            raise ValueError(f"IndexConfig.read_processes must be >= 0, got {self.read_processes}")
         if self.lookahead < 0 or self.train_min < 0:
             raise ValueError("IndexConfig.lookahead and train_min must be >= 0")
         exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in self.extensions)

@@ -107,7 +107,8 @@ class ReadResult:
     ``width`` from its header; ``refusal``: why the device must not decode it (the CPU path
     takes it: e.g. ``cmyk``, ``oversized``, ``bad_header``); ``error``: why the file could not
     be read (the row's error, as ``str(DecodeError)``); ``unexpected``: the error was not a
-    ``DecodeError`` (worth a warning); ``read_s``, ``header_s``: seconds."""
+    ``DecodeError`` (worth a warning); ``read_s``, ``header_s``: seconds of the steps that
+    completed (None: did not); ``seconds``: the whole call."""
 
     sha256: str | None = None
     data: bytes | None = None
@@ -116,8 +117,9 @@ class ReadResult:
     refusal: str | None = None
     error: str | None = None
     unexpected: bool = False
-    read_s: float = 0.0
-    header_s: float = 0.0
+    read_s: float | None = None
+    header_s: float | None = None
+    seconds: float = 0.0
 
 
 def read_for_device(job: ReadJob) -> ReadResult:
@@ -128,18 +130,18 @@ def read_for_device(job: ReadJob) -> ReadResult:
         data, res.sha256 = read_and_hash(Path(job.path), job.max_file_bytes)
         t1 = time.perf_counter()
         res.read_s = t1 - t0
-        if res.sha256 in job.skip_hashes:
-            return res
-        reason, head = gpu_refusal(data, job.max_pixels, job.max_aspect)
-        res.header_s = time.perf_counter() - t1
-        if reason is not None or head is None:
-            res.refusal = reason or "bad_header"
-            return res
-        res.data, res.height, res.width = data, head.height, head.width
+        if res.sha256 not in job.skip_hashes:
+            reason, head = gpu_refusal(data, job.max_pixels, job.max_aspect)
+            res.header_s = time.perf_counter() - t1
+            if reason is not None or head is None:
+                res.refusal = reason or "bad_header"
+            else:
+                res.data, res.height, res.width = data, head.height, head.width
     except DecodeError as e:
         res.error = str(e)
     except Exception as e:  # one broken file must never stop the run
         res.error, res.unexpected = f"decode_failed: {type(e).__name__}: {e}", True
+    res.seconds = time.perf_counter() - t0
     return res
 
 

@@ -143,6 +143,24 @@ class GpuDecoder:
         self._lock = threading.Lock()
         self.reads = DeviceReads(cpu, self._count, max_readers, max_bytes_in_flight, read_processes)
 
+    @property
+    def max_bytes_in_flight(self) -> int:
+        """File bytes read ahead of the device at most (``DeviceReads.max_bytes_in_flight``)."""
+        return self.reads.max_bytes_in_flight
+
+    @max_bytes_in_flight.setter
+    def max_bytes_in_flight(self, value: int) -> None:
+        self.reads.max_bytes_in_flight = value
+
+    @property
+    def max_readers(self) -> int:
+        """Reader threads at most (``DeviceReads.max_readers``)."""
+        return self.reads.max_readers
+
+    @max_readers.setter
+    def max_readers(self, value: int) -> None:
+        self.reads.max_readers = max(1, value)
+
     # ----- one file --------------------------------------------------------------------------
     def __call__(self, task: DecodeTask) -> Decoded:
         """Decode one file synchronously; on CUDA with the same streams as ``imap`` (the
@@ -440,12 +458,14 @@ def choose_decoder(encoders: Sequence[Encoder], cfg: IndexConfig, cpu: ImageDeco
     recognised transform, else ``cpu``; ``"gpu"`` -> a ``GpuDecoder`` on the encoders' device
     (the CPU too: the same batched torch code, for tests), or ``IndexConfigError``."""
     if cfg.decode == "cpu":
+        _unused_read_processes(cfg)
         return cpu
     problem, specs = device_path_problem(encoders, require_cuda=cfg.decode == "auto")
     if problem is not None:
         if cfg.decode == "gpu":
             raise IndexConfigError(f"--decode gpu: {problem}")
         log.info("decoding on the CPU: %s", problem)
+        _unused_read_processes(cfg)
         return cpu
     device = str(encoders[0].device)
     log.info("decoding JPEGs on %s (batched torchvision.io.decode_jpeg)", device)
@@ -453,6 +473,11 @@ def choose_decoder(encoders: Sequence[Encoder], cfg: IndexConfig, cpu: ImageDeco
     if slow is not None:
         log.warning("%s", slow)
     return GpuDecoder(specs, cpu, device, batch_size=cfg.batch_size, read_processes=cfg.read_processes)
+
+
+def _unused_read_processes(cfg: IndexConfig) -> None:
+    if cfg.read_processes:
+        log.warning("--read-processes applies to the GPU path; the CPU path decodes on %d threads", cfg.workers)
 
 
 def make_decoder(encoders: Sequence[Encoder], cfg: IndexConfig) -> Decoder:

@@ -32,9 +32,13 @@ from clipfp8.indexing.fileread import ReadJob, ReadResult, read_for_device, read
 log = logging.getLogger(__name__)
 
 JPEG_SUFFIXES = (b".jpg", b".jpeg", b".jpe", b".jfif")
-#: Files per reader-process task: few enough to keep the pipe busy, many enough that the
-#: per-task cost (pickling, a future) is small beside the files'.
+#: Files per reader-process task at most: many enough that the per-task cost (pickling, a
+#: future) is small beside the files', few enough to keep every process busy.
 READ_CHUNK = 16
+#: A file's ``skip_hashes`` (content already embedded) travel to the reader processes only when
+#: this small; a larger set (a moved folder: every vanished hash) is checked here instead, or
+#: pickling it with every chunk would cost more than the reading.
+SHIPPED_SKIP_HASHES = 64
 
 
 @dataclass
@@ -83,9 +87,9 @@ class DeviceReads:
         self.max_bytes_in_flight = max(max_bytes_in_flight, cpu.max_file_bytes)
 
     # ----- one file ------------------------------------------------------------------------------
-    def _job(self, task: DecodeTask) -> ReadJob:
-        return ReadJob(str(task.path), frozenset(task.skip_hashes), self.cpu.max_file_bytes,
-                       self.cpu.max_pixels, self.cpu.max_aspect)
+    def _job(self, task: DecodeTask, ship_skips: bool = True) -> ReadJob:
+        skips = frozenset(task.skip_hashes) if ship_skips or len(task.skip_hashes) <= SHIPPED_SKIP_HASHES else frozenset()
+        return ReadJob(str(task.path), skips, self.cpu.max_file_bytes, self.cpu.max_pixels, self.cpu.max_aspect)
 
     def item(self, task: DecodeTask, held: int) -> Item:
         """Read + hash + header check of one file here (a reader thread); refused files are
@@ -102,11 +106,13 @@ class DeviceReads:
         the GIL, and the thread that issues the device work must not queue for it per file."""
         out = Decoded(task.entry)
         item = Item(task, out, held)
-        out.sha256, out.error = res.sha256, res.error
-        out.parts["read"] = res.read_s
-        if res.header_s:
+        if res.sha256 is not None and res.sha256 in task.skip_hashes:  # checked here when not shipped
+            res = ReadResult(res.sha256, read_s=res.read_s, seconds=res.seconds)
+        out.sha256, out.error, out.seconds = res.sha256, res.error, res.seconds
+        if res.read_s is not None:
+            out.parts["read"] = res.read_s
+        if res.header_s is not None:
             out.parts["header"] = res.header_s
-        out.seconds = res.read_s + res.header_s
         if res.unexpected:
             log.warning("unexpected error reading %s: %s", task.path, res.error)
         if res.refusal is not None:
@@ -140,7 +146,7 @@ class DeviceReads:
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gpu-read") as ex:
             procs = ProcessPoolExecutor(self.read_processes, mp_context=_mp_context()) if self.read_processes else None
             try:
-                yield from self._stream(tasks, lookahead, budget, _Chunks(self, procs, ex))
+                yield from self._stream(tasks, lookahead, budget, _Chunks(self, procs, ex, lookahead))
             finally:  # closed early: chunks not started are dropped (their slots were cancelled)
                 if procs is not None:
                     procs.shutdown(wait=True, cancel_futures=True)
@@ -174,17 +180,20 @@ class _Chunks:
     chunks of ``READ_CHUNK`` to the reader processes, non-JPEGs and the files the header check
     refuses to the threads (the CPU path)."""
 
-    def __init__(self, reads: DeviceReads, procs: ProcessPoolExecutor | None, threads: ThreadPoolExecutor) -> None:
+    def __init__(self, reads: DeviceReads, procs: ProcessPoolExecutor | None, threads: ThreadPoolExecutor,
+                 lookahead: int = 4 * READ_CHUNK) -> None:
         self.reads, self.procs, self.threads = reads, procs, threads
         self.waiting: list[tuple[DecodeTask, int, Future[Item]]] = []
         self.broken = False
+        # Small enough that the lookahead holds a chunk for every process and one more each.
+        self.chunk = max(1, min(READ_CHUNK, lookahead // (2 * max(1, reads.read_processes))))
 
     def add(self, task: DecodeTask, held: int) -> Future[Item]:
         if self.procs is None or self.broken or not task.entry.rel.lower().endswith(JPEG_SUFFIXES):
             return self.threads.submit(self.reads.item, task, held)
         slot: Future[Item] = Future()
         self.waiting.append((task, held, slot))
-        if len(self.waiting) >= READ_CHUNK:
+        if len(self.waiting) >= self.chunk:
             self.flush(None, ending=True)
         return slot
 
@@ -197,8 +206,8 @@ class _Chunks:
             return
         batch, self.waiting = self.waiting, []
         try:
-            fut = self.procs.submit(read_many, [self.reads._job(t) for t, _, _ in batch])
-        except RuntimeError as e:  # the pool is broken or shut down: read here instead
+            fut = self.procs.submit(read_many, [self.reads._job(t, ship_skips=False) for t, _, _ in batch])
+        except Exception as e:  # broken or shut down, or a process could not start (e.g. EMFILE)
             self._on_threads(batch, e)
             return
         fut.add_done_callback(lambda f: self._done(batch, f))

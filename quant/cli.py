@@ -42,6 +42,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse ``type``: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def device_arg(text: str) -> str:
     """argparse ``type``: auto, cpu, cuda or cuda:N."""
     ok = text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit())
@@ -202,5 +213,5 @@ def maintainer_commands(sub: argparse._SubParsersAction) -> argparse._SubParsers
 
 
 __all__ = ["add_model_args", "model_spec_from_args", "add_encoder_args", "encoder_spec_from_args", "model_given",
-           "register", "maintainer_commands", "CLIUsageError", "positive_int", "device_arg",
+           "register", "maintainer_commands", "CLIUsageError", "positive_int", "non_negative_int", "device_arg",
            "FP8_PRECISIONS", "PRECISIONS", "cmd_models"]

@@ -20,7 +20,7 @@ import torch
 from clipfp8.indexing.config import IndexConfig
 from clipfp8.indexing.decode import Decoded, DecodeTask, ImageDecoder, imap_bounded, settle
 from clipfp8.indexing.errors import IndexConfigError
-from clipfp8.indexing.fileread import ReadResult
+from clipfp8.indexing.fileread import ReadJob, ReadResult, read_for_device
 from clipfp8.indexing.gpu_decode import GpuDecoder, choose_decoder
 from clipfp8.indexing.gpu_read import Item, _Chunks
 from clipfp8.indexing.gpu_transform import transform_spec
@@ -122,12 +122,15 @@ def bad_corpus(root: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("procs", [0, 2])
-def test_fallbacks_give_the_cpu_paths_results(encoder: Encoder, tmp_path: Path, procs: int) -> None:
+def test_fallbacks_give_the_cpu_paths_results(encoder: Encoder, tmp_path: Path, procs: int,
+                                              caplog: pytest.LogCaptureFixture) -> None:
     routes = bad_corpus(tmp_path / "c")
     paths = sorted((tmp_path / "c").iterdir())
     cpu, gpu = decoders(encoder, "cpu", read_processes=procs, max_pixels=MAX_PIXELS)
     ts = tasks(paths, tmp_path / "c")
-    ref, got = list(imap_bounded(cpu, ts, 2, 8)), list(gpu.imap(ts, 2, 8))
+    with caplog.at_level(logging.WARNING, logger="clipfp8.indexing.gpu_read"):
+        ref, got = list(imap_bounded(cpu, ts, 2, 8)), list(gpu.imap(ts, 2, 8))
+    assert "reader processes failed" not in caplog.text
     assert gpu.stats == Counter(routes.values())
     for r, g in zip(ref, got, strict=True):
         name = r.entry.rel.decode()
@@ -256,19 +259,36 @@ def test_closing_the_stream_early_stops_its_threads(encoder: Encoder, tmp_path: 
 
 
 def _reader_processes() -> list[int]:
-    """Pids of the live processes forked by multiprocessing's forkserver (Linux /proc): the
-    reader processes of a stream (the forkserver itself is this process's child)."""
-    found = []
+    """Pids of the live processes forked by this process's multiprocessing forkserver (Linux
+    /proc): the reader processes of a stream."""
+    procs: dict[int, tuple[int, bytes]] = {}
     for d in Path("/proc").iterdir():
         try:
-            stat = (d / "stat").read_text()
-            cmd = (d / "cmdline").read_bytes()
-        except OSError:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            if fields[0] != "Z":
+                procs[int(d.name)] = (int(fields[1]), (d / "cmdline").read_bytes())
+        except (OSError, ValueError):
             continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if b"multiprocessing.forkserver" in cmd and int(fields[1]) != os.getpid() and fields[0] != "Z":
-            found.append(int(d.name))
-    return found
+    servers = {pid for pid, (ppid, cmd) in procs.items() if ppid == os.getpid() and b"multiprocessing.forkserver" in cmd}
+    return [pid for pid, (ppid, _) in procs.items() if ppid in servers]
+
+
+class _Pool:
+    """A stand-in process pool: ``submit`` raises ``error`` (a process that cannot start), and
+    counts its calls."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error, self.calls = error, 0
+
+    def submit(self, *_: object) -> None:
+        self.calls += 1
+        raise self.error
+
+
+def _same_items(got: list[Item], want: list[Item]) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert (g.out.sha256, g.shape, g.out.error) == (w.out.sha256, w.shape, w.out.error)
+        assert g.data is not None and w.data is not None and torch.equal(g.data, w.data)
 
 
 def test_a_dead_reader_process_is_replaced_by_threads(encoder: Encoder, tmp_path: Path,
@@ -279,8 +299,9 @@ def test_a_dead_reader_process_is_replaced_by_threads(encoder: Encoder, tmp_path
     ts = tasks(paths, tmp_path / "c")
     _, gpu = decoders(encoder, "cpu", read_processes=1)
     want = [gpu.reads.item(t, 0) for t in ts]
+    pool = _Pool(AssertionError("a broken pool must not be used again"))
     with ThreadPoolExecutor(2) as threads:
-        chunks = _Chunks(gpu.reads, None, threads)
+        chunks = _Chunks(gpu.reads, pool, threads)  # type: ignore[arg-type]  # a stand-in pool
         slots: list[Future[Item]] = [Future() for _ in ts]
         broken: Future[list[ReadResult]] = Future()
         broken.set_exception(BrokenProcessPool("a reader process died"))
@@ -289,19 +310,57 @@ def test_a_dead_reader_process_is_replaced_by_threads(encoder: Encoder, tmp_path
         got = [s.result(timeout=30) for s in slots]
         assert chunks.broken and "reading on threads" in caplog.text
         later = chunks.add(ts[0], 0).result(timeout=30)  # later files: on threads at once
-        assert later.out.sha256 == want[0].out.sha256 and later.data is not None
-    for g, w in zip(got, want, strict=True):
-        assert (g.out.sha256, g.shape, g.out.error) == (w.out.sha256, w.shape, w.out.error)
-        assert g.data is not None and w.data is not None and torch.equal(g.data, w.data)
+        chunks.flush(None, ending=True)
+        assert pool.calls == 0 and later.out.sha256 == want[0].out.sha256
+    _same_items(got, want)
 
 
-def test_reader_processes_index_like_threads(encoder: Encoder, tmp_path: Path) -> None:
+def test_reader_processes_that_cannot_start_leave_the_reading_to_threads(encoder: Encoder, tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    paths = write_photos(tmp_path / "c", 5)
+    ts = tasks(paths, tmp_path / "c")
+    _, gpu = decoders(encoder, "cpu", read_processes=2)
+    pool = _Pool(OSError(24, "Too many open files"))
+    with ThreadPoolExecutor(2) as threads, caplog.at_level(logging.WARNING, logger="clipfp8.indexing.gpu_read"):
+        chunks = _Chunks(gpu.reads, pool, threads, lookahead=8)  # type: ignore[arg-type]  # a stand-in pool
+        slots = [chunks.add(t, 0) for t in ts]
+        chunks.flush(slots[0], ending=True)
+        got = [s.result(timeout=30) for s in slots]
+    assert pool.calls == 1 and chunks.broken and "Too many open files" in caplog.text
+    _same_items(got, [gpu.reads.item(t, 0) for t in ts])
+
+
+def test_large_skip_sets_stay_in_this_process(encoder: Encoder, tmp_path: Path) -> None:
+    """A moved folder gives every new file all vanished hashes: they are checked here, not pickled
+    into every chunk; the file is still recognised as content already embedded."""
+    paths = write_photos(tmp_path / "c", 20)
+    ts = tasks(paths, tmp_path / "c")
+    many = frozenset({_sha(paths[3])} | {f"{i:064x}" for i in range(200)})
+    ts[3] = DecodeTask(ts[3].entry, ts[3].path, many)
+    _, gpu = decoders(encoder, "cpu", read_processes=2)
+    assert gpu.reads._job(ts[3], ship_skips=False).skip_hashes == frozenset()
+    assert gpu.reads._job(ts[4], ship_skips=False).skip_hashes == ts[4].skip_hashes  # small: shipped
+    got = list(gpu.imap(ts, 2, 64))
+    assert got[3].sha256 == _sha(paths[3]) and got[3].tensors == {} and got[3].error is None
+    assert all(d.tensors for k, d in enumerate(got) if k != 3)
+    assert gpu.stats == Counter({"gpu": 19})
+
+
+def test_a_file_that_cannot_be_read_reports_no_read_time(tmp_path: Path) -> None:
+    res = read_for_device(ReadJob(str(tmp_path / "gone.jpg"), frozenset(), 1 << 20, 10**6, 20.0))
+    assert res.error is not None and res.read_s is None and res.header_s is None and res.seconds >= 0
+    assert res.data is None and res.sha256 is None
+
+
+def test_reader_processes_index_like_threads(encoder: Encoder, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     corpus = tmp_path / "corpus"
     write_photos(corpus / "d0", 12)
     bad_corpus(corpus / "odd")
     kw = dict(batch_size=8, workers=2, max_pixels=MAX_PIXELS, decode="gpu")
     s0 = index_corpus(corpus, tmp_path / "threads", [encoder], config=IndexConfig(**kw))  # type: ignore[arg-type]
-    s2 = index_corpus(corpus, tmp_path / "procs", [encoder], config=IndexConfig(read_processes=2, **kw))  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="clipfp8.indexing.gpu_read"):
+        s2 = index_corpus(corpus, tmp_path / "procs", [encoder], config=IndexConfig(read_processes=2, **kw))  # type: ignore[arg-type]
+    assert "reader processes failed" not in caplog.text  # the processes did the reading
     assert (s0.indexed, s0.skipped) == (s2.indexed, s2.skipped) and s0.indexed >= 12
     assert index_state(tmp_path / "threads") == index_state(tmp_path / "procs")
 
@@ -427,5 +486,5 @@ def test_reader_processes_are_checked_and_for_the_local_engine(tmp_path: Path) -
     with pytest.raises(IndexConfigError, match="--read-processes applies to the local engine"):
         index_corpus(tmp_path / "c", tmp_path / "i", [FakeEncoder()], config=IndexConfig(read_processes=2), engine="ray")
     assert not (tmp_path / "i").exists()  # refused before anything was written
-    with pytest.raises(ValueError, match=r"read_processes \(--read-processes\) must be >= 0"):
+    with pytest.raises(ValueError, match=r"read_processes must be >= 0"):
         IndexConfig(read_processes=-1)
