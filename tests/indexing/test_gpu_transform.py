@@ -152,3 +152,18 @@ def test_matrix_product_resize_matches_torchs_kernels(transform, hw: tuple[int, 
     assert float((levels > 0.5).float().mean()) < (0.05 if upscaled else 0.005)
     if spec.crop is not None and spec.resized_size(*hw)[0] < spec.crop[0]:  # the crop pads: torch's path
         assert torch.equal(product, kernel)
+
+
+@pytest.mark.gpu
+def test_cuda_preprocessing_matches_the_cpu_kernels() -> None:
+    """On CUDA a same-size group goes through the matrix products (the default there): within
+    the same tolerance of torch's kernels on the CPU, for the bench's 500x375 photos."""
+    spec = transform_spec(open_clip.image_transform(224, is_train=False))
+    assert spec is not None
+    gen = torch.Generator().manual_seed(5)
+    coarse = torch.randint(0, 256, (16, 3, 64, 84), generator=gen).float()
+    images = torch.nn.functional.interpolate(coarse, size=(375, 500), mode="bilinear").round().to(torch.uint8)
+    cpu = preprocess_groups([(list(range(16)), images)], 16, spec, matmul=False)
+    cuda = preprocess_groups([(list(range(16)), images.cuda())], 16, spec).cpu()
+    levels = (cuda - cpu).abs() * torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0
+    assert float(levels.max()) <= 2.01 and float((levels > 0.5).float().mean()) < 0.005
