@@ -23,4 +23,4 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \
   tests/quant/runtime tests/quant/test_ptq.py tests/indexing/test_gpu_search.py \
-  tests/indexing/test_gpu_decode.py -rA 2>&1 | tee "${OUT:-/tmp}/gpu_tests.log"
+  tests/indexing/test_gpu_decode.py tests/indexing/test_gpu_transform.py -rA 2>&1 | tee "${OUT:-/tmp}/gpu_tests.log"
