@@ -3,7 +3,8 @@
 # processes, alternated: N generated JPEGs of 500x375 (default 16,384), seeded random ViT-L-14,
 # fp16 engine from `clipfp8 build-engine`; with FP8=1 also `clipfp8 quantize` and fp8 runs (about
 # 4 more minutes). Prints one line per run (img/s and stage seconds from --summary-json) and
-# leaves the summaries in $OUT. Carry .whl/ as for scripts/device_bench.sh.
+# leaves the summaries in $OUT; then times the device preprocessing both ways. Carry .whl/ as for
+# scripts/device_bench.sh.
 #   bash scripts/device_read_ab.sh                 # fp16: read processes 0, 4, 8, twice each
 #   PROCS="0 8" REPS=3 FP8=1 bash scripts/device_read_ab.sh
 set -o pipefail
@@ -38,3 +39,25 @@ for prec in $PRECS; do
       "$OUT/$prec-p$p-r$rep.json" "$prec" "$p"
   done; done
 done
+# The device preprocessing of one 256-image batch (500x375 -> 224x224), torch's antialiased kernels
+# vs the matrix products (`gpu_transform.preprocess_groups(matmul=...)`), GPU time per batch.
+python3 - "$W/corpus" <<'PY'
+import glob, sys
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+from clipfp8.indexing.gpu_transform import TransformSpec, preprocess_groups, stack_by_size
+files = sorted(glob.glob(f"{sys.argv[1]}/**/*.jpg", recursive=True))[:256]
+raw = [torch.frombuffer(bytearray(open(f, "rb").read()), dtype=torch.uint8) for f in files]
+groups = stack_by_size(decode_jpeg(raw, mode=ImageReadMode.RGB, device="cuda"))
+spec = TransformSpec("shortest", (224,), (224, 224), "bicubic", (0.48145466, 0.4578275, 0.40821073),
+                     (0.26862954, 0.26130258, 0.27577711))
+for matmul in (False, True, False, True):
+    for _ in range(3):
+        preprocess_groups(groups, len(files), spec, matmul=matmul)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(); start.record()
+    for _ in range(20):
+        preprocess_groups(groups, len(files), spec, matmul=matmul)
+    end.record(); torch.cuda.synchronize()
+    print(f"preprocess_groups matmul={matmul}: {start.elapsed_time(end) / 20:.2f} ms GPU per {len(files)} images")
+PY
