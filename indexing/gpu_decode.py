@@ -2,9 +2,10 @@
 
 ``GpuDecoder`` is a ``Decoder`` whose ``imap`` runs three overlapping steps:
 
-1. a few worker threads read and hash files (bounded prefetch: at most ``lookahead`` files and
-   ``max_bytes_in_flight`` bytes) and check each JPEG header (``jpeg_header.gpu_refusal``:
-   the ``max_pixels`` bomb guard, EXIF rotation, CMYK, truncation...);
+1. ``gpu_read.DeviceReads`` reads and hashes files on a few threads, or in reader processes
+   (bounded prefetch: at most ``lookahead`` files and ``max_bytes_in_flight`` bytes), and checks
+   each JPEG header (``jpeg_header.gpu_refusal``: the ``max_pixels`` bomb guard, EXIF rotation,
+   CMYK, truncation...);
 2. one decode thread decodes each batch with ``torchvision.io.decode_jpeg(list, device=...)``
    (nvJPEG on CUDA) as soon as it is formed, a few batches ahead; the caller's thread then
    preprocesses it on the device (``gpu_transform``, the encoders' own open_clip transform) on
@@ -314,7 +315,7 @@ class GpuDecoder:
     def imap(self, tasks: Iterable[DecodeTask], workers: int, lookahead: int,
              defer: bool = False) -> Iterator[Decoded]:
         """``Decoded`` for every task, in order (see module doc). Files are read ahead on
-        ``min(workers, max_readers)`` threads. Each device batch is decoded by nvJPEG on one
+        ``min(workers, max_readers)`` threads, or in ``read_processes`` processes. Each device batch is decoded by nvJPEG on one
         decode thread as soon as it is formed, up to ``decode_ahead`` batches ahead of the one
         handed out, then preprocessed in the caller's thread on a high-priority side stream,
         the caller's current stream being made to wait for that work instead of the host.
