@@ -2,6 +2,7 @@
 while the host decodes), and the index it writes is the same as with encoders that finish at once."""
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -106,3 +107,40 @@ def test_encoders_without_a_first_call_cost_report_no_warm_up(tmp_path: Path) ->
     make_corpus(corpus, 5)
     s = index_corpus(corpus, tmp_path / "idx", encoders(), config=IndexConfig(batch_size=4, workers=2))
     assert s.indexed == 5 and s.warmup_seconds == 0.0 and "warm-up" not in s.format()
+
+
+class FreezeWatcher(FakeEncoder):
+    """A FakeEncoder that notes how many objects the GC holds frozen at each batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen: list[int] = []
+
+    def encode_images(self, images: torch.Tensor) -> np.ndarray:
+        self.frozen.append(gc.get_freeze_count())
+        return super().encode_images(images)
+
+
+def test_the_pass_runs_with_the_heap_frozen_and_gives_it_back(tmp_path: Path) -> None:
+    """Full GC collections walk every live object holding the GIL (the models, the compiler):
+    during the pass those are frozen, and afterwards the process's GC is as it was."""
+    corpus = tmp_path / "corpus"
+    make_corpus(corpus, 9)
+    gc.unfreeze()
+    enc = FreezeWatcher()
+    s = index_corpus(corpus, tmp_path / "idx", [enc], config=IndexConfig(batch_size=4, workers=2))
+    assert s.indexed == 9 and len(enc.frozen) == 3
+    assert min(enc.frozen) > 1000  # the heap that existed before the pass (imports, the encoder)
+    assert gc.get_freeze_count() == 0  # unfrozen again
+
+
+def test_a_program_that_froze_its_heap_keeps_it_frozen(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    make_corpus(corpus, 5)
+    gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        index_corpus(corpus, tmp_path / "idx", encoders(), config=IndexConfig(batch_size=4, workers=2))
+        assert gc.get_freeze_count() >= before  # not unfrozen behind the program's back
+    finally:
+        gc.unfreeze()
