@@ -248,3 +248,28 @@ def test_models_lists_sizes_and_tags_without_download(tmp_path: Path, monkeypatc
     assert "ViT-B-32-quickgelu" in out and "151.3M" in out and "openai" in out
     assert main(["models", "no-such-thing", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
+
+
+@pytest.mark.parametrize("command,collecting", [("search", False), ("errors", True)])
+def test_one_shot_commands_run_without_the_cyclic_gc(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                     command: str, collecting: bool) -> None:
+    """`search` loads a model, answers and exits: the collector stays off for it (full collections
+    walked the imported heap again and again); other commands run with it, and it is back after."""
+    import gc
+
+    from clipfp8.indexing import cli as indexing_cli
+
+    seen: list[bool] = []
+
+    def record(args: argparse.Namespace) -> int:
+        seen.append(gc.isenabled())
+        return 0
+
+    monkeypatch.setattr(indexing_cli, f"cmd_{command}", record)
+    argv = [command, "--index-dir", str(tmp_path)] + (["--text", "a dog"] if command == "search" else [])
+    assert gc.isenabled()
+    assert cli.main(argv) == 0
+    assert seen == [collecting] and gc.isenabled()
+    with pytest.raises(SystemExit):  # a usage error exits from parsing: the collector is back too
+        cli.main([command, "--no-such-flag"])
+    assert gc.isenabled()
