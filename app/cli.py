@@ -171,7 +171,7 @@ def _report(exc: BaseException, command: str, sub_parser: argparse.ArgumentParse
 #: Commands that load a model, answer and exit: Python's cyclic garbage collector stays off for
 #: them. Importing torch and open_clip and building a model make hundreds of thousands of
 #: objects, and every full collection walks all of them again: with it off a cold `clipfp8
-#: search` on a ViT-L-14 index took 4.7 s instead of 5.4 s on the 2-core CPU (docs/benchmarks.md).
+#: search` on a ViT-L-14 index took about 0.5 s less of ~5.5 s on the 2-core CPU (docs/benchmarks.md).
 #: Memory is still freed by reference counting; other commands get the collector back once parsed.
 ONE_SHOT_COMMANDS = frozenset({"search"})
 
