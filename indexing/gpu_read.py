@@ -94,7 +94,7 @@ class DeviceReads:
     def item(self, task: DecodeTask, held: int) -> Item:
         """Read + hash + header check of one file here (a reader thread); refused files are
         finished by the CPU path, the others keep their bytes for the device."""
-        if not task.entry.rel.lower().endswith(JPEG_SUFFIXES):
+        if not _is_jpeg(task):
             self._count("cpu:not_jpeg", 1)
             return Item(task, self.cpu(task), held)
         item, refused = self._convert(task, held, read_for_device(self._job(task)))
@@ -189,7 +189,7 @@ class _Chunks:
         self.chunk = max(1, min(READ_CHUNK, lookahead // (2 * max(1, reads.read_processes))))
 
     def add(self, task: DecodeTask, held: int) -> Future[Item]:
-        if self.procs is None or self.broken or not task.entry.rel.lower().endswith(JPEG_SUFFIXES):
+        if self.procs is None or self.broken or not _is_jpeg(task):
             return self.threads.submit(self.reads.item, task, held)
         slot: Future[Item] = Future()
         self.waiting.append((task, held, slot))
@@ -243,6 +243,11 @@ class _Chunks:
                 _chain(self.threads.submit(self.reads.item, task, held), slot)
             except RuntimeError as e:  # the stream is closing: nobody waits for this slot
                 _settle(slot, exc=e)
+
+
+def _is_jpeg(task: DecodeTask) -> bool:
+    """Whether the file's name says JPEG (only those go to the device's decoder)."""
+    return task.entry.rel.lower().endswith(JPEG_SUFFIXES)
 
 
 def _settle(slot: Future[Item], item: Item | None = None, exc: BaseException | None = None) -> None:

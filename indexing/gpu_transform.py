@@ -185,7 +185,8 @@ def _aa_weights(n_in: int, n_out: int, mode: str, start: int, count: int, device
     hi = (center + support + 0.5).floor().clamp_(max=n_in)
     pos = lo[:, None] + torch.arange(int(2 * support) + 3, dtype=torch.float64)[None, :]
     w = _filter_weights((pos - center[:, None] + 0.5) * inv, mode) * (pos < hi[:, None])
-    w = w / w.sum(1, keepdim=True).where(w.sum(1, keepdim=True) != 0, torch.ones(1, dtype=torch.float64))
+    total = w.sum(1, keepdim=True)
+    w = w / total.where(total != 0, torch.ones(1, dtype=torch.float64))
     out = torch.zeros((count, n_in + pos.shape[1]), dtype=torch.float64)
     out.scatter_add_(1, pos.long(), w)
     # A blocking copy (once per size): the matrix is cached and later read on other streams, so

@@ -333,8 +333,9 @@ class _Run:
         """Queue the pending files that need it on the encoders (one batch per encoder), then
         finish the oldest batches until ``cfg.encode_ahead`` stay queued: on a GPU the device
         encodes them while the host decodes the next (``start_embed``). Two queued batches
-        keep the device busy when one host step runs long (a commit, a slow read, the GIL);
-        with one, every such step left the device idle. Ops are emitted in file order."""
+        keep the device busy through a host step that runs longer than one batch (a commit, a
+        slow read, the GIL); on the H200 fp16 A/B it measured the same as one
+        (docs/benchmarks.md). Ops are emitted in file order."""
         batch, self.pending, self.to_embed = self.pending, [], 0
         self._settle(batch)
         todo = [(t, d) for t, d, op in batch if op is None]
@@ -433,7 +434,8 @@ def _gc_frozen() -> Iterator[None]:
     Python's permanent GC generation for its duration. A full collection otherwise walks all of
     it, holding the GIL -- every thread of the pass stops, the one feeding the GPU included --
     and the pass's per-file objects trigger several: indexing 20,000 small files with a fake
-    encoder on the 2-core CPU spent 1.0-1.2 s of 7.5-8.2 s in 4 full collections (docs/indexing.md).
+    encoder on the 2-core CPU spent 1.15-1.22 s of a 7.0-7.8 s pass in 4 full collections
+    (docs/indexing.md).
     Objects that die meanwhile are still freed by reference counting; the rest after the pass.
     Where objects were frozen already (by the program, or a concurrent run), they stay frozen."""
     owner = gc.get_freeze_count() == 0

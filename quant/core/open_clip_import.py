@@ -37,7 +37,7 @@ def import_open_clip(hf: bool = True) -> ModuleType:
     with _lock:  # one thread at a time may hide transformers from the import system
         oc = sys.modules.get("open_clip")
         if oc is None:
-            if hf or "transformers" in sys.modules or importlib.util.find_spec("transformers") is None:
+            if hf or "transformers" in sys.modules or not _transformers_installed():
                 return importlib.import_module("open_clip")
             sys.modules["transformers"] = None  # type: ignore[assignment]  # makes `import transformers` fail
             try:
