@@ -129,8 +129,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from clipfp8.quant.cli import CLIUsageError
 
     runtime = getattr(args, "runtime", False)
-    if not runtime and (getattr(args, "emulate", False) or getattr(args, "exact_softmax", False)):
-        raise CLIUsageError("--emulate and --exact-softmax only apply with --runtime")
+    kernel = getattr(args, "attention_kernel", "torch")
+    if not runtime and (getattr(args, "emulate", False) or getattr(args, "exact_softmax", False) or kernel != "torch"):
+        raise CLIUsageError("--emulate, --exact-softmax and --attention-kernel only apply with --runtime")
     if runtime and not RUNTIME_AUDIT_HOOKS:
         raise CLIUsageError("--runtime: the FP8 runtime (clipfp8.quant.runtime) registered no runtime audit")
     run_runtime = RUNTIME_AUDIT_HOOKS[-1](args) if runtime else None  # fails fast without an FP8 GPU
@@ -212,6 +213,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--exact-softmax", action="store_true",
                    help="with --runtime: audit the exact-softmax runtime (P rounded to FP8) instead of the fused "
                         "16-bit softmax that precision fp8 runs")
+    a.add_argument("--attention-kernel", choices=("torch", "triton"), default="torch",
+                   help="with --runtime: 'triton' audits the runtime whose attention runs the Triton FP8 "
+                        "flash-attention kernel (Q, K, V and P in FP8; with --emulate it needs TRITON_INTERPRET=1)")
     a.set_defaults(func=cmd_audit)
 
     s = sub.add_parser("sensitivity", help="per-block FP8 sensitivity sweep to choose exclusions")

@@ -24,7 +24,7 @@ def prepare_runtime_audit(args: argparse.Namespace) -> Callable[[Any, Any, Any],
         from clipfp8.quant.runtime.runtime_audit import runtime_audit
 
         model, conversion = build_fp8_model(loaded.model, device, dtype=dtype, exact_softmax=args.exact_softmax,
-                                            mode=mode)
+                                            mode=mode, attention_kernel=getattr(args, "attention_kernel", "torch"))
         report = runtime_audit(model, batch, conversion, reference, strict=False)
         print()
         print(report.table())

@@ -31,15 +31,17 @@ _Tower = Callable[[torch.Tensor], torch.Tensor]
 class BatchRunner:
     """Run ``fn`` (tensor (B, ...) -> tensor (B, ...)) fast on CUDA.
 
-    ``compile``: wrap ``fn`` in ``torch.compile`` (batch dim dynamic). ``graph_buckets``: batch
-    sizes for which a CUDA graph is captured on first use; a batch n <= max bucket is padded to
-    the next bucket and replayed. Outputs are fresh tensors (safe to keep).
+    ``compile``: wrap ``fn`` in ``torch.compile`` (batch dim dynamic; ``compile_mode``: its
+    ``mode``, e.g. ``"max-autotune-no-cudagraphs"`` -- this class captures its own graphs).
+    ``graph_buckets``: batch sizes for which a CUDA graph is captured on first use; a batch
+    n <= max bucket is padded to the next bucket and replayed. Outputs are fresh tensors.
     """
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], *, compile: bool = True,
-                 graph_buckets: Sequence[int] = DEFAULT_GRAPH_BUCKETS, min_batch: int = 2) -> None:
+                 graph_buckets: Sequence[int] = DEFAULT_GRAPH_BUCKETS, min_batch: int = 2,
+                 compile_mode: str | None = None) -> None:
         self._eager = fn
-        self._fn = torch.compile(fn) if compile else fn
+        self._fn = torch.compile(fn, mode=compile_mode) if compile else fn
         self.compiled = compile
         self.buckets = tuple(sorted(graph_buckets))
         self.min_batch = min_batch if compile else 1

@@ -19,6 +19,7 @@ from clipfp8.quant.core.errors import UnsupportedPrecisionError
 from clipfp8.quant.runtime.convert import ConversionReport, cast_for_runtime, convert_to_fp8
 from clipfp8.quant.runtime.engine import engine_policy, prepare_engine
 from clipfp8.quant.runtime.fast_fp16 import FastTorchEncoder
+from clipfp8.quant.runtime.fp8_attention import KERNELS, use_flash_kernel
 from clipfp8.quant.runtime.runtime_state import load_from_engine
 
 log = logging.getLogger(__name__)
@@ -45,20 +46,33 @@ def check_fp8_device(device: str) -> torch.device:
 
 def build_fp8_model(fake_quant_model: nn.Module, device: str | torch.device = "cuda", *,
                     dtype: torch.dtype = torch.float16, exact_softmax: bool = True,
-                    fast_accum: bool = True, mode: str = "scaled_mm") -> tuple[nn.Module, ConversionReport]:
-    """Convert a ModelOpt fake-quant model in place and move it to ``device``/``dtype``."""
+                    fast_accum: bool = True, mode: str = "scaled_mm",
+                    attention_kernel: str = "torch") -> tuple[nn.Module, ConversionReport]:
+    """Convert a ModelOpt fake-quant model in place and move it to ``device``/``dtype``.
+
+    ``attention_kernel="triton"``: attention runs the Triton FP8 flash kernel (``fp8_flash``:
+    Q, K, V and P in FP8, P exactly rounded, so it implies ``exact_softmax``) wherever it can;
+    modules it cannot serve keep the torch path, listed in the report's notes."""
+    if attention_kernel not in KERNELS:
+        raise ValueError(f"build_fp8_model: attention_kernel must be one of {KERNELS}, got {attention_kernel!r}")
+    exact_softmax = exact_softmax or attention_kernel == "triton"
     report = convert_to_fp8(fake_quant_model, mode=mode, exact_softmax=exact_softmax, fast_accum=fast_accum)
     leftovers = [n for n, m in fake_quant_model.named_modules() if type(m).__name__ == "TensorQuantizer"
                  and getattr(m, "is_enabled", False)]
     if leftovers:
         report.notes.append(f"{len(leftovers)} ModelOpt quantizers still fake-quantize (e.g. {leftovers[:2]})")
     model = cast_for_runtime(fake_quant_model, device, dtype).eval()
+    if attention_kernel == "triton":
+        used, skipped = use_flash_kernel(model, device)
+        report.notes.append(f"FP8 flash-attention kernel (Triton) in {len(used)} of {len(used) + len(skipped)} "
+                            "attention modules")
+        report.notes.extend(f"  torch attention path: {why}" for why in skipped)
     return model, report
 
 
 def create_fp8_encoder(spec: EncoderSpec, *, compile: bool = True, exact_softmax: bool = False,
                        engine: str | None = None, engine_dir: Path | None = None,
-                       cache: Any = None) -> FastTorchEncoder:
+                       cache: Any = None, attention_kernel: str = "torch") -> FastTorchEncoder:
     """Real-FP8 ``Encoder`` for ``spec`` (precision ``fp8``, ``quantized`` dir required).
 
     ``exact_softmax``: keep the checkpoint's FP8 rounding of the softmax output P (bit-faithful
@@ -68,8 +82,9 @@ def create_fp8_encoder(spec: EncoderSpec, *, compile: bool = True, exact_softmax
     ``engine``: compiled-engine policy (``quant.runtime.engine``; default ``$CLIPFP8_ENGINE``):
     a stored engine matching this GPU/torch/checkpoint is loaded before the first compile, so
     that compile is a cache hit; a mismatching one raises ``EngineMismatchError``; ``eager``
-    does not compile. Raises ``UnsupportedPrecisionError`` without a CUDA GPU of compute
-    capability >= 8.9.
+    does not compile. ``attention_kernel="triton"``: the Triton FP8 flash-attention kernel, P
+    rounded exactly (``build_fp8_model``; a separate engine variant; not yet measured on a GPU).
+    Raises ``UnsupportedPrecisionError`` without a CUDA GPU of compute capability >= 8.9.
     """
     if spec.precision != "fp8":
         raise UnsupportedPrecisionError(f"create_fp8_encoder serves precision 'fp8', got {spec.precision!r}")
@@ -83,7 +98,8 @@ def create_fp8_encoder(spec: EncoderSpec, *, compile: bool = True, exact_softmax
     # A text-only caller (one `search` query) runs eagerly: compiling costs seconds, a query ms.
     # It still takes the engine's converted model when there is one (no ModelOpt import).
     compile = compile and engine_policy(engine) != "eager" and not spec.text_only
-    variant = f"softmax={'exact' if exact_softmax else 'fused'}"
+    flash = attention_kernel == "triton"
+    variant = f"softmax={'exact' if exact_softmax or flash else 'fused'}" + (",attention=triton" if flash else "")
     stored = stored_checksum(spec.quantized)
     runtime = None
     if stored is not None and (compile or spec.text_only):  # before the slow checkpoint load: a mismatch fails fast
@@ -95,9 +111,10 @@ def create_fp8_encoder(spec: EncoderSpec, *, compile: bool = True, exact_softmax
         (loaded, model, report), checksum = runtime, stored
     else:
         loaded, checksum = load_quantized(spec.quantized)  # verifies the stored checksum
-        model, report = build_fp8_model(loaded.model, device, exact_softmax=exact_softmax)
+        model, report = build_fp8_model(loaded.model, device, exact_softmax=exact_softmax,
+                                        attention_kernel=attention_kernel)
     log.info("FP8 runtime for %s: %s", spec.quantized, report.summary())
-    if not exact_softmax:
+    if not (exact_softmax or flash):
         log.info("FP8 runtime: softmax output kept in 16 bit (fused SDPA); exact_softmax=True rounds it to FP8")
     for name, why in report.emulated:
         log.info("  emulated (dequantized fp16 GEMM): %s (%s)", name, why)

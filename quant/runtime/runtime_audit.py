@@ -11,6 +11,8 @@ aten op and attention call with its owning module; each is then judged:
   fused SDPA kernel (the softmax output P stays 16 bit: ``create_fp8_encoder``'s default);
 * ``fp8-exact``: an exact-softmax attention matmul whose operands (Q, K^T / P, V) are all
   FP8-rounded (``exact_softmax=True``);
+* ``fp8-flash``: a call of the Triton FP8 flash-attention kernel on float8 Q, K and V (P is
+  rounded to FP8 inside it; ``attention_kernel="triton"``);
 * ``excluded`` / ``projection`` / ``tower-off`` / ``attention-off``: a high-precision op in a
   module where the fake-quant audit allowed one (e.g. ``visual.conv1``, ``x @ proj``), as many
   times as it did there;
@@ -52,12 +54,13 @@ from clipfp8.quant.runtime.runtime_trace import (
 log = logging.getLogger(__name__)
 
 #: Runtime statuses that count as FP8 (see the module docstring).
-FP8_STATUSES = ("fp8", "fp8-qkv", "fp8-exact")
+FP8_STATUSES = ("fp8", "fp8-qkv", "fp8-exact", "fp8-flash")
 #: High-precision statuses the fake-quant audit can allow.
 ALLOWED_STATUSES = ("excluded", "projection", "tower-off", "attention-off")
 TOWERS = ("image", "text")
 LEGEND = ("runtime: fp8 = FP8 _scaled_mm; fp8-qkv = FP8 Q/K/V into a 16-bit fused SDPA; fp8-exact = "
-          "attention matmul on FP8-rounded operands; emulated = GEMM on dequantized FP8 values")
+          "attention matmul on FP8-rounded operands; fp8-flash = Triton FP8 attention kernel (Q, K, V, P in FP8); "
+          "emulated = GEMM on dequantized FP8 values")
 
 
 @dataclass
@@ -90,6 +93,8 @@ class RuntimeAuditReport:
             modes.append(f"FP8 Q/K/V -> 16-bit fused softmax ({', '.join(fused)})")
         if any(c.status == "fp8-exact" for c in self.attention):
             modes.append("exact FP8 softmax (explicit matmuls, P rounded to FP8)")
+        if any(c.status == "fp8-flash" for c in self.attention):
+            modes.append("Triton FP8 flash attention (Q, K, V and P in FP8 on tensor cores)")
         return "; ".join(modes) or "no FP8 attention"
 
     def summary(self) -> str:
@@ -229,7 +234,7 @@ def _classify(events: list[TraceEvent], allowed: dict[str, list[str]], emulated:
                                     fp8=status == "fp8", status=status))
             continue
         if ev.operands_fp8 and all(ev.operands_fp8):
-            ev.status = "fp8-qkv" if ev.kind == "sdpa" else "fp8-exact"
+            ev.status = {"sdpa": "fp8-qkv", "fp8-flash": "fp8-flash"}.get(ev.kind, "fp8-exact")
         else:
             ev.status = allowance(ev.module)
         calls.append(ev)

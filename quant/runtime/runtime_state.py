@@ -27,7 +27,7 @@ from torch import nn
 from clipfp8.quant.core.config import ModelSpec
 from clipfp8.quant.core.models import LoadedModel
 from clipfp8.quant.runtime.convert import ConversionReport, cast_for_runtime
-from clipfp8.quant.runtime.fp8_attention import FP8Attention
+from clipfp8.quant.runtime.fp8_attention import KERNELS, FP8Attention
 from clipfp8.quant.runtime.fp8_linear import DisabledQuantizer, FakeQuantFP8, FP8Embedding, FP8Linear
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,8 @@ def _describe(module: nn.Module, parent: dict[str, Any] | None) -> dict[str, Any
     if isinstance(module, FP8Embedding):
         return {"kind": "fp8_embedding"}
     if isinstance(module, FP8Attention):
-        return {"kind": "fp8_attention", "heads": int(module.num_heads), "exact_softmax": bool(module.exact_softmax)}
+        return {"kind": "fp8_attention", "heads": int(module.num_heads), "exact_softmax": bool(module.exact_softmax),
+                "kernel": module.kernel}
     if isinstance(module, FakeQuantFP8):
         return {"kind": "fake_quant"}
     if isinstance(module, DisabledQuantizer):
@@ -108,7 +109,12 @@ def _construct(entry: dict[str, Any], current: nn.Module | None, state: dict[str
             raise KeyError(f"{p}: the plain model has no attention with q/k/v/out projections there")
         softmax = FakeQuantFP8(torch.ones(1)) if entry["exact_softmax"] else None
         q, k, v, o = (current.get_submodule(a) for a in ("q_proj", "k_proj", "v_proj", "out_proj"))
-        return FP8Attention(entry["heads"], q, k, v, o, softmax_quant=softmax, exact_softmax=entry["exact_softmax"])
+        att = FP8Attention(entry["heads"], q, k, v, o, softmax_quant=softmax, exact_softmax=entry["exact_softmax"])
+        # The engine was built on this GPU kind (its key), so the kernel it used runs here too.
+        att.kernel = entry.get("kernel", "torch")
+        if att.kernel not in KERNELS:
+            raise KeyError(f"{p}: unknown attention kernel {att.kernel!r}")
+        return att
     if kind == "fake_quant":
         return FakeQuantFP8(torch.ones(1))  # scales come with the state dict
     if kind == "disabled_quantizer":

@@ -6,6 +6,8 @@ One sample batch runs through both towers, eagerly, under two modes at once:
 * a ``TorchDispatchMode`` records every GEMM-like aten op (``quant.audit.GEMM_OPERANDS`` plus
   ``_scaled_mm``) with its owning module -- forward hooks keep the module stack, as
   ``quant.audit`` does -- and whether it is an FP8 GEMM: ``_scaled_mm`` with two float8 operands;
+  and each call of the Triton FP8 flash-attention op (``clipfp8::fp8_flash_attention``) as an
+  attention call, FP8 when its Q, K and V operands are float8;
 * a ``TorchFunctionMode`` sees each attention call an attention module makes itself
   (``F.scaled_dot_product_attention``; ``matmul`` on the exact-softmax path) before torch lowers
   it, and checks that every operand lies on the FP8 grid of one of the module's calibrated
@@ -36,8 +38,11 @@ from clipfp8.quant.runtime.fp8_linear import FakeQuantFP8
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 #: aten ops that are FP8 GEMMs when their two matrix operands are float8.
 SCALED_MM_OPS = frozenset({"_scaled_mm", "_scaled_mm_v2"})
+#: The Triton FP8 flash-attention custom op (``fp8_flash``): one whole attention call.
+FLASH_OP = "fp8_flash_attention"
 #: Short names of the fused attention kernels (aten op -> table label).
 ATTENTION_KERNELS = {
+    FLASH_OP: "triton:fp8-flash",
     "_scaled_dot_product_flash_attention": "sdpa:flash",
     "_scaled_dot_product_efficient_attention": "sdpa:efficient",
     "_scaled_dot_product_cudnn_attention": "sdpa:cudnn",
@@ -56,8 +61,8 @@ _ATTENTION_FUNCS = {"scaled_dot_product_attention": ("sdpa", ("query", "key", "v
 
 @dataclass
 class AttentionCall:
-    """One attention call of module ``module``: ``kind`` "sdpa" (fused) or "matmul" (the
-    exact-softmax path); ``kernels``: the GEMM-like aten ops it lowered to; ``operands_fp8``:
+    """One attention call of module ``module``: ``kind`` "sdpa" (fused), "matmul" (the
+    exact-softmax path) or "fp8-flash" (the Triton FP8 kernel); ``kernels``: the GEMM-like aten ops it lowered to; ``operands_fp8``:
     each matrix operand (Q, K, V / the two matmul operands) on an FP8 grid; ``status``: set by
     the audit."""
 
@@ -130,6 +135,12 @@ class _GemmRecorder(TorchDispatchMode):
                            kwargs: dict[str, Any] | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
         name = func._schema.name.split("::")[-1]
+        if name == FLASH_OP and self.trace.current is None:
+            # Q, K, V^T as float8 operands; P is rounded to FP8 inside the kernel.
+            owner = self.trace.stack[-1] if self.trace.stack else ""
+            operands = [isinstance(t, torch.Tensor) and t.dtype in FP8_DTYPES for t in args[:3]]
+            self.trace.events.append(AttentionCall(owner, tower_of(owner), "fp8-flash", [name], operands))
+            return out
         if name not in SCALED_MM_OPS and name not in GEMM_OPERANDS:
             return out
         if self.trace.current is not None:  # lowered from an attention call: part of that call
@@ -233,4 +244,5 @@ def trace_runtime(model: nn.Module, sample_batch: tuple[torch.Tensor, torch.Tens
 
 
 __all__ = ["trace_runtime", "attention_modules", "activation", "on_fp8_grid", "tower_of", "AttentionCall",
-           "GemmEvent", "TraceEvent", "FP8_DTYPES", "SCALED_MM_OPS", "ATTENTION_KERNELS", "ROUNDER_ATTRS"]
+           "GemmEvent", "TraceEvent", "FP8_DTYPES", "SCALED_MM_OPS", "ATTENTION_KERNELS", "ROUNDER_ATTRS",
+           "FLASH_OP"]

@@ -15,12 +15,17 @@ def _row(tower, prec, batch, ips):
 
 
 def test_ratio_is_against_the_best_fp16():
-    rows = [_row("image", "fp16-eager", 256, 100.0), _row("image", "fp16-compiled", 256, 120.0),
-            _row("image", "fp8", 256, 180.0), _row("image", "fp8-exact", 256, 60.0)]
+    rows = [_row("image", "fp16-eager", 256, 100.0), _row("image", "fp16-compiled", 256, 90.0),
+            _row("image", "fp16-sdpa", 256, 120.0), _row("image", "fp8", 256, 180.0),
+            _row("image", "fp8-exact", 256, 60.0), _row("image", "fp8-flash", 256, 210.0)]
     (r,) = ratios(rows)
-    assert r["best_fp16_items_per_s"] == 120.0
+    assert r["best_fp16"] == "fp16-sdpa" and r["best_fp16_items_per_s"] == 120.0
     assert r["fp8_over_best_fp16"] == pytest.approx(1.5)
     assert r["fp8-exact_over_best_fp16"] == pytest.approx(0.5)
+    assert r["fp8-flash_over_best_fp16"] == pytest.approx(1.75)
+    t = evaluate_targets({"ratios": [r]})
+    assert not t["image_ratio_b256"]["met"] and t["image_fp8_flash_ratio_b256"]["met"]
+    assert "| image | 256 | 120 | 180 | 1.50x | 1.75x | 0.50x |" in markdown({"rows": rows, "ratios": [r]})
 
 
 def test_targets_flag_met_and_missed():
@@ -39,6 +44,9 @@ def test_config_validation():
         BenchConfig(towers=("audio",))
     with pytest.raises(ValueError, match="batch_sizes"):
         BenchConfig(batch_sizes=(0,))
+    with pytest.raises(ValueError, match="unknown precision 'fp16-turbo'"):
+        BenchConfig(precisions=("fp16-turbo",))
+    assert BenchConfig(precisions=("fp16-autotune", "fp8-autotune")).precisions == ("fp16-autotune", "fp8-autotune")
     assert BenchConfig(cpu_smoke=True).device == "cpu"
 
 
@@ -49,8 +57,11 @@ def test_cpu_smoke_run_writes_json_and_plot(tmp_path):
     assert bench_towers(cpu_smoke=True, batch_sizes="2", towers="image", out=out, plot=png, min_time_s=0.01) == 0
     result = json.loads(out.read_text())
     precs = {r["precision"] for r in result["rows"]}
-    assert precs == {"fp16-eager", "fp16-compiled", "fp8", "fp8-exact"}
+    assert precs == {"fp16-eager", "fp16-compiled", "fp16-sdpa", "fp8", "fp8-exact", "fp8-flash"}
     assert result["numerics"]["image_fp8-exact_vs_fake_min_cos"] >= 0.999
+    # fp8-flash on the CPU: the kernel needs Triton's interpreter there, so the torch path ran, and said so
+    assert result["numerics"]["image_fp8-flash_vs_fake_min_cos"] >= 0.999
+    assert "in 0 of 4 attention modules" in result["fp8_flash"][0]
     assert result["weight_bytes"]["fp8"]["image"] < result["weight_bytes"]["fp16"]["image"]
     assert png.stat().st_size > 1000
     assert "| image | fp8 | 2 |" in markdown(result)
