@@ -186,7 +186,7 @@ def fp8_flash_attention(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, q
     block_m, block_n = (32, 32) if interpret else (64, 64)
     grid = (-(-n // block_m), b * h)
     m = q8  # a placeholder pointer, never read without HAS_MASK
-    mstrides = (0, 0, 0, 0)
+    mstrides: tuple[int, ...] = (0, 0, 0, 0)
     if mask is not None:  # broadcast to (B, H, L, S) as a view: zero strides, no copy
         m = mask.expand(b, h, n, s)
         mstrides = m.stride()
