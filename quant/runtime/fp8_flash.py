@@ -31,6 +31,7 @@ tests run it that way).
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from typing import Any
 
@@ -136,12 +137,27 @@ def interpreting() -> bool:
     return _triton() and bool(triton.knobs.runtime.interpret)
 
 
+#: GPU tile configurations (BLOCK_M, BLOCK_N, warps, pipeline stages) tried by Triton's
+#: autotuner on the first call per (L, S, head dim, mask); configurations that do not fit the
+#: GPU's shared memory are skipped by the autotuner. The interpreter uses ``INTERPRETER_BLOCKS``.
+GPU_CONFIGS = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 128, 4, 2),
+               (128, 128, 8, 2), (64, 32, 4, 3))
+INTERPRETER_BLOCKS = (32, 32)
+
+
 @functools.cache
 def _kernel() -> Any:
-    """The Triton kernel (``triton.jit`` returns the interpreter's version when interpreting)."""
+    """The Triton kernel: autotuned over ``GPU_CONFIGS`` on the GPU (results kept in Triton's
+    on-disk cache where this Triton can), plain under the interpreter (``triton.jit`` returns
+    the interpreter's version there; the autotuner would time it with CUDA events)."""
     if not _triton():
         raise RuntimeError("the FP8 flash-attention kernel needs Triton, which this torch lacks")
-    return triton.jit(_fwd_kernel)
+    jitted = triton.jit(_fwd_kernel)
+    if interpreting():
+        return jitted
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in GPU_CONFIGS]
+    keep = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    return triton.autotune(configs, key=["L", "S", "HEAD_DIM", "HAS_MASK"], **keep)(jitted)
 
 
 def unsupported_reason(device: torch.device, head_dim: int) -> str | None:
@@ -183,20 +199,23 @@ def fp8_flash_attention(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, q
     out = torch.empty((b, n, h, d), dtype=out_dtype, device=q8.device)
     kernel = _kernel()
     interpret = interpreting()
-    block_m, block_n = (32, 32) if interpret else (64, 64)
-    grid = (-(-n // block_m), b * h)
     m = q8  # a placeholder pointer, never read without HAS_MASK
     mstrides: tuple[int, ...] = (0, 0, 0, 0)
     if mask is not None:  # broadcast to (B, H, L, S) as a view: zero strides, no copy
         m = mask.expand(b, h, n, s)
         mstrides = m.stride()
-    extra = {} if interpret else {"num_warps": 4, "num_stages": 2}
+    # Tiles: fixed under the interpreter, chosen by the autotuner on the GPU.
+    tiles = dict(zip(("BLOCK_M", "BLOCK_N"), INTERPRETER_BLOCKS, strict=True)) if interpret else {}
+
+    def grid(meta: dict[str, Any]) -> tuple[int, int]:
+        return (-(-n // meta["BLOCK_M"]), b * h)
+
     kernel[grid](
         q8, k8, vt8, m, out, q_scale, k_scale, v_scale, p_qmul, p_scale,
         *q8.stride(), *k8.stride(), *vt8.stride(), *mstrides,
         out.stride(0), out.stride(2), out.stride(1), out.stride(3),
         h, n, s, sm_scale,
-        HAS_MASK=mask is not None, ROUND_FIRST=interpret, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d, **extra)
+        HAS_MASK=mask is not None, ROUND_FIRST=interpret, HEAD_DIM=d, **tiles)
     return out
 
 
