@@ -9,13 +9,8 @@
 set -o pipefail
 OUT=${OUT:-/tmp/clipfp8-towers-out}
 mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-fi
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade \
-  --target /tmp/site . || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-unset PYTHONDONTWRITEBYTECODE
+# shellcheck source=scripts/device_env.sh
+source scripts/device_env.sh
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'

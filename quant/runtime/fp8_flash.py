@@ -41,6 +41,7 @@ import torch
 # never runs the kernel. The kernel's body reads ``tl`` from these module globals when compiled.
 triton: Any = None
 tl: Any = None
+_scores: Any = None  # the jitted ``_block_scores``, set with the kernel (``_kernel``)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,20 @@ GPU_HEAD_DIMS = (32, 64, 128, 256)
 CPU_HEAD_DIMS = (16, *GPU_HEAD_DIMS)
 #: Compute capability with FP8 tensor cores (Ada, Hopper).
 MIN_CAPABILITY = (8, 9)
+
+
+def _block_scores(q, k_base, m_base, start, offs_m, offs_d, row_ok, skn, skd, smm, smn, S, qk_scale,
+                  HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Base-2 scores of the query tile against keys ``start : start + BLOCK_N``: fp32
+    (BLOCK_M, BLOCK_N), -inf past the last key; with the key offsets and their validity."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < S
+    k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=col_ok[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    if HAS_MASK:
+        s += tl.load(m_base + offs_m[:, None] * smm + offs_n[None, :] * smn,
+                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
+    return tl.where(col_ok[None, :], s, float("-inf")), offs_n, col_ok
 
 
 def _fwd_kernel(Q, K, VT, MASK, OUT, QS, KS, VS, PQ, PS,  # noqa: N803 - Triton's naming of pointers
@@ -75,14 +90,8 @@ def _fwd_kernel(Q, K, VT, MASK, OUT, QS, KS, VS, PQ, PS,  # noqa: N803 - Triton'
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     for start in range(0, S, BLOCK_N):  # pass 1: row max and sum of exp
-        offs_n = start + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < S
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=col_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        if HAS_MASK:
-            s += tl.load(m_base + offs_m[:, None] * smm + offs_n[None, :] * smn,
-                         mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
-        s = tl.where(col_ok[None, :], s, float("-inf"))
+        s, offs_n, col_ok = _scores(q, k_base, m_base, start, offs_m, offs_d, row_ok, skn, skd, smm, smn, S,
+                                    qk_scale, HAS_MASK, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row masked so far: no NaN
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
@@ -92,14 +101,8 @@ def _fwd_kernel(Q, K, VT, MASK, OUT, QS, KS, VS, PQ, PS,  # noqa: N803 - Triton'
     v_base = VT + b * svb + h * svh
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for start in range(0, S, BLOCK_N):  # pass 2: exact P, rounded to FP8, times V
-        offs_n = start + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < S
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=col_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        if HAS_MASK:
-            s += tl.load(m_base + offs_m[:, None] * smm + offs_n[None, :] * smn,
-                         mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
-        s = tl.where(col_ok[None, :], s, float("-inf"))
+        s, offs_n, col_ok = _scores(q, k_base, m_base, start, offs_m, offs_d, row_ok, skn, skd, smm, smn, S,
+                                    qk_scale, HAS_MASK, BLOCK_N)
         p = tl.exp2(s - m_fin[:, None]) * inv_l[:, None]
         p = tl.minimum(p * p_qmul, 448.0)  # P >= 0: only the top saturates
         if ROUND_FIRST:
@@ -152,6 +155,9 @@ def _kernel() -> Any:
     the interpreter's version there; the autotuner would time it with CUDA events)."""
     if not _triton():
         raise RuntimeError("the FP8 flash-attention kernel needs Triton, which this torch lacks")
+    global _scores
+    # The kernel calls ``_scores`` by its global name: the jitted helper must sit there first.
+    _scores = triton.jit(_block_scores)
     jitted = triton.jit(_fwd_kernel)
     if interpreting():
         return jitted
