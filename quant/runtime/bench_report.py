@@ -48,19 +48,22 @@ def markdown(result: dict[str, Any]) -> str:
     """The throughput table, ratios, weights, query/indexing figures and targets as Markdown."""
     lines = ["| tower | precision | batch | items/s | p50 ms | p99 ms | peak GPU MiB |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    order = ("fp16-eager", "fp16-compiled", "fp8", "fp8-flash", "fp8-exact", "trt")
+    order = ("fp16-eager", "fp16-compiled", "fp16-sdpa", "fp16-autotune", "fp8", "fp8-flash", "fp8-autotune",
+             "fp8-exact", "trt")
     for r in sorted(result["rows"], key=lambda r: (r["tower"], order.index(r["precision"]) if r["precision"] in order else 9, r["batch"])):
         if "items_per_s" not in r:
             lines.append(f"| {r['tower']} | {r['precision']} | {r['batch']} | {r.get('error')} | | | |")
             continue
         lines.append(f"| {r['tower']} | {r['precision']} | {r['batch']} | {r['items_per_s']:,.0f} | "
                      f"{r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['peak_mem_bytes'] / 2**20:,.0f} |")
-    lines += ["", "| tower | batch | best FP16 items/s | FP8 items/s | FP8 / best FP16 | FP8-flash / best FP16 "
-              "| FP8-exact / best FP16 |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    variants = ("fp8-flash", "fp8-autotune", "fp8-exact")
+    lines += ["", "| tower | batch | best FP16 (which) | FP8 items/s | FP8 / best FP16 | "
+              + " | ".join(f"{v.upper()} / best FP16" for v in variants) + " |",
+              "| --- | ---: | ---: | ---: | ---: |" + " ---: |" * len(variants)]
     for r in result.get("ratios", []):
-        fl, ex = (f"{r[k]:.2f}x" if k in r else "" for k in ("fp8-flash_over_best_fp16", "fp8-exact_over_best_fp16"))
-        lines.append(f"| {r['tower']} | {r['batch']} | {r['best_fp16_items_per_s']:,.0f} | "
-                     f"{r['fp8_items_per_s']:,.0f} | {r['fp8_over_best_fp16']:.2f}x | {fl} | {ex} |")
+        cells = [f"{r[k]:.2f}x" if k in r else "" for k in (f"{v}_over_best_fp16" for v in variants)]
+        lines.append(f"| {r['tower']} | {r['batch']} | {r['best_fp16_items_per_s']:,.0f} ({r.get('best_fp16', '?')}) | "
+                     f"{r['fp8_items_per_s']:,.0f} | {r['fp8_over_best_fp16']:.2f}x | " + " | ".join(cells) + " |")
     wb = result.get("weight_bytes")
     if wb:
         lines += ["", "| weights | FP16 MiB | FP8 MiB | ratio |", "| --- | ---: | ---: | ---: |"]

@@ -126,8 +126,11 @@ class FP8Attention(nn.Module):
         q8 = _split_heads(quantize_fp8(qp, rq.qmul_scale), self.num_heads)
         k8 = _split_heads(quantize_fp8(kp, rk.qmul_scale), self.num_heads)
         vt8 = _split_heads(quantize_fp8(vp, rv.qmul_scale), self.num_heads).transpose(-2, -1).contiguous()
-        if mask is not None and mask.ndim == 3:  # nn.MultiheadAttention's (B * heads, L, S)
-            mask = mask.view(q8.shape[0], self.num_heads, *mask.shape[1:])
+        if mask is not None and mask.ndim == 3:
+            if mask.shape[0] == q8.shape[0] * self.num_heads:  # nn.MultiheadAttention's (B * heads, L, S)
+                mask = mask.view(q8.shape[0], self.num_heads, *mask.shape[1:])
+            else:  # (1, L, S): broadcast over batch and heads, as the torch path does
+                mask = mask.unsqueeze(1)
         out = fp8_flash.fp8_flash_attention(q8, k8, vt8, rq.scale, rk.scale, rv.scale, rp.qmul_scale, rp.scale,
                                             mask, float(q8.shape[-1]) ** -0.5, qp.dtype)
         b, n = out.shape[:2]

@@ -19,7 +19,7 @@ from clipfp8.quant.core.errors import UnsupportedPrecisionError
 from clipfp8.quant.runtime.convert import ConversionReport, cast_for_runtime, convert_to_fp8
 from clipfp8.quant.runtime.engine import engine_policy, prepare_engine
 from clipfp8.quant.runtime.fast_fp16 import FastTorchEncoder
-from clipfp8.quant.runtime.fp8_attention import KERNELS, use_flash_kernel
+from clipfp8.quant.runtime.fp8_attention import KERNELS, FP8Attention, use_flash_kernel
 from clipfp8.quant.runtime.runtime_state import load_from_engine
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,12 @@ def create_fp8_encoder(spec: EncoderSpec, *, compile: bool = True, exact_softmax
         loaded, checksum = load_quantized(spec.quantized)  # verifies the stored checksum
         model, report = build_fp8_model(loaded.model, device, exact_softmax=exact_softmax,
                                         attention_kernel=attention_kernel)
+    if spec.text_only:
+        # One `search` query runs eagerly: the explicit exact path computes the kernel's function
+        # without importing Triton, compiling the kernel or autotuning its tiles in a cold process.
+        for m in model.modules():
+            if isinstance(m, FP8Attention):
+                m.kernel = "torch"
     log.info("FP8 runtime for %s: %s", spec.quantized, report.summary())
     if not (exact_softmax or flash):
         log.info("FP8 runtime: softmax output kept in 16 bit (fused SDPA); exact_softmax=True rounds it to FP8")

@@ -30,6 +30,7 @@ tests run it that way).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -69,12 +70,12 @@ def _block_scores(q, k_base, m_base, start, offs_m, offs_d, row_ok, skn, skd, sm
 
 def _fwd_kernel(Q, K, VT, MASK, OUT, QS, KS, VS, PQ, PS,  # noqa: N803 - Triton's naming of pointers
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svd, svn, smb, smh, smm, smn, sob, soh, som, sod,
-                H, L, S, sm_scale,
+                H, L, S, sm_scale, BH_BUCKET,
                 HAS_MASK: tl.constexpr, ROUND_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     """One (BLOCK_M query rows, batch*head) tile; see the module docstring. Scores are kept in
     base 2 (``exp2``), so the scale and the mask carry a factor log2(e)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # batch * heads on axis 0: CUDA caps axis 1 at 65,535
+    pid_m = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     qk_scale = tl.load(QS) * tl.load(KS) * sm_scale * 1.4426950408889634
@@ -113,7 +114,9 @@ def _fwd_kernel(Q, K, VT, MASK, OUT, QS, KS, VS, PQ, PS,  # noqa: N803 - Triton'
             p = ((p / quantum + 12582912.0) - 12582912.0) * quantum  # 1.5 * 2^23: fp32 rint
         p8 = p.to(tl.float8e4nv)
         vt = tl.load(v_base + offs_d[:, None] * svd + offs_n[None, :] * svn, mask=col_ok[None, :], other=0.0)
-        acc = tl.dot(p8, tl.trans(vt), acc)
+        # Added in fp32 per key block: an ``acc`` passed into an FP8 dot stays in Hopper's
+        # reduced-precision FP8 accumulator for the whole sum (max_num_imprecise_acc).
+        acc += tl.dot(p8, tl.trans(vt))
     out = acc * out_scale
     tl.store(OUT + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
              out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
@@ -148,6 +151,13 @@ GPU_CONFIGS = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3),
 INTERPRETER_BLOCKS = (32, 32)
 
 
+def _bucket(programs: int) -> int:
+    """The power of two at or above ``programs`` (batch * heads): the autotuner's key, so a
+    one-query call does not choose the tiles of a 256-image batch (``BH_BUCKET``, unused in
+    the kernel's body)."""
+    return 1 << max(0, programs - 1).bit_length()
+
+
 @functools.cache
 def _kernel() -> Any:
     """The Triton kernel: autotuned over ``GPU_CONFIGS`` on the GPU (results kept in Triton's
@@ -163,7 +173,7 @@ def _kernel() -> Any:
         return jitted
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in GPU_CONFIGS]
     keep = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-    return triton.autotune(configs, key=["L", "S", "HEAD_DIM", "HAS_MASK"], **keep)(jitted)
+    return triton.autotune(configs, key=["L", "S", "HEAD_DIM", "HAS_MASK", "BH_BUCKET"], **keep)(jitted)
 
 
 def unsupported_reason(device: torch.device, head_dim: int) -> str | None:
@@ -198,8 +208,18 @@ def fp8_flash_attention(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, q
     with unit stride along S; ``*_scale`` fp32 () dequantize scales of Q, K, V and P, ``p_qmul``
     fp32 () P's quantize multiplier (``quant.runtime.fp8_linear.fp8_scales``); mask None or an
     additive float mask broadcastable to (B, H, L, S) (e.g. (L, S) causal, (B, 1, 1, S) key
-    padding). Returns ``out_dtype`` (B, L, H, D), contiguous.
+    padding). Returns ``out_dtype`` (B, L, H, D), contiguous. A query row whose keys are all
+    masked out gets zeros (a torch softmax gives NaN there).
     """
+    return launch(q8, k8, vt8, (q_scale, k_scale, v_scale, p_qmul, p_scale), mask, sm_scale, out_dtype)
+
+
+def launch(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, scales: tuple[torch.Tensor, ...],
+           mask: torch.Tensor | None, sm_scale: float, out_dtype: torch.dtype,
+           tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """The kernel launch behind the custom op; arguments as there, ``scales`` = (q_scale,
+    k_scale, v_scale, p_qmul, p_scale). ``tiles`` = (BLOCK_M, BLOCK_N, warps, stages) bypasses
+    the autotuner (the GPU test runs every ``GPU_CONFIGS`` entry that way)."""
     b, h, n, d = q8.shape
     s = k8.shape[2]
     out = torch.empty((b, n, h, d), dtype=out_dtype, device=q8.device)
@@ -210,18 +230,24 @@ def fp8_flash_attention(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, q
     if mask is not None:  # broadcast to (B, H, L, S) as a view: zero strides, no copy
         m = mask.expand(b, h, n, s)
         mstrides = m.stride()
-    # Tiles: fixed under the interpreter, chosen by the autotuner on the GPU.
-    tiles = dict(zip(("BLOCK_M", "BLOCK_N"), INTERPRETER_BLOCKS, strict=True)) if interpret else {}
+    meta: dict[str, int] = {}
+    if interpret:  # fixed tiles; the autotuner would time configurations with CUDA events
+        meta = dict(zip(("BLOCK_M", "BLOCK_N"), INTERPRETER_BLOCKS, strict=True))
+    elif tiles is not None:
+        kernel = getattr(kernel, "fn", kernel)  # the autotuner's jitted function
+        meta = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tiles, strict=True))
 
-    def grid(meta: dict[str, Any]) -> tuple[int, int]:
-        return (-(-n // meta["BLOCK_M"]), b * h)
+    def grid(cfg: dict[str, Any]) -> tuple[int, int]:
+        return (b * h, -(-n // cfg["BLOCK_M"]))
 
-    kernel[grid](
-        q8, k8, vt8, m, out, q_scale, k_scale, v_scale, p_qmul, p_scale,
-        *q8.stride(), *k8.stride(), *vt8.stride(), *mstrides,
-        out.stride(0), out.stride(2), out.stride(1), out.stride(3),
-        h, n, s, sm_scale,
-        HAS_MASK=mask is not None, ROUND_FIRST=interpret, HEAD_DIM=d, **tiles)
+    # Triton launches on the current CUDA device, which need not be the tensors'.
+    with torch.cuda.device(q8.device) if q8.is_cuda else contextlib.nullcontext():
+        kernel[grid](
+            q8, k8, vt8, m, out, *scales,
+            *q8.stride(), *k8.stride(), *vt8.stride(), *mstrides,
+            out.stride(0), out.stride(2), out.stride(1), out.stride(3),
+            h, n, s, sm_scale, _bucket(b * h),
+            HAS_MASK=mask is not None, ROUND_FIRST=interpret, HEAD_DIM=d, **meta)
     return out
 
 
@@ -245,5 +271,5 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     return ((p8.float() @ v.float()) * (ps * vs)).transpose(1, 2)
 
 
-__all__ = ["fp8_flash_attention", "unsupported_reason", "reference_attention", "GPU_HEAD_DIMS",
+__all__ = ["fp8_flash_attention", "launch", "unsupported_reason", "reference_attention", "GPU_HEAD_DIMS",
            "CPU_HEAD_DIMS", "MIN_CAPABILITY"]

@@ -33,15 +33,15 @@ def test_the_kernel_runs_under_the_interpreter_in_a_child_process() -> None:
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     tail = proc.stdout[-3000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
-    assert "7 passed" in proc.stdout and "skipped" not in proc.stdout, tail
+    assert "8 passed" in proc.stdout and "skipped" not in proc.stdout, tail
 
 
 def test_without_the_interpreter_the_cpu_keeps_the_torch_path(quantized_tiny) -> None:  # type: ignore[no-untyped-def]
-    """On the CPU (no interpreter in this process) every module keeps the torch path, says why,
-    and computes the exact-softmax function."""
+    """On the CPU (no interpreter in this process) every module keeps the torch path with the
+    exact softmax rounding the kernel would have applied, and the report says why."""
     if fp8_flash.interpreting():
         pytest.skip("this process runs Triton's interpreter")
-    _, result, batch = quantized_tiny
+    _, result, _ = quantized_tiny
     model, report = build_fp8_model(copy.deepcopy(result.model), "cpu", dtype=torch.float32, mode="emulate",
                                     attention_kernel="triton")
     modules = [m for m in model.modules() if isinstance(m, FP8Attention)]
@@ -111,26 +111,58 @@ def test_audit_cli_needs_runtime_for_the_kernel_flag(tmp_path: Path) -> None:
         cmd_audit(Args())  # type: ignore[arg-type]
 
 
+def _gpu_case(b: int, h: int, n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """float8 Q, K, V on CUDA whose scores spread over several units (a peaked softmax)."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple((torch.randn(b, h, n, d, generator=g) * 40).to(torch.float8_e4m3fn).cuda() for _ in range(3))
+
+
 @pytest.mark.gpu
-def test_kernel_on_the_gpu_equals_its_reference_and_the_model_matches_fake_quant(quantized_tiny) -> None:  # type: ignore[no-untyped-def]
-    """Compiled for the GPU (FP8 tensor cores): the kernel against its fp32 reference on
-    ViT-L/14's attention shape, and a tiny model's towers against the fake-quant model."""
+def test_compiled_kernel_equals_its_reference_in_every_tile_configuration() -> None:
+    """Each GPU tile configuration, without a mask (ViT-L/14's image shape), with the causal mask
+    and with a key-padding mask (its text shape): within a small error of the fp32 reference
+    with the same FP8 rounding of P, and clearly farther from the same attention without it."""
     import torch.nn.functional as F
 
     if torch.cuda.get_device_capability() < fp8_flash.MIN_CAPABILITY:
         pytest.skip("needs FP8 tensor cores (compute capability >= 8.9)")
-    g = torch.Generator().manual_seed(0)
-    q, k, v = ((torch.randn(4, 16, 257, 64, generator=g) * 40).to(torch.float8_e4m3fn).cuda() for _ in range(3))
-    sc = tuple(torch.tensor(x, device="cuda") for x in (0.011, 0.017, 0.023, 448 / 0.9, 0.9 / 448))
-    got = fp8_flash.fp8_flash_attention(q, k, v.transpose(-2, -1).contiguous(), *sc, None, 0.125, torch.float16)
-    ref = fp8_flash.reference_attention(q, k, v, sc, None)
-    assert F.cosine_similarity(got.float().flatten(1), ref.flatten(1)).min() > 0.9995
+    sc = tuple(torch.tensor(x, device="cuda") for x in (0.05, 0.04, 0.023, 448.0, 1 / 448.0))
+    pad = torch.zeros(2, 1, 1, 77, device="cuda")
+    pad[1, ..., 40:] = float("-inf")
+    cases = [((2, 16, 257, 64), None), ((2, 12, 77, 64), torch.full((77, 77), float("-inf"), device="cuda").triu(1)),
+             ((2, 12, 77, 64), pad)]
+    for (b, h, n, d), mask in cases:
+        q, k, v = _gpu_case(b, h, n, d)
+        vt = v.transpose(-2, -1).contiguous()
+        ref = fp8_flash.reference_attention(q, k, v, sc, mask)
+        plain = F.scaled_dot_product_attention(q.float() * sc[0], k.float() * sc[1], v.float() * sc[2],
+                                               attn_mask=mask).transpose(1, 2)
+        far = (plain - ref).abs().max()
+        for tiles in [None, *fp8_flash.GPU_CONFIGS]:
+            got = fp8_flash.launch(q, k, vt, sc, mask, d ** -0.5, torch.float16, tiles=tiles).float()
+            err = (got - ref).abs().max()
+            assert err < far / 4 and F.cosine_similarity(got.flatten(1), ref.flatten(1)).min() > 0.9999, (tiles, mask)
+
+
+@pytest.mark.gpu
+def test_tiny_model_with_the_kernel_compiled_and_graphed_matches_fake_quant(quantized_tiny) -> None:  # type: ignore[no-untyped-def]
+    """A tiny quantized CLIP whose attention runs the kernel: eager, compiled (dynamic batch) and
+    replayed from a CUDA graph bucket, each tower against the fake-quant model."""
+    import torch.nn.functional as F
+
+    from clipfp8.quant.runtime.fast_fp16 import BatchRunner
+
+    if torch.cuda.get_device_capability() < fp8_flash.MIN_CAPABILITY:
+        pytest.skip("needs FP8 tensor cores (compute capability >= 8.9)")
     _, result, batch = quantized_tiny
     fake = copy.deepcopy(result.model).cuda().half()
     flash, _ = build_fp8_model(copy.deepcopy(result.model), "cuda", attention_kernel="triton")
     assert all(m.kernel == "triton" for m in flash.modules() if isinstance(m, FP8Attention))
     images, tokens = batch[0].cuda().half(), batch[1].cuda()
-    with torch.no_grad():
-        for tower, x in (("encode_image", images), ("encode_text", tokens)):
-            a, b = getattr(flash, tower)(x).float(), getattr(fake, tower)(x).float()
-            assert F.cosine_similarity(a, b).min() > 0.999, tower
+    for tower, x in (("encode_image", images), ("encode_text", tokens)):
+        runner = BatchRunner(getattr(flash, tower), compile=True, graph_buckets=(4,))
+        with torch.no_grad():
+            ref = getattr(fake, tower)(x).float()
+            for got in (getattr(flash, tower)(x), runner(x[:3]), runner(x)):  # eager, graph bucket 4, compiled
+                n = got.shape[0]
+                assert F.cosine_similarity(got.float(), ref[:n]).min() > 0.999, tower

@@ -127,3 +127,21 @@ def test_model_with_the_kernel_matches_the_exact_torch_path_and_passes_the_audit
     for tower in ("image", "text"):
         _, _, a8, a = audit.tower_counts(tower)
         assert a8 == a == 2
+
+
+def test_attention_module_takes_2d_and_3d_masks(quantized_tiny) -> None:  # type: ignore[no-untyped-def]
+    """A text-tower FP8Attention with the kernel equals the same module on the torch path for a
+    causal (L, S) mask and its (1, L, S) form (broadcast over batch and heads)."""
+    _, result, _ = quantized_tiny
+    model, _ = build_fp8_model(copy.deepcopy(result.model), "cpu", dtype=torch.float32, mode="emulate",
+                               attention_kernel="triton")
+    att = next(m for n, m in model.named_modules() if isinstance(m, FP8Attention) and not n.startswith("visual"))
+    x = torch.randn(2, 16, att.q_proj.out_features, generator=torch.Generator().manual_seed(4))
+    causal = torch.full((16, 16), float("-inf")).triu(1)
+    for mask in (causal, causal[None]):
+        att.kernel = "triton"
+        got = att(x, attn_mask=mask)[0]
+        att.kernel = "torch"
+        ref = att(x, attn_mask=mask)[0]
+        assert F.cosine_similarity(got.flatten(1), ref.flatten(1)).min() > 0.9999
+    assert not torch.equal(got, att(x)[0])  # the mask mattered
