@@ -146,19 +146,23 @@ def test_compiled_kernel_equals_its_reference_in_every_tile_configuration() -> N
 
 @pytest.mark.gpu
 def test_tiny_model_with_the_kernel_compiled_and_graphed_matches_fake_quant(quantized_tiny) -> None:  # type: ignore[no-untyped-def]
-    """A tiny quantized CLIP whose attention runs the kernel: eager, compiled (dynamic batch) and
-    replayed from a CUDA graph bucket, each tower against the fake-quant model."""
+    """A tiny quantized CLIP whose attention runs the kernel: the runtime audit on CUDA counts
+    every attention call as FP8 flash attention; eager, compiled (dynamic batch) and replayed
+    from a CUDA graph bucket, each tower matches the fake-quant model."""
     import torch.nn.functional as F
 
     from clipfp8.quant.runtime.fast_fp16 import BatchRunner
+    from clipfp8.quant.runtime.runtime_audit import runtime_audit
 
     if torch.cuda.get_device_capability() < fp8_flash.MIN_CAPABILITY:
         pytest.skip("needs FP8 tensor cores (compute capability >= 8.9)")
     _, result, batch = quantized_tiny
     fake = copy.deepcopy(result.model).cuda().half()
-    flash, _ = build_fp8_model(copy.deepcopy(result.model), "cuda", attention_kernel="triton")
+    flash, report = build_fp8_model(copy.deepcopy(result.model), "cuda", attention_kernel="triton")
     assert all(m.kernel == "triton" for m in flash.modules() if isinstance(m, FP8Attention))
     images, tokens = batch[0].cuda().half(), batch[1].cuda()
+    audit = runtime_audit(flash, (images, tokens), report, result.report)  # raises on a fallback
+    assert {c.status for c in audit.attention} == {"fp8-flash"} and len(audit.attention) == 4
     for tower, x in (("encode_image", images), ("encode_text", tokens)):
         runner = BatchRunner(getattr(flash, tower), compile=True, graph_buckets=(4,))
         with torch.no_grad():
