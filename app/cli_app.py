@@ -102,18 +102,19 @@ class UrlAnnouncer:
             raise OSError(f"--port {self.port} is in use (another server?); choose another with --port") from exc
 
 
-def _tqdm_progress() -> Callable[[int, int], None]:
-    """A progress callback drawing a tqdm bar, created on the first call (after quantization)."""
+def _tqdm_progress(file: Any = None) -> Callable[[int, int], None]:
+    """A progress callback drawing a tqdm bar (on ``file``, default stderr), created on the first
+    call (after quantization). ``update`` keeps tqdm's redraw interval: forcing a redraw per
+    file wrote one line per image into a log that is not a terminal."""
     from tqdm import tqdm
 
     bar: list[Any] = []
 
     def cb(done: int, total: int) -> None:
         if not bar:
-            bar.append(tqdm(desc="indexing", unit="img", total=total))
+            bar.append(tqdm(desc="indexing", unit="img", total=total, file=file))
         bar[0].total = total
-        bar[0].n = done
-        bar[0].refresh()
+        bar[0].update(done - bar[0].n)
     return cb
 
 

@@ -146,3 +146,18 @@ def test_demo_on_a_folder_of_ones_own(tmp_path, monkeypatch):
     assert cfg.index_dir != DemoConfig(work_dir=tmp_path / "w").index_dir == tmp_path / "w" / "index"
     with pytest.raises(NotADirectoryError, match="nowhere"):
         DemoConfig(work_dir=tmp_path / "w", corpus=tmp_path / "nowhere")
+
+
+def test_demo_progress_bar_keeps_tqdms_redraw_interval() -> None:
+    """The demo's indexing bar, fed once per file, redraws at tqdm's pace (every 0.1 s), not once
+    per file: 2,000 fast calls must not write 2,000 lines into a log that is not a terminal."""
+    import io
+
+    from clipfp8.app.cli_app import _tqdm_progress
+
+    out = io.StringIO()
+    cb = _tqdm_progress(file=out)
+    for done in range(1, 2001):
+        cb(done, 2000)
+    draws = out.getvalue().count("\r")
+    assert 1 <= draws < 200
