@@ -137,15 +137,17 @@ class _NoImageTower(nn.Module):
         raise ModelLoadError("this model was loaded text-only (for a text query); it has no image tower")
 
 
-def without_image_tower(loaded: LoadedModel) -> LoadedModel:
+def without_image_tower(loaded: LoadedModel, checksum: str | None = None) -> LoadedModel:
     """``loaded`` with its image tower replaced by a stand-in that refuses images, its
     ``preprocess`` refusing too, and its checksum fixed to the whole model's (computed first:
-    remembered per checkpoint file, so usually not hashed again). The tower's weights, never
-    read when loaded from a safetensors file (memory-mapped), are then not read at all."""
+    remembered per checkpoint file, so usually not hashed again), or to ``checksum`` when the
+    caller identifies the model otherwise (an FP8 model by its quantized checkpoint's digest:
+    nothing is hashed then). The tower's weights, never read when loaded from a safetensors
+    file (memory-mapped), are then not read at all."""
     visual = getattr(loaded.model, "visual", None)
     if visual is None or isinstance(visual, _NoImageTower):
         return loaded
-    loaded.checksum = loaded.weights_checksum()
+    loaded.checksum = checksum or loaded.weights_checksum()
     loaded.model.visual = _NoImageTower(getattr(visual, "image_size", loaded.image_size),
                                         dict(getattr(visual, "preprocess_cfg", {})))
     loaded.preprocess = _text_only_unavailable

@@ -16,6 +16,7 @@ from torch import nn
 
 from clipfp8.quant.core.config import EncoderSpec
 from clipfp8.quant.core.errors import UnsupportedPrecisionError
+from clipfp8.quant.core.models import without_image_tower
 from clipfp8.quant.runtime.convert import ConversionReport, cast_for_runtime, convert_to_fp8
 from clipfp8.quant.runtime.engine import engine_policy, prepare_engine
 from clipfp8.quant.runtime.fast_fp16 import FastTorchEncoder
@@ -111,6 +112,8 @@ def create_fp8_encoder(spec: EncoderSpec, *, compile: bool = True, exact_softmax
         (loaded, model, report), checksum = runtime, stored
     else:
         loaded, checksum = load_quantized(spec.quantized)  # verifies the stored checksum
+        if spec.text_only:  # a text query: convert and move only the text tower
+            loaded = without_image_tower(loaded, checksum=checksum)
         model, report = build_fp8_model(loaded.model, device, exact_softmax=exact_softmax,
                                         attention_kernel=attention_kernel)
     if spec.text_only:

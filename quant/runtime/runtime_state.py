@@ -37,15 +37,33 @@ STATE_FILE, PLAN_FILE = "fp8_runtime_safetensors", "fp8_runtime_plan_json"
 _WRAPPABLE = (nn.LayerNorm, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def plain_model(model: ModelSpec) -> LoadedModel:
+def plain_model(model: ModelSpec, text_only_checksum: str | None = None) -> LoadedModel:
     """``load_model`` + ``convert_attention``: the model ``convert_to_fp8`` started from, minus
-    ModelOpt's wrappers (fp32, CPU)."""
+    ModelOpt's wrappers (fp32, CPU). ``text_only_checksum``: the FP8 model's digest, to load it without
+    its image tower (``models.without_image_tower``, identified by that digest, nothing hashed;
+    not for the embedded default model, whose text-only load is another module tree)."""
     from clipfp8.quant.attention import convert_attention
-    from clipfp8.quant.core.models import load_model
+    from clipfp8.quant.core.models import load_model, without_image_tower
 
     loaded = load_model(model)
+    if text_only_checksum:
+        loaded = without_image_tower(loaded, checksum=text_only_checksum)
     convert_attention(loaded.model)
     return loaded
+
+
+#: Module-path prefix of the image tower in open_clip's CLIP (the plan's and the state's keys).
+IMAGE_TOWER = "visual"
+
+
+def text_tower_only(plan: dict[str, Any], state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``plan`` and ``state`` without the image tower's modules and tensors, for a model loaded
+    ``text_only`` (its ``visual`` is a stand-in without parameters)."""
+    def visual(name: str) -> bool:
+        return name == IMAGE_TOWER or name.startswith(IMAGE_TOWER + ".")
+
+    kept = {**plan, "modules": [e for e in plan["modules"] if not visual(e["path"])]}
+    return kept, {k: v for k, v in state.items() if not visual(k)}
 
 
 def _describe(module: nn.Module, parent: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -186,9 +204,14 @@ def load_from_engine(spec: Any, folder: Path, rebuild: str, device: str,
     if STATE_FILE not in manifest.files or PLAN_FILE not in manifest.files:
         return None
     files = {name: read_engine_file(folder, manifest, name, rebuild) for name in (STATE_FILE, PLAN_FILE)}
-    loaded = plain_model(spec.model)
+    # A text query needs only the text tower: the image tower's FP8 modules are neither built nor
+    # moved to the device (the embedded default model never gets here: its engines hold no state).
+    text_only = bool(getattr(spec, "text_only", False)) and not spec.model.is_default
+    loaded = plain_model(spec.model, text_only_checksum=manifest.key.checksum if text_only else None)
     try:
         state, plan = decode_plan(files)
+        if text_only:
+            plan, state = text_tower_only(plan, state)
         model = rebuild_runtime(loaded.model, plan, state, device, dtype)
     except (KeyError, RuntimeError, ValueError) as e:
         raise EngineError(f"engine {folder}: its FP8 runtime state does not fit {spec.model.model_id()} "
@@ -198,5 +221,5 @@ def load_from_engine(spec: Any, folder: Path, rebuild: str, device: str,
     return loaded, model, report_from_plan(plan)
 
 
-__all__ = ["load_from_engine", "plain_model", "export_runtime", "rebuild_runtime", "report_from_plan",
+__all__ = ["load_from_engine", "plain_model", "text_tower_only", "export_runtime", "rebuild_runtime", "report_from_plan",
            "encode_plan", "decode_plan", "STATE_FILE", "PLAN_FILE"]

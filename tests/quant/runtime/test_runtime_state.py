@@ -4,6 +4,7 @@ what the converted model computes, and what it cannot rebuild it refuses to stor
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -104,31 +105,49 @@ def test_rebuild_covers_wrapped_conv_plain_projections_and_identities(tiny_loade
         assert torch.equal(ref, got)
 
 
-def test_fp8_encoder_with_an_engine_skips_the_modelopt_load(tmp_path, tiny_loaded, monkeypatch):
-    """create_fp8_encoder on a checkpoint whose engine carries the runtime state: the model comes
-    from the engine (load_quantized is never called), with the checkpoint's identity. CUDA and
-    the GPU are faked; the model is converted with emulated GEMMs and never compiled here."""
+def _quantized_tiny(tmp_path, tiny_loaded, with_engine: bool):  # type: ignore[no-untyped-def]
+    """A quantized tiny checkpoint in tmp_path/q (with an engine holding its runtime state when
+    ``with_engine``): (loaded spec, the converted reference model, its report, stored checksum)."""
     from clipfp8.quant import checkpoint, ptq
-    from clipfp8.quant.runtime import engine as eng
     from clipfp8.quant.runtime import fp8_encoder
-    from tests.quant.runtime.test_engine import H200, FakeCompileCache
+    from tests.quant.runtime.test_engine import H200
 
     loaded = copy.deepcopy(tiny_loaded)
     ptq.quantize(loaded, [tiny_inputs(8, seed=s) for s in (1, 2)], ptq.QuantConfig())
     checkpoint.save_quantized(loaded, tmp_path / "q", ptq.QuantConfig())
     ref, report = build_fp8_model(checkpoint.load_quantized(tmp_path / "q")[0].model, "cpu", mode="emulate",
                                   exact_softmax=False)
-    files = rs.encode_plan(*rs.export_runtime(ref, rs.plain_model(loaded.spec).model, report))
     stored = fp8_encoder.stored_checksum(tmp_path / "q")
-    key = EngineKey.for_machine(H200, checksum=stored, model_id=loaded.spec.model_id(), precision="fp8",
-                                max_batch=64, variant="softmax=fused")
-    write_engine(tmp_path / "q" / "engines", key, {"compile_cache": b'{"image:2": "k"}', **files})
+    if with_engine:
+        files = rs.encode_plan(*rs.export_runtime(ref, rs.plain_model(loaded.spec).model, report))
+        key = EngineKey.for_machine(H200, checksum=stored, model_id=loaded.spec.model_id(), precision="fp8",
+                                    max_batch=64, variant="softmax=fused")
+        write_engine(tmp_path / "q" / "engines", key, {"compile_cache": b'{"image:2": "k"}', **files})
+    return loaded.spec, ref, report, stored
+
+
+def _fake_fp8_machine(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from clipfp8.quant.runtime import engine as eng
+    from clipfp8.quant.runtime import fp8_encoder
+    from tests.quant.runtime.test_engine import H200
 
     monkeypatch.setattr(fp8_encoder, "check_fp8_device", torch.device)
     monkeypatch.setattr(eng.MachineInfo, "current", classmethod(lambda cls, device="cuda": H200))
+
+
+def test_fp8_encoder_with_an_engine_skips_the_modelopt_load(tmp_path, tiny_loaded, monkeypatch):
+    """create_fp8_encoder on a checkpoint whose engine carries the runtime state: the model comes
+    from the engine (load_quantized is never called), with the checkpoint's identity. CUDA and
+    the GPU are faked; the model is converted with emulated GEMMs and never compiled here."""
+    from clipfp8.quant import checkpoint
+    from clipfp8.quant.runtime import fp8_encoder
+    from tests.quant.runtime.test_engine import FakeCompileCache
+
+    model_spec, ref, report, stored = _quantized_tiny(tmp_path, tiny_loaded, with_engine=True)
+    _fake_fp8_machine(monkeypatch)
     monkeypatch.setattr(checkpoint, "load_quantized", lambda *a: pytest.fail("took the ModelOpt path"))
     cache = FakeCompileCache()
-    spec = EncoderSpec(model=loaded.spec, precision="fp8", device="cpu", quantized=tmp_path / "q")
+    spec = EncoderSpec(model=model_spec, precision="fp8", device="cpu", quantized=tmp_path / "q")
     enc = fp8_encoder.create_fp8_encoder(spec, engine="auto", cache=cache)
     assert cache.installed == {"image:2": "k"} and enc.identity().checksum == stored
     assert enc.conversion_report.summary() == report.summary()  # type: ignore[attr-defined]
@@ -136,6 +155,52 @@ def test_fp8_encoder_with_an_engine_skips_the_modelopt_load(tmp_path, tiny_loade
     with torch.inference_mode():  # both fp16 on the CPU, same modules: bit-identical
         assert torch.equal(ref.encode_image(imgs.half()), enc.model.encode_image(imgs.half()))
         assert torch.equal(ref.encode_text(toks), enc.model.encode_text(toks))
+
+
+@pytest.mark.parametrize("with_engine", [True, False], ids=["engine", "checkpoint"])
+def test_text_only_fp8_encoder_builds_no_image_tower(tmp_path, tiny_loaded, monkeypatch, with_engine):
+    """A text-only FP8 encoder (one `search` query), from the engine's runtime state or from the
+    quantized checkpoint: the image tower is a parameter-free stand-in (none of its FP8 modules
+    built or moved to the device), the text embeddings are the full runtime's, bit for bit, and
+    the identity is the checkpoint's."""
+    from clipfp8.quant.core.errors import ModelLoadError
+    from clipfp8.quant.runtime import fp8_encoder
+    from tests.quant.runtime.test_engine import FakeCompileCache
+
+    model_spec, _, _, stored = _quantized_tiny(tmp_path, tiny_loaded, with_engine=with_engine)
+    _fake_fp8_machine(monkeypatch)
+    spec = EncoderSpec(model=model_spec, precision="fp8", device="cpu", quantized=tmp_path / "q")
+    # Built as a serving process builds it (from the engine when there is one; never compiled here).
+    full = fp8_encoder.create_fp8_encoder(spec, engine="auto", cache=FakeCompileCache())
+    if with_engine:  # identified by the engine's digest: the plain model is never hashed
+        from clipfp8.quant.core.models import LoadedModel
+
+        monkeypatch.setattr(LoadedModel, "weights_checksum", lambda self: pytest.fail("hashed the model"))
+    enc = fp8_encoder.create_fp8_encoder(dataclasses.replace(spec, text_only=True), engine="auto")
+    assert enc.identity() == full.identity() and enc.identity().checksum == stored
+    assert [n for n, m in full.model.named_modules() if isinstance(m, FP8Linear) and n.startswith("visual")]
+    assert not list(enc.model.visual.parameters()) and not list(enc.model.visual.buffers())
+    assert not [n for n, m in enc.model.named_modules() if isinstance(m, FP8Linear) and n.startswith("visual")]
+    _, toks = tiny_inputs(4, seed=5)
+    with torch.inference_mode():
+        assert torch.equal(full.model.encode_text(toks), enc.model.encode_text(toks))
+    with pytest.raises(ModelLoadError, match="text-only"):
+        enc.model.visual(torch.zeros(1, 3, 32, 32))
+
+
+def test_text_tower_only_drops_the_image_tower_from_plan_and_state(tiny_fake_quant):
+    model, report = _converted(tiny_fake_quant, False)
+    state, plan = rs.export_runtime(model, rs.plain_model(TINY).model, report)
+    kept_plan, kept_state = rs.text_tower_only(plan, state)
+    assert kept_state and all(not k.startswith("visual") for k in kept_state)
+    assert len(kept_state) < len(state) and all(k in state for k in kept_state)
+    assert all(not e["path"].startswith("visual") for e in kept_plan["modules"])
+    assert any(e["path"].startswith("visual") for e in plan["modules"])  # the input is left as it was
+    rebuilt = rs.rebuild_runtime(rs.plain_model(TINY, text_only_checksum="c0ffee").model, kept_plan, kept_state, "cpu",
+                                 torch.float32)
+    with torch.inference_mode():
+        toks = tiny_inputs(3, seed=6)[1]
+        assert torch.equal(rebuilt.encode_text(toks), model.encode_text(toks))
 
 
 def test_build_stores_the_runtime_state_and_compiles_the_rebuilt_model(tiny_fake_quant):
