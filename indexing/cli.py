@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -146,8 +147,6 @@ def index_factory(factory: str, index_budget: str | None) -> str:
 def _watch(args: argparse.Namespace, cfg: Any, encoders: Any, progress: Any, bar: Any) -> int:
     """``index --watch``: the first pass with the progress bar and full summary, then one line
     per pass; Ctrl+C stops (an interrupted pass resumes on the next run)."""
-    import time
-
     from clipfp8.indexing.watch import WatchConfig, watch_corpus
 
     passes: list[int] = []
@@ -177,18 +176,56 @@ def _watch(args: argparse.Namespace, cfg: Any, encoders: Any, progress: Any, bar
     return 0
 
 
+def process_seconds() -> float | None:
+    """Seconds since this process started (Linux: /proc/self/stat and /proc/uptime), else None."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class StageTimer:
+    """Wall seconds per named stage of one command, for ``--timings``: ``mark(name)`` closes the
+    stage that ran since the previous mark; ``line()`` formats them, with the process's start-up
+    (interpreter, imports and argument parsing before the command) first where it is known."""
+
+    def __init__(self) -> None:
+        self.startup = process_seconds()
+        self.t0 = self.last = time.perf_counter()
+        self.stages: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.stages[name] = now - self.last
+        self.last = now
+
+    def line(self) -> str:
+        parts = ([("startup", self.startup)] if self.startup is not None else []) + list(self.stages.items())
+        total = (self.startup or 0.0) + (self.last - self.t0)
+        return "timings: " + ", ".join(f"{k} {v:.3f} s" for k, v in [*parts, ("total", total)])
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     """Text: ``score<TAB>path`` per hit (paths escaped to one line; a third column
     ``outside-corpus`` marks a symlink whose target is outside the corpus). ``--json``: one JSON
-    object per hit (rank, id, score, exact path, outside_corpus)."""
+    object per hit (rank, id, score, exact path, outside_corpus). ``--timings``: one line on
+    stderr with the seconds of each stage (start-up, open index, encoder, query, output)."""
+    timer = StageTimer()
     from clipfp8.indexing.query import outside_corpus, search
     from clipfp8.indexing.report import display_path
     from clipfp8.indexing.store import open_index
 
     with open_index(args.index_dir) as store:
+        timer.mark("open index")
         encoder = index_encoder(store, args, args.precision, text_only=args.text is not None)
+        timer.mark("encoder")
         query: Any = args.text if args.text is not None else Path(args.image)
         hits = search(store, encoder, query, k=args.k, threshold=args.threshold, rerank=args.rerank)
+        timer.mark("query")
         for rank, h in enumerate(hits, 1):
             outside = outside_corpus(store, h.path)
             if args.json:
@@ -203,6 +240,9 @@ def cmd_search(args: argparse.Namespace) -> int:
             written = show_preview(preview_items(hits, store.resolve), target, stream=sys.stdout)
             if written is not None:
                 print(f"preview: {written}", file=sys.stderr)
+        timer.mark("output")
+    if args.timings:
+        print(timer.line(), file=sys.stderr)
     return 0
 
 
@@ -359,6 +399,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="re-score 10 x k candidates exactly from the stored vectors (IVF/HNSW indexes); default: "
                         "on for --factory auto indexes past 100k vectors, off otherwise")
     p.add_argument("--json", action="store_true", help="one JSON object per hit (exact paths)")
+    p.add_argument("--timings", action="store_true",
+                   help="print the seconds of each stage (start-up, open index, encoder, query, output) to stderr")
     p.add_argument("--preview", nargs="?", const=PREVIEW_AUTO, default=None, metavar="FILE.png",
                    help="also show the hits as a contact sheet: inline in kitty/iTerm2/WezTerm, else "
                         "written to FILE.png (default: a temp file, path printed)")

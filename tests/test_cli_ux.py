@@ -273,3 +273,55 @@ def test_one_shot_commands_run_without_the_cyclic_gc(monkeypatch: pytest.MonkeyP
     with pytest.raises(SystemExit):  # a usage error exits from parsing: the collector is back too
         cli.main([command, "--no-such-flag"])
     assert gc.isenabled()
+
+
+@pytest.mark.parametrize("command,exits", [("search", True), ("errors", False)])
+def test_console_script_ends_one_shot_commands_without_teardown(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture, command: str,
+                                                                exits: bool) -> None:
+    """The `clipfp8` console script ends the process right after a one-shot command (`search`),
+    with its output flushed and its exit code, instead of tearing the interpreter down; other
+    commands return normally."""
+    import os
+
+    from clipfp8.indexing import cli as indexing_cli
+
+    def answer(args: argparse.Namespace) -> int:
+        print("0.9000\ta.jpg")
+        return 3
+
+    ended: list[int] = []
+
+    class Ended(Exception):
+        pass
+
+    def fake_exit(rc: int) -> None:
+        ended.append(rc)
+        raise Ended
+
+    monkeypatch.setattr(indexing_cli, f"cmd_{command}", answer)
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    argv = [command, "--index-dir", str(tmp_path)] + (["--text", "a dog"] if command == "search" else [])
+    if exits:
+        with pytest.raises(Ended):
+            cli.console_main(argv)
+        assert ended == [3]
+    else:
+        assert cli.console_main(argv) == 3 and ended == []
+    assert capsys.readouterr().out == "0.9000\ta.jpg\n"
+
+
+def test_console_script_output_survives_the_fast_exit(tmp_path: Path) -> None:
+    """In a real process (the module run as the console script runs it), a one-shot command's
+    output reaches a pipe complete before the process ends without teardown."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from clipfp8.indexing import cli as c; "
+            "c.cmd_search = lambda a: print('\\n'.join(f'{i}\\tx{i}.jpg' for i in range(5000))) or 0; "
+            "from clipfp8.app.cli import console_main; sys.exit(console_main())")
+    proc = subprocess.run([sys.executable, "-c", code, "search", "--index-dir", str(tmp_path), "--text", "a"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 5000 and lines[-1] == "4999\tx4999.jpg"

@@ -69,3 +69,24 @@ def test_fake_precisions_need_the_env_var(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.delenv("CLIPFP8_TEST_FAKE_ENCODER")
     with pytest.raises(SystemExit):
         main(["index", str(tmp_path), "--index-dir", str(tmp_path / "i"), "--precision", "fake"])
+
+
+def test_search_timings_line(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``search --timings``: one stderr line with each stage's seconds, the stages summing (with
+    the start-up) to the total; stdout keeps only the hits."""
+    idx = str(tmp_path / "idx")
+    assert main(["index", str(corpus), "--index-dir", idx, "--precision", "fake", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["search", "--index-dir", idx, "--precision", "fake", "--text", "red", "-k", "2", "--timings"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 2 and "timings" not in out
+    (line,) = [x for x in err.splitlines() if x.startswith("timings: ")]
+    stages = dict(part.rsplit(" ", 2)[:2] for part in line.removeprefix("timings: ").split(", "))
+    assert list(stages)[-5:] == ["open index", "encoder", "query", "output", "total"]
+    seconds = {k: float(v) for k, v in stages.items()}
+    assert all(v >= 0 for v in seconds.values())
+    assert abs(sum(v for k, v in seconds.items() if k != "total") - seconds["total"]) < 0.01
+    if Path("/proc/self/stat").exists():
+        assert list(stages)[0] == "startup" and seconds["startup"] > 0
+    assert main(["search", "--index-dir", idx, "--precision", "fake", "--text", "red"]) == 0
+    assert "timings" not in capsys.readouterr().err  # only when asked
