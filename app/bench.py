@@ -241,7 +241,7 @@ class _Run:
         from clipfp8.app.bench_search import QUERY, cold_cli
 
         return {p: cold_cli(["search", "--index-dir", str(self.index_dir(p)), "--text", QUERY, "-k", "10",
-                             "--device", self.cfg.device], self.cfg.cold_runs)
+                             "--device", self.cfg.device, "--timings"], self.cfg.cold_runs)
                 for p in self.cfg.precisions if (self.index_dir(p) / "metadata.sqlite").is_file()}
 
     def serve(self) -> dict[str, Any]:

@@ -138,12 +138,29 @@ def run_process(cmd: list[str], timeout: float, env: dict[str, str] | None = Non
     return {"wall_s": round(wall, 3), "rc": rc, "tail": text.strip().splitlines()[-8:]}
 
 
+def stage_timings(lines: list[str]) -> dict[str, float] | None:
+    """The ``timings: name 1.234 s, ...`` line that ``clipfp8 search --timings`` prints, as a
+    dict (stage -> seconds); None when the output has none."""
+    line = next((x for x in reversed(lines) if x.startswith("timings: ")), None)
+    if line is None:
+        return None
+    out = {}
+    for part in line.removeprefix("timings: ").split(", "):
+        name, value, _unit = part.rsplit(" ", 2)
+        out[name] = float(value)
+    return out
+
+
 def cold_cli(args: list[str], runs: int, timeout: float = 300.0) -> dict[str, Any]:
-    """``runs`` fresh ``clipfp8 ARGS`` processes one after another: each wall time, min, median."""
+    """``runs`` fresh ``clipfp8 ARGS`` processes one after another: each wall time, min, median,
+    and each run's stage seconds when the command printed them (``search --timings``)."""
     results = [run_process(cli_command(*args), timeout) for _ in range(runs)]
     walls = [r["wall_s"] for r in results if r["rc"] == 0]
     out: dict[str, Any] = {"command": "clipfp8 " + " ".join(args), "walls_s": [r["wall_s"] for r in results],
                            "rc": [r["rc"] for r in results]}
+    stages = [stage_timings(r["tail"]) for r in results]
+    if any(stages):
+        out["stages_s"] = stages
     if walls:
         out.update(min_s=min(walls), median_s=float(np.median(walls)))
     if any(r["rc"] != 0 for r in results):

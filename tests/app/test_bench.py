@@ -74,6 +74,9 @@ def test_cpu_smoke_run_writes_every_step(tmp_path: Path, capsys):
     assert ix["rc"] == 0 and ix["indexed"] == 12 and ix["decoder"] == "cpu"
     assert ix["img_per_s"] == pytest.approx(12 / ix["seconds"], rel=1e-2) and ix["process_wall_s"] > ix["seconds"]
     assert r["cold_search"]["fp32"]["rc"] == [0] and r["cold_search"]["fp32"]["min_s"] > 0
+    (stages,) = r["cold_search"]["fp32"]["stages_s"]  # `search --timings`, one run
+    assert {"open index", "encoder", "query", "total"} <= set(stages) and stages["encoder"] > 0
+    assert stages["total"] <= r["cold_search"]["fp32"]["walls_s"][0] + 0.05
     enc = r["encoder_only"]["fp32"]
     assert enc["batch"] == 8 and enc["items_per_s"] > 0 and enc["text_query"]["p50_ms"] > 0
     assert r["search"]["fp32"]["rows"] == 300 and r["search"]["fp32"]["hits"] == 10
@@ -82,3 +85,11 @@ def test_cpu_smoke_run_writes_every_step(tmp_path: Path, capsys):
     assert set(r["targets"]) == {k for k, *_ in CPU_TARGETS}
     assert r["targets"]["fp32_index_img_per_s"]["value"] == ix["img_per_s"]
     assert "| fp32 |" in (tmp_path / "b.md").read_text() and "serve" not in r
+
+
+def test_stage_timings_parses_the_search_timings_line() -> None:
+    from clipfp8.app.bench_search import stage_timings
+
+    lines = ["0.3000\ta.jpg", "timings: startup 1.300 s, open index 0.302 s, encoder 0.145 s, total 1.747 s"]
+    assert stage_timings(lines) == {"startup": 1.3, "open index": 0.302, "encoder": 0.145, "total": 1.747}
+    assert stage_timings(["0.3000\ta.jpg"]) is None
