@@ -188,15 +188,29 @@ def console_main(argv: Sequence[str] | None = None) -> int:
     `clipfp8 search` on the 2-core CPU (docs/benchmarks.md). Nothing is left to do then: the
     index is closed and every file written, and the OS reclaims memory and the GPU context."""
     rc = main(argv)
-    if _last_command in ONE_SHOT_COMMANDS:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except (BrokenPipeError, ValueError):  # a reader that went away (`| head`), a closed stream
-            pass
+    if _last_command in ONE_SHOT_COMMANDS and _fast_exit_allowed():
+        for stream in (sys.stdout, sys.stderr):
+            if stream is None:  # started with the descriptor closed (`1>&-`)
+                continue
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a reader that went away (`| head`), a full disk, a closed stream
+                pass
         logging.shutdown()
         os._exit(rc)
     return rc
+
+
+#: ``CLIPFP8_FAST_EXIT=0`` keeps the normal interpreter shutdown after one-shot commands.
+FAST_EXIT_ENV = "CLIPFP8_FAST_EXIT"
+
+
+def _fast_exit_allowed() -> bool:
+    """Not when the user turned it off, nor under a profiler, tracer or coverage run: they write
+    their results at exit (atexit), which ``os._exit`` skips."""
+    if os.environ.get(FAST_EXIT_ENV, "1") == "0":
+        return False
+    return sys.getprofile() is None and sys.gettrace() is None and "coverage" not in sys.modules
 
 
 def main(argv: Sequence[str] | None = None) -> int:

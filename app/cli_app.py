@@ -115,6 +115,8 @@ def _tqdm_progress(file: Any = None) -> Callable[[int, int], None]:
             bar.append(tqdm(desc="indexing", unit="img", total=total, file=file))
         bar[0].total = total
         bar[0].update(done - bar[0].n)
+        if done >= total:  # the last update may fall inside the redraw interval: show the end
+            bar[0].refresh()
     return cb
 
 

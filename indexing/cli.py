@@ -179,8 +179,8 @@ def _watch(args: argparse.Namespace, cfg: Any, encoders: Any, progress: Any, bar
 def process_seconds() -> float | None:
     """Seconds since this process started (Linux: /proc/self/stat and /proc/uptime), else None."""
     try:
-        with open("/proc/self/stat", encoding="ascii") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        with open("/proc/self/stat", "rb") as f:  # bytes: the process name may be any bytes
+            start_ticks = int(f.read().rsplit(b")", 1)[1].split()[19])  # field 22: starttime
         with open("/proc/uptime", encoding="ascii") as f:
             uptime = float(f.read().split()[0])
         return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))

@@ -299,15 +299,20 @@ def test_console_script_ends_one_shot_commands_without_teardown(monkeypatch: pyt
         ended.append(rc)
         raise Ended
 
+    import logging
+
+    shut: list[bool] = []
     monkeypatch.setattr(indexing_cli, f"cmd_{command}", answer)
     monkeypatch.setattr(os, "_exit", fake_exit)
+    monkeypatch.setattr(logging, "shutdown", lambda: shut.append(True))  # pytest's own handlers stay open
+    monkeypatch.setattr(cli, "_fast_exit_allowed", lambda: True)  # also under a coverage run
     argv = [command, "--index-dir", str(tmp_path)] + (["--text", "a dog"] if command == "search" else [])
     if exits:
         with pytest.raises(Ended):
             cli.console_main(argv)
-        assert ended == [3]
+        assert ended == [3] and shut == [True]
     else:
-        assert cli.console_main(argv) == 3 and ended == []
+        assert cli.console_main(argv) == 3 and ended == [] and shut == []
     assert capsys.readouterr().out == "0.9000\ta.jpg\n"
 
 
@@ -325,3 +330,33 @@ def test_console_script_output_survives_the_fast_exit(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert len(lines) == 5000 and lines[-1] == "4999\tx4999.jpg"
+
+
+def test_fast_exit_steps_aside_for_profilers_and_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A profiler, tracer or coverage run writes its results at exit, and CLIPFP8_FAST_EXIT=0 asks
+    for the normal shutdown: then no os._exit."""
+    import sys
+
+    monkeypatch.delitem(sys.modules, "coverage", raising=False)
+    monkeypatch.setattr(sys, "gettrace", lambda: None)
+    monkeypatch.setattr(sys, "getprofile", lambda: None)
+    monkeypatch.delenv(cli.FAST_EXIT_ENV, raising=False)
+    assert cli._fast_exit_allowed()
+    monkeypatch.setenv(cli.FAST_EXIT_ENV, "0")
+    assert not cli._fast_exit_allowed()
+    monkeypatch.delenv(cli.FAST_EXIT_ENV)
+    monkeypatch.setattr(sys, "getprofile", lambda: print)
+    assert not cli._fast_exit_allowed()
+
+
+def test_closed_output_streams_do_not_break_the_fast_exit(tmp_path: Path) -> None:
+    """Started with stdout closed (`1>&-`), a one-shot command still ends with its own exit code."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from clipfp8.indexing import cli as c; c.cmd_search = lambda a: 4; "
+            "from clipfp8.app.cli import console_main; sys.exit(console_main())")
+    proc = subprocess.run([sys.executable, "-c", code, "search", "--index-dir", str(tmp_path), "--text", "a"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120,
+                          pass_fds=(), close_fds=True, preexec_fn=lambda: __import__("os").close(1))
+    assert proc.returncode == 4, proc.stderr[-2000:]

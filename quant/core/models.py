@@ -137,6 +137,11 @@ class _NoImageTower(nn.Module):
         raise ModelLoadError("this model was loaded text-only (for a text query); it has no image tower")
 
 
+def has_image_tower(model: nn.Module) -> bool:
+    """False for a model loaded text-only (``without_image_tower``'s stand-in), True otherwise."""
+    return not isinstance(getattr(model, "visual", None), _NoImageTower)
+
+
 def without_image_tower(loaded: LoadedModel, checksum: str | None = None) -> LoadedModel:
     """``loaded`` with its image tower replaced by a stand-in that refuses images, its
     ``preprocess`` refusing too, and its checksum fixed to the whole model's (computed first:
@@ -369,5 +374,5 @@ def tiny_config(embed_dim: int = 32, image_size: int = 32, hf_text: bool = False
     return {"embed_dim": embed_dim, "vision_cfg": vision, "text_cfg": text}
 
 
-__all__ = ["LoadedModel", "load_model", "without_image_tower", "tiny_config", "build_from_config", "load_safetensors_into",
+__all__ = ["LoadedModel", "load_model", "without_image_tower", "has_image_tower", "tiny_config", "build_from_config", "load_safetensors_into",
            "state_checksum", "skip_weight_init", "minilm_path", "DEFAULT_MODEL_DIR", "DEFAULT_MODEL_NAME"]

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from clipfp8.quant.core.config import ModelSpec
-from clipfp8.quant.core.models import LoadedModel
+from clipfp8.quant.core.models import LoadedModel, has_image_tower
 from clipfp8.quant.runtime.convert import ConversionReport, cast_for_runtime
 from clipfp8.quant.runtime.fp8_attention import KERNELS, FP8Attention
 from clipfp8.quant.runtime.fp8_linear import DisabledQuantizer, FakeQuantFP8, FP8Embedding, FP8Linear
@@ -40,8 +40,8 @@ _WRAPPABLE = (nn.LayerNorm, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def plain_model(model: ModelSpec, text_only_checksum: str | None = None) -> LoadedModel:
     """``load_model`` + ``convert_attention``: the model ``convert_to_fp8`` started from, minus
     ModelOpt's wrappers (fp32, CPU). ``text_only_checksum``: the FP8 model's digest, to load it without
-    its image tower (``models.without_image_tower``, identified by that digest, nothing hashed;
-    not for the embedded default model, whose text-only load is another module tree)."""
+    its image tower (``models.without_image_tower`` after the whole load, so the module tree is the
+    converted one's; identified by that digest, nothing hashed)."""
     from clipfp8.quant.attention import convert_attention
     from clipfp8.quant.core.models import load_model, without_image_tower
 
@@ -205,12 +205,12 @@ def load_from_engine(spec: Any, folder: Path, rebuild: str, device: str,
         return None
     files = {name: read_engine_file(folder, manifest, name, rebuild) for name in (STATE_FILE, PLAN_FILE)}
     # A text query needs only the text tower: the image tower's FP8 modules are neither built nor
-    # moved to the device (the embedded default model never gets here: its engines hold no state).
-    text_only = bool(getattr(spec, "text_only", False)) and not spec.model.is_default
+    # moved to the device.
+    text_only = bool(getattr(spec, "text_only", False))
     loaded = plain_model(spec.model, text_only_checksum=manifest.key.checksum if text_only else None)
     try:
         state, plan = decode_plan(files)
-        if text_only:
+        if not has_image_tower(loaded.model):
             plan, state = text_tower_only(plan, state)
         model = rebuild_runtime(loaded.model, plan, state, device, dtype)
     except (KeyError, RuntimeError, ValueError) as e:

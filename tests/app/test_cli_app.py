@@ -161,3 +161,5 @@ def test_demo_progress_bar_keeps_tqdms_redraw_interval() -> None:
         cb(done, 2000)
     draws = out.getvalue().count("\r")
     assert 1 <= draws < 200
+    assert out.getvalue().rsplit("\r", 1)[-1].lstrip().startswith("indexing: 100%")  # the end is shown
+    assert "2000/2000" in out.getvalue().rsplit("\r", 1)[-1]
