@@ -18,9 +18,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
 from clipfp8.indexing.errors import IndexCorruptError
+from clipfp8.indexing.sqlite_import import import_sqlite_utils
+
+import_sqlite_utils()  # first, without pandas (see that module); the import below then finds it
+import sqlite_utils  # noqa: E402
 
 log = logging.getLogger(__name__)
 

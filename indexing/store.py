@@ -26,10 +26,9 @@ import re
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import sqlite_utils
 
 from clipfp8.indexing import _testhooks, exact_store
 from clipfp8.indexing import db as dbm
@@ -46,6 +45,9 @@ from clipfp8.indexing.errors import (
 from clipfp8.indexing.faiss_factory import is_auto
 from clipfp8.indexing.vectors import VectorIndex
 from clipfp8.quant.core.encoder import EncoderIdentity
+
+if TYPE_CHECKING:  # annotations only; indexing.db imports it (without pandas, see sqlite_import)
+    import sqlite_utils
 
 log = logging.getLogger(__name__)
 
