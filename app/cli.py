@@ -27,13 +27,15 @@ EXIT_BAD_INPUT = 3
 EXIT_AUDIT_FAILED = 4
 #: Any other library error: disk full, index locked or corrupt, device unsupported, port in use.
 EXIT_ERROR = 5
+#: A one-shot command's output could not be written out at exit (a full disk): Python's own code.
+EXIT_UNFLUSHED = 120
 #: Interrupted (Ctrl+C) before it finished. serve, demo and index --watch stop with 0.
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES_HELP = f"""\
 exit codes: {EXIT_OK} ok, {EXIT_CHECK_FAILED} check failed (verify), {EXIT_USAGE} usage error, \
 {EXIT_BAD_INPUT} bad input, {EXIT_AUDIT_FAILED} FP8 audit failed, {EXIT_ERROR} other error, \
-{EXIT_INTERRUPTED} interrupted"""
+{EXIT_UNFLUSHED} output not written, {EXIT_INTERRUPTED} interrupted"""
 
 EPILOG = f"""\
 Start with `clipfp8 demo`; `clipfp8 COMMAND --help` describes a command. --model takes 'default'
@@ -194,11 +196,14 @@ def console_main(argv: Sequence[str] | None = None) -> int:
                 continue
             try:
                 stream.flush()
-            except (OSError, ValueError):  # a reader that went away (`| head`), a full disk, a closed stream
+            except BrokenPipeError:  # a reader that went away (`| head`): as usual, not an error
                 pass
+            except (OSError, ValueError):  # output lost (a full disk...): fail as Python's shutdown does
+                rc = rc or EXIT_UNFLUSHED
         logging.shutdown()
         os._exit(rc)
     return rc
+
 
 
 #: ``CLIPFP8_FAST_EXIT=0`` keeps the normal interpreter shutdown after one-shot commands.
@@ -253,6 +258,7 @@ def _main(argv: Sequence[str] | None, collecting: bool) -> int:
 
 
 __all__ = ["main", "console_main", "build_parser", "exit_code_for", "flag_message", "EXIT_OK", "EXIT_CHECK_FAILED",
+           "EXIT_UNFLUSHED",
            "EXIT_USAGE", "EXIT_BAD_INPUT", "EXIT_AUDIT_FAILED", "EXIT_ERROR", "EXIT_INTERRUPTED"]
 
 

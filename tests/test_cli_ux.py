@@ -360,3 +360,43 @@ def test_closed_output_streams_do_not_break_the_fast_exit(tmp_path: Path) -> Non
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120,
                           pass_fds=(), close_fds=True, preexec_fn=lambda: __import__("os").close(1))
     assert proc.returncode == 4, proc.stderr[-2000:]
+
+
+def test_fast_exit_fails_when_the_output_cannot_be_written(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Output lost at the final flush (a full disk) is an error, as Python's own shutdown makes it
+    (120); a reader that went away (`| head`) is not."""
+    import errno
+    import io
+    import logging
+    import os
+    import sys
+
+    from clipfp8.indexing import cli as indexing_cli
+
+    class Failing(io.StringIO):
+        def __init__(self, exc: OSError) -> None:
+            super().__init__()
+            self.exc = exc
+
+        def flush(self) -> None:
+            raise self.exc
+
+    ended: list[int] = []
+
+    class Ended(Exception):
+        pass
+
+    def fake_exit(rc: int) -> None:
+        ended.append(rc)
+        raise Ended
+
+    monkeypatch.setattr(indexing_cli, "cmd_search", lambda args: 0)
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    monkeypatch.setattr(logging, "shutdown", lambda: None)
+    monkeypatch.setattr(cli, "_fast_exit_allowed", lambda: True)
+    argv = ["search", "--index-dir", str(tmp_path), "--text", "a"]
+    for exc, rc in ((OSError(errno.ENOSPC, "No space left on device"), cli.EXIT_UNFLUSHED), (BrokenPipeError(), 0)):
+        monkeypatch.setattr(sys, "stdout", Failing(exc))
+        with pytest.raises(Ended):
+            cli.console_main(argv)
+        assert ended.pop() == rc
