@@ -205,7 +205,6 @@ def console_main(argv: Sequence[str] | None = None) -> int:
     return rc
 
 
-
 #: ``CLIPFP8_FAST_EXIT=0`` keeps the normal interpreter shutdown after one-shot commands.
 FAST_EXIT_ENV = "CLIPFP8_FAST_EXIT"
 

@@ -52,7 +52,6 @@ for _plugin in ("pillow_heif", "pillow_avif"):  # optional HEIC/AVIF openers
 Preprocess = Callable[[Image.Image], torch.Tensor]
 
 
-
 # ----- the pixel limit, per call -------------------------------------------------------------
 # Pillow checks every image size it opens (and some frame/tile sizes while loading) against the
 # process-wide ``Image.MAX_IMAGE_PIXELS``, refusing above twice that (178,956,970 pixels by

@@ -1,4 +1,4 @@
-# Sourced by the device scripts (scripts/device_bench.sh, scripts/device_towers.sh) on a bare GPU
+# Sourced by the device scripts (device_bench.sh, device_towers.sh, device_read_ab.sh) on a bare GPU
 # image with torch preinstalled: installs the carried wheels (.whl/, see device_bench.sh) and the
 # project into /tmp/site without network, and sets the environment the measurements run in.
 if [ -d .whl ]; then

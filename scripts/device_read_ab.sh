@@ -9,12 +9,8 @@
 #   PROCS="0 8" REPS=3 FP8=1 bash scripts/device_read_ab.sh
 set -o pipefail
 OUT=${OUT:-/tmp/clipfp8-read-ab}; W=${WORK:-/tmp/clipfp8-read-ab-work}; mkdir -p "$OUT" "$W"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-fi
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target /tmp/site . || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-unset PYTHONDONTWRITEBYTECODE; export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/clipfp8-pycache}
+# shellcheck source=scripts/device_env.sh
+source scripts/device_env.sh
 N=${N:-16384}; PROCS=${PROCS:-"0 4 8"}; REPS=${REPS:-2}
 CLI="python3 -m clipfp8.app.cli"
 python3 -c "

@@ -114,11 +114,13 @@ def create_fp8_encoder(spec: EncoderSpec, *, compile: bool = True, exact_softmax
         loaded, checksum = load_quantized(spec.quantized)  # verifies the stored checksum
         if spec.text_only:  # a text query: convert and move only the text tower
             loaded = without_image_tower(loaded, checksum=checksum)
-        model, report = build_fp8_model(loaded.model, device, exact_softmax=exact_softmax,
-                                        attention_kernel=attention_kernel)
+        # A text query keeps the torch path (below): exact softmax, the kernel's function.
+        model, report = build_fp8_model(loaded.model, device, exact_softmax=exact_softmax or flash,
+                                        attention_kernel="torch" if spec.text_only else attention_kernel)
     if spec.text_only:
         # One `search` query runs eagerly: the explicit exact path computes the kernel's function
-        # without importing Triton, compiling the kernel or autotuning its tiles in a cold process.
+        # without importing Triton, compiling the kernel or autotuning its tiles in a cold process
+        # (an engine's rebuilt model may name the kernel: it is switched back here).
         for m in model.modules():
             if isinstance(m, FP8Attention):
                 m.kernel = "torch"

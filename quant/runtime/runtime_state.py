@@ -29,6 +29,7 @@ from clipfp8.quant.core.models import LoadedModel, has_image_tower
 from clipfp8.quant.runtime.convert import ConversionReport, cast_for_runtime
 from clipfp8.quant.runtime.fp8_attention import KERNELS, FP8Attention
 from clipfp8.quant.runtime.fp8_linear import DisabledQuantizer, FakeQuantFP8, FP8Embedding, FP8Linear
+from clipfp8.quant.runtime.runtime_trace import tower_of
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +53,11 @@ def plain_model(model: ModelSpec, text_only_checksum: str | None = None) -> Load
     return loaded
 
 
-#: Module-path prefix of the image tower in open_clip's CLIP (the plan's and the state's keys).
-IMAGE_TOWER = "visual"
-
-
 def text_tower_only(plan: dict[str, Any], state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``plan`` and ``state`` without the image tower's modules and tensors, for a model loaded
-    ``text_only`` (its ``visual`` is a stand-in without parameters)."""
-    def visual(name: str) -> bool:
-        return name == IMAGE_TOWER or name.startswith(IMAGE_TOWER + ".")
-
-    kept = {**plan, "modules": [e for e in plan["modules"] if not visual(e["path"])]}
-    return kept, {k: v for k, v in state.items() if not visual(k)}
+    """``plan`` and ``state`` without the image tower's modules and tensors (``tower_of``), for a
+    model loaded ``text_only`` (its ``visual`` is a stand-in without parameters)."""
+    kept = {**plan, "modules": [e for e in plan["modules"] if tower_of(e["path"]) != "image"]}
+    return kept, {k: v for k, v in state.items() if tower_of(k) != "image"}
 
 
 def _describe(module: nn.Module, parent: dict[str, Any] | None) -> dict[str, Any] | None:
