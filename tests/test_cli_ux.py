@@ -3,6 +3,7 @@ logs, and the ``models`` listing."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -275,53 +276,65 @@ def test_one_shot_commands_run_without_the_cyclic_gc(monkeypatch: pytest.MonkeyP
     assert gc.isenabled()
 
 
+class ProcessEnded(Exception):
+    """Raised by the ``fast_exit`` fixture's stand-in for ``os._exit``."""
+
+
+@dataclasses.dataclass
+class FastExit:
+    """What the stand-ins saw: exit codes passed to ``os._exit``; ``logging.shutdown`` calls."""
+
+    codes: list[int] = dataclasses.field(default_factory=list)
+    shutdowns: int = 0
+
+
+@pytest.fixture
+def fast_exit(monkeypatch: pytest.MonkeyPatch) -> FastExit:
+    """``os._exit`` records its code and raises ``ProcessEnded``; ``logging.shutdown`` is recorded
+    but not run (pytest's own handlers stay open); the fast exit is allowed even under a
+    coverage run."""
+    seen = FastExit()
+
+    def fake_exit(rc: int) -> None:
+        seen.codes.append(rc)
+        raise ProcessEnded
+
+    def fake_shutdown() -> None:
+        seen.shutdowns += 1
+
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    monkeypatch.setattr(logging, "shutdown", fake_shutdown)
+    monkeypatch.setattr(cli, "_fast_exit_allowed", lambda: True)
+    return seen
+
+
 @pytest.mark.parametrize("command,exits", [("search", True), ("errors", False)])
 def test_console_script_ends_one_shot_commands_without_teardown(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                                capsys: pytest.CaptureFixture, command: str,
-                                                                exits: bool) -> None:
+                                                                capsys: pytest.CaptureFixture, fast_exit: FastExit,
+                                                                command: str, exits: bool) -> None:
     """The `clipfp8` console script ends the process right after a one-shot command (`search`),
     with its output flushed and its exit code, instead of tearing the interpreter down; other
     commands return normally."""
-    import os
-
     from clipfp8.indexing import cli as indexing_cli
 
     def answer(args: argparse.Namespace) -> int:
         print("0.9000\ta.jpg")
         return 3
 
-    ended: list[int] = []
-
-    class Ended(Exception):
-        pass
-
-    def fake_exit(rc: int) -> None:
-        ended.append(rc)
-        raise Ended
-
-    import logging
-
-    shut: list[bool] = []
     monkeypatch.setattr(indexing_cli, f"cmd_{command}", answer)
-    monkeypatch.setattr(os, "_exit", fake_exit)
-    monkeypatch.setattr(logging, "shutdown", lambda: shut.append(True))  # pytest's own handlers stay open
-    monkeypatch.setattr(cli, "_fast_exit_allowed", lambda: True)  # also under a coverage run
     argv = [command, "--index-dir", str(tmp_path)] + (["--text", "a dog"] if command == "search" else [])
     if exits:
-        with pytest.raises(Ended):
+        with pytest.raises(ProcessEnded):
             cli.console_main(argv)
-        assert ended == [3] and shut == [True]
+        assert fast_exit.codes == [3] and fast_exit.shutdowns == 1
     else:
-        assert cli.console_main(argv) == 3 and ended == [] and shut == []
+        assert cli.console_main(argv) == 3 and fast_exit.codes == [] and fast_exit.shutdowns == 0
     assert capsys.readouterr().out == "0.9000\ta.jpg\n"
 
 
 def test_console_script_output_survives_the_fast_exit(tmp_path: Path) -> None:
     """In a real process (the module run as the console script runs it), a one-shot command's
     output reaches a pipe complete before the process ends without teardown."""
-    import subprocess
-    import sys
-
     code = ("import sys; from clipfp8.indexing import cli as c; "
             "c.cmd_search = lambda a: print('\\n'.join(f'{i}\\tx{i}.jpg' for i in range(5000))) or 0; "
             "from clipfp8.app.cli import console_main; sys.exit(console_main())")
@@ -335,8 +348,6 @@ def test_console_script_output_survives_the_fast_exit(tmp_path: Path) -> None:
 def test_fast_exit_steps_aside_for_profilers_and_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
     """A profiler, tracer or coverage run writes its results at exit, and CLIPFP8_FAST_EXIT=0 asks
     for the normal shutdown: then no os._exit."""
-    import sys
-
     monkeypatch.delitem(sys.modules, "coverage", raising=False)
     monkeypatch.setattr(sys, "gettrace", lambda: None)
     monkeypatch.setattr(sys, "getprofile", lambda: None)
@@ -351,25 +362,20 @@ def test_fast_exit_steps_aside_for_profilers_and_on_request(monkeypatch: pytest.
 
 def test_closed_output_streams_do_not_break_the_fast_exit(tmp_path: Path) -> None:
     """Started with stdout closed (`1>&-`), a one-shot command still ends with its own exit code."""
-    import subprocess
-    import sys
-
     code = ("import sys; from clipfp8.indexing import cli as c; c.cmd_search = lambda a: 4; "
             "from clipfp8.app.cli import console_main; sys.exit(console_main())")
     proc = subprocess.run([sys.executable, "-c", code, "search", "--index-dir", str(tmp_path), "--text", "a"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120,
-                          pass_fds=(), close_fds=True, preexec_fn=lambda: __import__("os").close(1))
+                          pass_fds=(), close_fds=True, preexec_fn=lambda: os.close(1))
     assert proc.returncode == 4, proc.stderr[-2000:]
 
 
-def test_fast_exit_fails_when_the_output_cannot_be_written(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_fast_exit_fails_when_the_output_cannot_be_written(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                            fast_exit: FastExit) -> None:
     """Output lost at the final flush (a full disk) is an error, as Python's own shutdown makes it
     (120); a reader that went away (`| head`) is not."""
     import errno
     import io
-    import logging
-    import os
-    import sys
 
     from clipfp8.indexing import cli as indexing_cli
 
@@ -381,22 +387,10 @@ def test_fast_exit_fails_when_the_output_cannot_be_written(monkeypatch: pytest.M
         def flush(self) -> None:
             raise self.exc
 
-    ended: list[int] = []
-
-    class Ended(Exception):
-        pass
-
-    def fake_exit(rc: int) -> None:
-        ended.append(rc)
-        raise Ended
-
     monkeypatch.setattr(indexing_cli, "cmd_search", lambda args: 0)
-    monkeypatch.setattr(os, "_exit", fake_exit)
-    monkeypatch.setattr(logging, "shutdown", lambda: None)
-    monkeypatch.setattr(cli, "_fast_exit_allowed", lambda: True)
     argv = ["search", "--index-dir", str(tmp_path), "--text", "a"]
     for exc, rc in ((OSError(errno.ENOSPC, "No space left on device"), cli.EXIT_UNFLUSHED), (BrokenPipeError(), 0)):
         monkeypatch.setattr(sys, "stdout", Failing(exc))
-        with pytest.raises(Ended):
+        with pytest.raises(ProcessEnded):
             cli.console_main(argv)
-        assert ended.pop() == rc
+        assert fast_exit.codes.pop() == rc
