@@ -98,7 +98,7 @@ def _check_open_clip_name(name: str) -> None:
 
     from clipfp8.quant.core.open_clip_import import import_open_clip
 
-    open_clip = import_open_clip(hf=False)  # a config lookup; a model built later imports what it needs
+    open_clip = import_open_clip(hf=False, timm=False)  # a config lookup; a model built later imports what it needs
     if open_clip.get_model_config(name) is None:
         close = difflib.get_close_matches(name, open_clip.list_models(), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""

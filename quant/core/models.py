@@ -23,7 +23,7 @@ from clipfp8.quant.core import checksum_cache
 from clipfp8.quant.core.checksum_cache import LoadStamp
 from clipfp8.quant.core.config import DEFAULT_MODEL_NAME, ModelSpec
 from clipfp8.quant.core.errors import ModelLoadError
-from clipfp8.quant.core.open_clip_import import import_open_clip, import_open_clip_for, needs_transformers
+from clipfp8.quant.core.open_clip_import import import_open_clip_for, import_open_clip_for_config
 from clipfp8.quant.core.protocols import tower_image_size
 from clipfp8.quant.core.resources import default_model_dir
 from clipfp8.quant.core.weight_init import skip_weight_init
@@ -170,7 +170,7 @@ def _resolve_text_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _transforms_and_tokenizer(model: nn.Module, cfg: dict[str, Any]) -> tuple[Callable, Tokenizer, tuple[int, int]]:
-    open_clip = import_open_clip(hf=needs_transformers(cfg))
+    open_clip = import_open_clip_for_config(cfg)
     from open_clip.transform import PreprocessCfg
 
     pp = PreprocessCfg(**getattr(model.visual, "preprocess_cfg", {}))
@@ -189,7 +189,7 @@ def _transforms_and_tokenizer(model: nn.Module, cfg: dict[str, Any]) -> tuple[Ca
 def build_from_config(cfg: dict[str, Any], pretrained_text: bool = False) -> nn.Module:
     """An open_clip model from a config dict, random weights (except a pretrained HF text tower
     when ``pretrained_text``)."""
-    open_clip = import_open_clip(hf=needs_transformers(cfg))
+    open_clip = import_open_clip_for_config(cfg)
     cfg = _resolve_text_cfg(cfg)
     kwargs = {k: v for k, v in cfg.items() if k in ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "cast_dtype", "init_logit_scale", "init_logit_bias")}
     if "hf_model_name" in cfg["text_cfg"]:
@@ -336,7 +336,7 @@ def _from_checkpoint(spec: ModelSpec) -> LoadedModel:
 
 def _from_open_clip(spec: ModelSpec) -> LoadedModel:
     cfg = _open_clip_cfg(spec.name)  # fails fast, naming the model, before any download
-    open_clip = import_open_clip(hf=needs_transformers(cfg))
+    open_clip = import_open_clip_for_config(cfg)
     if spec.pretrained and spec.pretrained not in open_clip.list_pretrained_tags_by_model(spec.name):
         raise ModelLoadError(
             f"unknown pretrained tag {spec.pretrained!r} for {spec.name!r}; known: "

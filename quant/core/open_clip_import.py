@@ -9,6 +9,12 @@ uses that branch for the first import when the caller needs no HF tower, and bin
 transformers names into ``open_clip.hf_model`` the first time a later caller in the same process
 needs them -- its classes look those names up in the module's namespace when they build or run a
 model, so that is enough.
+
+timm is left out the same way (open_clip's ``timm_model`` falls back when ``import timm`` fails;
+timm imports ``torch._dynamo`` and torchvision's models) unless the model has a timm image tower,
+and torchvision's ``models`` and ``ops`` subpackages, which no open_clip CLIP uses at import, run
+their ``__init__`` on first use (``deferred_import``). Together: 1.8 s -> 0.3 s for the first
+import of open_clip on the 2-core CPU (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -22,31 +28,45 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from clipfp8.quant.core.deferred_import import defer_package
+
 log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 
 
-def _transformers_installed() -> bool:
-    return "transformers" in sys.modules or importlib.util.find_spec("transformers") is not None
+def _installed(name: str) -> bool:
+    return sys.modules.get(name) is not None or importlib.util.find_spec(name) is not None
 
 
-def import_open_clip(hf: bool = True) -> ModuleType:
+#: torchvision subpackages whose ``__init__`` runs on first use (see the module docstring).
+DEFERRED_TORCHVISION = ("torchvision.models", "torchvision.ops")
+
+
+def import_open_clip(hf: bool = True, timm: bool = True) -> ModuleType:
     """The ``open_clip`` module; ``hf``: the caller builds or tokenizes for a Hugging Face text
-    tower, so transformers must be usable through it (else it may be left out of the import)."""
-    with _lock:  # one thread at a time may hide transformers from the import system
+    tower, so transformers must be usable through it; ``timm``: the same for a timm image tower.
+    What is not needed may be left out of the first import, and is bound in when a later caller
+    needs it."""
+    with _lock:  # one thread at a time may hide packages from the import system
         oc = sys.modules.get("open_clip")
         if oc is None:
-            if hf or "transformers" in sys.modules or not _transformers_installed():
-                return importlib.import_module("open_clip")
-            sys.modules["transformers"] = None  # type: ignore[assignment]  # makes `import transformers` fail
+            hidden = [pkg for pkg, needed in (("transformers", hf), ("timm", timm))
+                      if not needed and pkg not in sys.modules and _installed(pkg)]
+            for name in DEFERRED_TORCHVISION:
+                defer_package(name)
+            for pkg in hidden:
+                sys.modules[pkg] = None  # type: ignore[assignment]  # makes `import pkg` fail
             try:
                 return importlib.import_module("open_clip")
             finally:
-                if "transformers" in sys.modules and sys.modules["transformers"] is None:
-                    del sys.modules["transformers"]
+                for pkg in hidden:
+                    if pkg in sys.modules and sys.modules[pkg] is None:
+                        del sys.modules[pkg]
         if hf:
             _with_transformers()
+        if timm:
+            _with_timm()
         return oc
 
 
@@ -57,7 +77,7 @@ def _with_transformers() -> None:
     not be pickled by name or checked with ``isinstance``. (CoCa's text generation, which the
     product never runs, keeps its own no-transformers state.)"""
     hf_model = sys.modules.get("open_clip.hf_model")
-    if hf_model is None or getattr(hf_model, "transformers", True) is not None or not _transformers_installed():
+    if hf_model is None or getattr(hf_model, "transformers", True) is not None or not _installed("transformers"):
         return
     log.debug("binding transformers into open_clip.hf_model")
     transformers = importlib.import_module("transformers")
@@ -69,9 +89,26 @@ def _with_transformers() -> None:
     hf_model.transformers = transformers  # type: ignore[attr-defined]  # last: marks the module done
 
 
+def _with_timm() -> None:
+    """Give ``open_clip.timm_model``, imported without timm, the names its import would have
+    bound (in place, as ``_with_transformers`` does)."""
+    timm_model = sys.modules.get("open_clip.timm_model")
+    if timm_model is None or getattr(timm_model, "timm", True) is not None or not _installed("timm"):
+        return
+    log.debug("binding timm into open_clip.timm_model")
+    timm = importlib.import_module("timm")
+    layers = importlib.import_module("timm.layers")
+    for name, source in _TIMM_LAYER_NAMES.items():
+        setattr(timm_model, name, getattr(layers, source))
+    timm_model.timm = timm  # type: ignore[attr-defined]  # last: marks the module done
+
+
 #: What ``open_clip.hf_model`` (open_clip 3.3.0, pinned) imports from transformers at the top.
 _HF_MODEL_NAMES = ("AutoModel", "AutoTokenizer", "AutoConfig", "PretrainedConfig")
 _HF_OUTPUT_NAMES = ("BaseModelOutput", "BaseModelOutputWithPooling", "BaseModelOutputWithPoolingAndCrossAttentions")
+#: What ``open_clip.timm_model`` imports from ``timm.layers`` (its name there -> timm's name).
+_TIMM_LAYER_NAMES = {"RotAttentionPool2d": "RotAttentionPool2d", "AbsAttentionPool2d": "AttentionPool2d",
+                     "Mlp": "Mlp", "to_2tuple": "to_2tuple"}
 
 
 def needs_transformers(cfg: dict[str, Any] | None) -> bool:
@@ -80,6 +117,18 @@ def needs_transformers(cfg: dict[str, Any] | None) -> bool:
         return True
     text = cfg.get("text_cfg", {})
     return bool(text.get("hf_model_name") or text.get("hf_tokenizer_name"))
+
+
+def needs_timm(cfg: dict[str, Any] | None) -> bool:
+    """Whether an open_clip model config (None: unknown) has a timm image tower."""
+    if cfg is None:
+        return True
+    return bool(cfg.get("vision_cfg", {}).get("timm_model_name"))
+
+
+def import_open_clip_for_config(cfg: dict[str, Any] | None) -> ModuleType:
+    """``open_clip``, with transformers and timm only where config ``cfg`` (None: unknown) needs them."""
+    return import_open_clip(hf=needs_transformers(cfg), timm=needs_timm(cfg))
 
 
 def bundled_config(name: str) -> dict[str, Any] | None:
@@ -97,5 +146,6 @@ def bundled_config(name: str) -> dict[str, Any] | None:
 
 
 def import_open_clip_for(name: str) -> ModuleType:
-    """``open_clip``, with transformers only if architecture ``name`` (or an unknown one) needs it."""
-    return import_open_clip(hf=needs_transformers(bundled_config(name)))
+    """``open_clip``, with transformers and timm only if architecture ``name`` (or an unknown one)
+    needs them."""
+    return import_open_clip_for_config(bundled_config(name))

@@ -102,7 +102,7 @@ def text_features(captions: Sequence[str], model_cfg: dict[str, Any], batch_size
     from clipfp8.quant.core.models import build_from_config, minilm_path
     from clipfp8.quant.core.open_clip_import import import_open_clip
 
-    open_clip = import_open_clip(hf=True)
+    open_clip = import_open_clip(hf=True, timm=False)  # the default model: a HF text tower, no timm
 
     model = build_from_config(model_cfg, pretrained_text=True).eval()
     text: Any = model.text  # open_clip's HFTextEncoder (untyped); its ``config`` is the HF config

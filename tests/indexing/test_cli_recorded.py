@@ -1,7 +1,8 @@
 """The CLI over the real default model: ``index`` records how it built each encoder, and
 ``search``/``verify --repair`` reuse that without --model/--quantized; a cold ``search`` imports
 only what its path needs (no modelopt/onnx/gradio/matplotlib; for a text query on the default
-model, no open_clip/transformers either)."""
+model, no open_clip/transformers either; for an open_clip model, open_clip without transformers,
+timm or torch._dynamo)."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from clipfp8.app.cli import EXIT_BAD_INPUT, main
 from clipfp8.indexing.store import open_index
@@ -88,3 +90,24 @@ def test_cold_search_imports_only_its_path(indexed, tmp_path):
     got = _search_modules(["search", "--index-dir", str(tmp_path / "fake"), "--precision", "fake", "--text", "red"],
                           HEAVY, fake=True)
     assert got == {"rc": 0, "modules": []}
+
+
+def test_cold_open_clip_search_leaves_out_what_its_model_does_not_use(tmp_path):
+    from clipfp8.indexing import index_corpus
+    from clipfp8.quant.core.config import EncoderSpec, ModelSpec
+    from clipfp8.quant.core.encoder import create_encoder
+    from clipfp8.quant.core.models import tiny_config
+
+    corpus, idx = tmp_path / "corpus", tmp_path / "idx"
+    make_corpus(corpus, 3)
+    torch.manual_seed(0)  # a config model has random weights: the search process draws the same
+    encoder = create_encoder(EncoderSpec(model=ModelSpec(config=tiny_config()), precision="fp32", device="cpu"))
+    index_corpus(corpus, idx, [encoder], workers=1)
+    seeded = "import torch; torch.manual_seed(0)\n" + SEARCH_THEN_LIST_MODULES
+    watch = HEAVY + ("open_clip", "transformers", "timm", "torch._dynamo", "torchvision.models")
+    out = subprocess.run([sys.executable, "-c", seeded % (watch,), "search", "--index-dir", str(idx), "--text",
+                          "a photo", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # torchvision.models is there only as the deferred module, its __init__ not run (no _dynamo).
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"rc": 0, "modules": ["open_clip", "torchvision.models"]}
+    assert len(out.stdout.strip().splitlines()) == 4  # the three images, then the module list

@@ -1,0 +1,97 @@
+"""Packages whose ``__init__`` runs on first use instead of at import.
+
+torchvision's package ``__init__`` imports ``torchvision.models`` and ``torchvision.ops``, and
+``ops.roi_align`` imports ``torch._dynamo``: 1.0-1.1 s of a cold ``clipfp8 search`` on the 2-core
+CPU, for two subpackages no CLIP path uses (open_clip needs only ``torchvision.transforms`` and
+the one class ``torchvision.ops.misc.FrozenBatchNorm2d``). ``defer_package`` registers such a
+subpackage as a module whose own ``__init__`` has not run yet: its submodules import normally
+(``import torchvision.ops.misc`` runs ``misc.py`` only), and the first attribute that is not
+there yet (``torchvision.ops.nms``, ``from torchvision.ops import nms``) runs the real
+``__init__`` into the same module object, then answers as a normal import would have. Nothing
+changes for code that uses the package, only when its ``__init__`` runs.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class DeferredPackage(ModuleType):
+    """A package module whose ``__init__.py`` runs on the first lookup of a name it lacks.
+
+    Module attribute lookups check the module's dict first, so this costs nothing once a name is
+    there; ``__getattr__`` only sees names that are missing. While the ``__init__`` runs, lookups
+    from the thread running it see the partial module (as during any package's import), and other
+    threads wait for it to finish.
+    """
+
+    def __init__(self, name: str, spec: importlib.machinery.ModuleSpec) -> None:
+        super().__init__(name)
+        self.__dict__["_deferred_lock"] = threading.RLock()
+        self.__dict__["_deferred_state"] = "pending"  # pending -> running -> done
+        self.__spec__ = spec
+        self.__file__ = spec.origin
+        self.__path__ = list(spec.submodule_search_locations or [])
+        self.__package__ = name
+        self.__loader__ = spec.loader
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("_deferred_"):
+            raise AttributeError(attr)
+        with self._deferred_lock:
+            if self._deferred_state == "pending":
+                self._run_init()
+        try:
+            return self.__dict__[attr]
+        except KeyError:
+            raise AttributeError(f"module {self.__name__!r} has no attribute {attr!r}") from None
+
+    def _run_init(self) -> None:
+        """Run the package's ``__init__`` into this module (the caller holds the lock)."""
+        self.__dict__["_deferred_state"] = "running"
+        log.debug("running the deferred __init__ of %s", self.__name__)
+        try:
+            self.__spec__.loader.exec_module(self)  # type: ignore[union-attr]
+        except BaseException:
+            self.__dict__["_deferred_state"] = "pending"  # the next lookup raises the real error again
+            raise
+        self.__dict__["_deferred_state"] = "done"
+
+
+def defer_package(name: str) -> bool:
+    """Register subpackage ``name`` (e.g. ``"torchvision.ops"``) so that its ``__init__`` runs on
+    first use. Does nothing and returns False when it is imported already, when its parent is
+    (the parent's ``__init__`` would not see the module), or when it is no plain package on disk
+    (found by path, without importing the parent)."""
+    parent, _, child = name.rpartition(".")
+    if not parent or name in sys.modules or parent in sys.modules:
+        return False
+    try:
+        parent_spec = importlib.util.find_spec(parent)  # a top-level name: imports nothing
+    except (ImportError, ValueError):
+        return False
+    for folder in (parent_spec.submodule_search_locations or []) if parent_spec is not None else []:
+        init = Path(folder) / child / "__init__.py"
+        if init.is_file():
+            spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
+            if spec is None or spec.loader is None:
+                return False
+            sys.modules[name] = DeferredPackage(name, spec)
+            return True
+    return False
+
+
+def is_deferred(name: str) -> bool:
+    """Whether ``name`` is a deferred package whose ``__init__`` has not run yet."""
+    mod = sys.modules.get(name)
+    return isinstance(mod, DeferredPackage) and mod.__dict__["_deferred_state"] == "pending"
+
+
+__all__ = ["DeferredPackage", "defer_package", "is_deferred"]
