@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -325,6 +326,19 @@ class AppContext:
         if self.sources:
             return self.sources[0]
         return FOLDERS_SOURCE if len(self.folders) >= 2 else None
+
+    def warm_up(self, query: str = "a photo") -> dict[str, float]:
+        """One text query per encoder through the index (k=1), before the app serves: the first
+        user's query then does not pay first-call costs (torch's lazy CPU and CUDA set-up, a
+        compiled encoder's graphs for a batch of one, the index's first search). Returns the
+        seconds each label took."""
+        took: dict[str, float] = {}
+        for label, encoder in self.encoders.items():
+            t0 = time.perf_counter()
+            self.index.query(encoder, query, k=1, threshold=None)
+            took[label] = round(time.perf_counter() - t0, 3)
+        log.info("warm-up query: %s", ", ".join(f"{k} {v:.2f} s" for k, v in took.items()))
+        return took
 
     def reopen(self) -> None:
         """Re-open the index after (re)indexing so searches see the new generation."""

@@ -16,7 +16,7 @@ GPU_TARGETS: tuple[tuple[str, float, bool, str], ...] = (
     ("search_fp8_p50_ms", 2.0, False, "warm text query + search (fp8), p50 ms"),
     ("search_fp16_p50_ms", 2.0, False, "warm text query + search (fp16), p50 ms"),
     ("serve_ready_s", 20.0, False, "`serve` ready, s"),
-    ("serve_first_query_ms", 50.0, False, "`serve` first query, ms"),
+    ("serve_first_query_ms", 50.0, False, "`serve` first query (answer + its thumbnails), ms"),
 )
 CPU_TARGETS: tuple[tuple[str, float, bool, str], ...] = (
     ("cold_search_fp32_s", 4.0, False, "cold `clipfp8 search` process (fp32), s"),

@@ -8,6 +8,7 @@ and in total, and removes the process's temp folder at shutdown.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -28,6 +29,7 @@ from clipfp8.app.backend import (
 from clipfp8.app.benchmark import GroundTruth, benchmark, describe_truth
 from clipfp8.app.latency import LatencyTracker, latency_chart
 from clipfp8.app.search import ALL_FOLDERS, QuerySpec, banner_text, md_code, normalize_folder, placeholder_text, search
+from clipfp8.app.thumbs import ThumbnailCache
 from clipfp8.app.ui_render import (
     benchmark_markdown,
     gallery_items,
@@ -35,7 +37,6 @@ from clipfp8.app.ui_render import (
     latency_markdown,
     markers_markdown,
     selected_markdown,
-    thumbnails,
     user_errors,
 )
 from clipfp8.app.uploads import DEFAULT_LIMITS, TempSpace, UploadBudget, UploadGuard, UploadLimits, ensure_temp_dir
@@ -90,6 +91,7 @@ class SearchTab:
 
     def __init__(self, ctx: AppContext, space: TempSpace) -> None:
         self.ctx, self.space, self.labels = ctx, space, list(ctx.encoders)
+        self.thumbs = ThumbnailCache()  # shared by every session, as the index is
         captions = [c for c, _ in (_default_truth(ctx).pairs if ctx.sources else [])]
         self.tracker = gr.State(_new_tracker)  # a callable: one fresh tracker per session
         self.spec = gr.State(None, time_to_live=STATE_TTL)
@@ -125,8 +127,10 @@ class SearchTab:
             self.prev = gr.Button("◀ Previous", size="sm", interactive=False, scale=0, elem_id="page-prev")
             self.next = gr.Button("Next ▶", size="sm", interactive=False, scale=0, elem_id="page-next")
         with gr.Row():
+            # JPEG: Gradio encodes each thumbnail it is handed; WebP (its default) took ~4 ms a
+            # 256 px thumbnail on the 2-core CPU, JPEG 0.2 ms, for files a quarter larger.
             kw: dict[str, Any] = dict(allow_preview=False, height="auto", object_fit="contain",
-                                      elem_classes=["results"])
+                                      elem_classes=["results"], format="jpeg")
             self.gal_a = gr.Gallery(label=f"{self.labels[0]} results", columns=10, elem_id="gallery-a", **kw)
             self.gal_b = gr.Gallery(label="second precision", columns=SIDE_COLUMNS, visible=False,
                                     elem_id="gallery-b", **kw)
@@ -178,7 +182,7 @@ class SearchTab:
                         mode="side_by_side" if side else "single", precision=precision, folder=folder, page=page)
         tracker.record(result)
         labels = result.precisions()
-        shown = [thumbnails(gallery_items(self.ctx, result, label)) for label in labels]
+        shown = [self.thumbs.get(gallery_items(self.ctx, result, label)) for label in labels]
         columns = SIDE_COLUMNS if side else max(1, min(int(k), 10))
         # selected_index=None: no thumbnail stays selected on results it no longer belongs to.
         gal_a = gr.Gallery(value=shown[0][0], label=f"{labels[0]} results", columns=columns, selected_index=None)
@@ -366,22 +370,51 @@ def launch(demo: gr.Blocks, ctx: AppContext, host: str = "127.0.0.1", port: int 
     """Serve ``demo``: no file path is allowed (images go out as decoded pixels), the corpus and
     index folders are explicitly blocked, uploads pass ``app.uploads.UploadGuard``, and only our
     own ``gr.Error`` messages reach the browser (other exceptions show a generic error; details go
-    to the log). Blocking: SIGTERM stops the server like Ctrl-C, and the temp folder is removed."""
+    to the log). Blocking: SIGTERM stops the server like Ctrl-C, and the temp folder is removed.
+    One warm-up query per encoder runs first, so the server answers its first query warm."""
     from starlette.middleware import Middleware
+
+    ctx.warm_up()
+    _resolve_matplotlib_backend()
 
     space = TempSpace(ensure_temp_dir(), limits)
     guard = Middleware(UploadGuard, budget=UploadBudget(limits), space=space)
     demo.queue(default_concurrency_limit=4, max_size=256)
     if block and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
+    _freeze_startup_heap()  # before the server listens: a full collection here takes ~0.3 s
     try:
-        return demo.launch(server_name=host, server_port=port, share=share, inbrowser=open_browser,
-                           allowed_paths=[], blocked_paths=[str(ctx.corpus_root), str(Path(ctx.index_dir).resolve())],
-                           max_file_size=limits.max_file_bytes, show_error=False, app_kwargs={"middleware": [guard]},
-                           prevent_thread_lock=not block, quiet=True, footer_links=["api"], ssr_mode=False, css=CSS)
+        launched = demo.launch(server_name=host, server_port=port, share=share, inbrowser=open_browser,
+                               allowed_paths=[], blocked_paths=[str(ctx.corpus_root), str(Path(ctx.index_dir).resolve())],
+                               max_file_size=limits.max_file_bytes, show_error=False,
+                               app_kwargs={"middleware": [guard]}, prevent_thread_lock=True, quiet=True,
+                               footer_links=["api"], ssr_mode=False, css=CSS)
+        if block:
+            demo.block_thread()  # what launch() does when it is allowed to block
+        return launched
     finally:
         if block:
             space.remove()
+
+
+def _resolve_matplotlib_backend() -> None:
+    """Gradio switches matplotlib to "agg" around every event it runs, and the first switch asks
+    matplotlib for its backend, which imports pyplot: 0.12-0.28 s of the first query on the
+    2-core CPU (a py-spy profile of `clipfp8 serve`). Asked here, before the server listens."""
+    try:
+        import matplotlib
+    except ImportError:
+        return
+    matplotlib.get_backend()
+
+
+def _freeze_startup_heap() -> None:
+    """Keep what start-up built (models, modules, the app) out of later garbage collections.
+    A server's heap holds millions of such objects, and every full collection walked them all
+    again: 0.12-0.31 s pauses on the 2-core CPU, one of which held up the first query's
+    thumbnails by ~0.3 s. Objects made while serving are still collected."""
+    gc.collect()
+    gc.freeze()
 
 
 def _interrupt(signum: int, frame: Any) -> None:

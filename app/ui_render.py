@@ -2,7 +2,7 @@
 
 Gradio-free except :func:`user_errors`, which turns expected failures into short ``gr.Error``
 messages. Gallery items are built only from paths resolved inside the indexed corpus and go
-out as decoded thumbnails, never as file paths.
+out as decoded thumbnails (`app.thumbs`), never as file paths.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from typing import Any
 
 import gradio as gr
 import pandas as pd  # type: ignore[import-untyped]  # no stubs in the lock file
-from PIL import Image
 
 from clipfp8.app.backend import AppContext
 from clipfp8.app.benchmark import GroundTruth, describe_truth
@@ -22,9 +21,6 @@ from clipfp8.app.latency import LatencyTracker
 from clipfp8.app.search import PathOutsideCorpusError, ResultItem, SearchResult, md_code
 
 log = logging.getLogger(__name__)
-
-THUMB_SIZE = 256
-
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn expected failures into short gr.Error messages and log (not show) unexpected ones."""
@@ -73,28 +69,6 @@ def gallery_items(ctx: AppContext, result: SearchResult, label: str) -> list[tup
             continue
         items.append((str(path), caption(it), it.id))
     return items
-
-
-def thumbnails(items: list[tuple[str, str, int]],
-               size: int = THUMB_SIZE) -> tuple[list[tuple[Image.Image, str]], list[int]]:
-    """(decoded thumbnails with captions, the hit ids in the same order) for the gallery.
-
-    The app hands Gradio pixels, never file paths, so Gradio needs no allowed path at all:
-    nothing under the corpus folder (captions, databases, HTML/SVG files) can be fetched through
-    its file route. Undecodable files are left out of both lists."""
-    out, ids = [], []
-    for path, text, hit_id in items:
-        try:
-            with Image.open(path) as im:
-                im.draft("RGB", (size, size))  # JPEG: decode at reduced scale, cheaper
-                thumb = im.convert("RGB")
-                thumb.thumbnail((size, size))
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            log.warning("cannot show %s: %s", path, e)
-            continue
-        out.append((thumb, text))
-        ids.append(hit_id)
-    return out, ids
 
 
 def latency_markdown(result: SearchResult, tracker: LatencyTracker) -> str:

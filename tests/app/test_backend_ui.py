@@ -92,7 +92,7 @@ def test_render_hides_second_gallery_in_single_mode(corpus, encoders, tmp_path):
     ctx = _ctx(corpus, encoders)
     tab = _tab(ctx, tmp_path)
     tracker = LatencyTracker()
-    out = tab.render(tracker, S.QuerySpec("green"), 0, 3, 0.0, "FP8", ui.SINGLE, S.ALL_FOLDERS)
+    out = out_first = tab.render(tracker, S.QuerySpec("green"), 0, 3, 0.0, "FP8", ui.SINGLE, S.ALL_FOLDERS)
     assert out[tab.gal_a].label == "FP8 results" and out[tab.gal_b].visible is False
     assert len(out[tab.shown][0]) == 3 and out[tab.shown][1] == []
     assert out[tab.query] == "green" and out[tab.banner].startswith("**Results for `green`**")
@@ -101,6 +101,11 @@ def test_render_hides_second_gallery_in_single_mode(corpus, encoders, tmp_path):
     assert out[tab.gal_b].visible is True and len(out[tab.shown][1]) == 0  # green/ holds only 2 images
     assert out[tab.prev].interactive is True and out[tab.next].interactive is False
     assert "in folder `green/`" in out[tab.banner]
+    # Galleries are sent as JPEG; the same query again decodes no thumbnail a second time.
+    assert tab.gal_a.format == "jpeg" and tab.gal_b.format == "jpeg"
+    misses = tab.thumbs.misses
+    again = tab.render(tracker, S.QuerySpec("green"), 0, 3, 0.0, "FP8", ui.SINGLE, S.ALL_FOLDERS)
+    assert tab.thumbs.misses == misses and again[tab.shown][0] == out_first[tab.shown][0]
     with pytest.raises(ValueError, match="no query yet"):
         tab.render(tracker, None, 0, 3, 0.0, "FP8", ui.SINGLE, None)
 

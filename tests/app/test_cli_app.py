@@ -163,3 +163,41 @@ def test_demo_progress_bar_keeps_tqdms_redraw_interval() -> None:
     assert 1 <= draws < 200
     assert out.getvalue().rsplit("\r", 1)[-1].lstrip().startswith("indexing: 100%")  # the end is shown
     assert "2000/2000" in out.getvalue().rsplit("\r", 1)[-1]
+
+
+def test_bench_times_a_served_query_with_its_thumbnails(tmp_path, monkeypatch):
+    """``time_serve`` against a real ``clipfp8 serve`` process (fake encoders): the answer, then
+    every thumbnail of the gallery fetched as a browser would."""
+    from clipfp8.app.backend import FAKE_ENCODER_ENV
+    from clipfp8.app.bench_search import time_serve
+
+    _, idx = _fake_index(tmp_path)
+    monkeypatch.setenv(FAKE_ENCODER_ENV, "1")
+    got = time_serve(idx, "FP16", ["--device", "cpu"], timeout=120)
+    assert "error" not in got, got
+    assert got["ready_s"] > 0 and got["command"].startswith("clipfp8 serve --index-dir")
+    n = len(list(Path(idx).parent.joinpath("c").rglob("*.png")))
+    for which in ("first", "second"):
+        assert got[f"{which}_images"] == min(10, n)  # every hit's thumbnail was fetched
+        assert 0 < got[f"{which}_answer_ms"] <= got[f"{which}_query_ms"]
+
+
+def test_the_context_answers_one_query_per_encoder_before_serving(tmp_path, monkeypatch):
+    from clipfp8.app.backend import FAKE_ENCODER_ENV, open_context
+
+    _, idx = _fake_index(tmp_path)
+    monkeypatch.setenv(FAKE_ENCODER_ENV, "1")
+    ctx = open_context(idx)
+    calls: list[tuple[str, int]] = []
+    real = ctx.index.query
+    monkeypatch.setattr(ctx.index, "query", lambda enc, q, k, threshold: calls.append((enc.name, k)) or real(enc, q, k, threshold))
+    took = ctx.warm_up()
+    assert set(took) == set(ctx.encoders) and all(t >= 0 for t in took.values())
+    assert calls == [(e.name, 1) for e in ctx.encoders.values()]
+    seen = _capture_launch(monkeypatch)
+    warmed: list[bool] = []
+    monkeypatch.setattr(type(ctx), "warm_up", lambda self: warmed.append(True) or {})
+    from clipfp8.app.ui import build_ui, launch
+
+    launch(build_ui(ctx), ctx, port=7998, block=False)
+    assert warmed == [True] and seen["server_port"] == 7998
