@@ -18,6 +18,7 @@ from torch import nn
 from clipfp8.quant.core.config import PRECISIONS, EncoderSpec, ModelSpec
 from clipfp8.quant.core.errors import UnsupportedPrecisionError
 from clipfp8.quant.core.protocols import as_clip
+from clipfp8.quant.core.text_padding import cut_trailing_padding, trailing_pad_id
 
 if TYPE_CHECKING:  # models imports open_clip lazily; only the type is needed here
     from clipfp8.quant.core.models import LoadedModel
@@ -141,6 +142,7 @@ class TorchEncoder(Encoder):
         self.precision, self.device, self.name, self.dim = precision, device, name, dim
         self.image_size, self.batch_size = image_size, batch_size
         self._identity = EncoderIdentity(name, precision, model_id, checksum, dim)
+        self._pad_id = trailing_pad_id(self.model)  # None: every token column is fed
 
     def preprocess(self, image: Any) -> torch.Tensor:
         return self._preprocess(image)
@@ -165,8 +167,8 @@ class TorchEncoder(Encoder):
         clip = as_clip(self.model)
         out = []
         for i in range(0, len(texts), self.batch_size):
-            tokens = self._tokenizer(texts[i:i + self.batch_size]).to(self.device)
-            out.append(clip.encode_text(tokens))
+            tokens = cut_trailing_padding(self._tokenizer(texts[i:i + self.batch_size]), self._pad_id)
+            out.append(clip.encode_text(tokens.to(self.device)))
         return normalize_to_numpy(torch.cat(out))
 
 
