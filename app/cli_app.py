@@ -33,7 +33,8 @@ def serve(index_dir: Path, host: str = "127.0.0.1", port: int = 7860, share: boo
     ``allow_reindex`` adds the page's incremental-indexing button (off by default).
     """
     from clipfp8.app.backend import open_context
-    from clipfp8.app.ui import build_ui, launch
+    from clipfp8.app.serving import launch
+    from clipfp8.app.ui import build_ui
 
     if not Path(index_dir).is_dir():
         raise NotADirectoryError(f"--index-dir {index_dir} is not a directory")
@@ -51,7 +52,8 @@ def demo(work_dir: Path, port: int = 7860, no_browser: bool = False, host: str =
     FP8, serve."""
     from clipfp8.app.backend import open_context
     from clipfp8.app.demo import DemoConfig, prepare_demo
-    from clipfp8.app.ui import build_ui, launch
+    from clipfp8.app.serving import launch
+    from clipfp8.app.ui import build_ui
 
     cfg = DemoConfig(work_dir=work_dir, device=device, precision=precision)
     if corpus is not None:

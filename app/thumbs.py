@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 #: Longest side of a gallery thumbnail, in pixels.
 THUMB_SIZE = 256
-#: Decoded thumbnails kept (RGB, at most 256x256x3 bytes each: ~190 KiB).
+#: Decoded thumbnails kept (Pillow holds RGB in 4 bytes a pixel: at most 256 KiB each).
 DEFAULT_CACHE_BYTES = 96 << 20
 
 
@@ -56,6 +56,8 @@ class ThumbnailCache:
         self.hits = self.misses = 0
 
     def get(self, items: list[tuple[str, str, int]]) -> tuple[list[tuple[Image.Image, str]], list[int]]:
+        """(absolute path, caption, hit id) triples -> ([(RGB thumbnail, caption)], [hit id]), in
+        order, files that cannot be read or decoded left out of both; misses decoded in parallel."""
         keys = [self._key(path) for path, _, _ in items]
         with self._lock:
             found = {k: self._touch(k) for k in keys if k is not None and k in self._items}
@@ -77,11 +79,13 @@ class ThumbnailCache:
         return out, ids
 
     def clear(self) -> None:
+        """Drop every cached thumbnail."""
         with self._lock:
             self._items.clear()
             self._bytes = 0
 
     def close(self) -> None:
+        """Stop the decode threads (a later ``get`` raises ``RuntimeError``)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def __len__(self) -> int:
@@ -113,14 +117,19 @@ class ThumbnailCache:
     def _store(self, key: _Key, img: Image.Image) -> None:
         if key in self._items:
             return
-        cost = img.width * img.height * 3
+        cost = _bytes(img)
         if cost > self.max_bytes:
             return
         self._items[key] = img
         self._bytes += cost
         while self._bytes > self.max_bytes:
             _, old = self._items.popitem(last=False)
-            self._bytes -= old.width * old.height * 3
+            self._bytes -= _bytes(old)
+
+
+def _bytes(img: Image.Image) -> int:
+    """Memory a decoded thumbnail holds: Pillow stores RGB as 4 bytes a pixel."""
+    return img.width * img.height * 4
 
 
 __all__ = ["ThumbnailCache", "THUMB_SIZE", "DEFAULT_CACHE_BYTES"]

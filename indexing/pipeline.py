@@ -437,14 +437,17 @@ def _gc_frozen() -> Iterator[None]:
     encoder on the 2-core CPU spent 1.15-1.22 s of a 7.0-7.8 s pass in 4 full collections
     (docs/indexing.md).
     Objects that die meanwhile are still freed by reference counting; the rest after the pass.
-    Where objects were frozen already (by the program, or a concurrent run), they stay frozen."""
-    owner = gc.get_freeze_count() == 0
+    Where a heap is frozen already (`clipfp8 serve` freezes its start-up heap; a concurrent
+    pass), the pass freezes nothing more: what it froze could not be unfrozen alone, and every
+    re-index of a server would leave its leftovers frozen for good (cycles never collected)."""
+    if gc.get_freeze_count():
+        yield
+        return
     gc.freeze()
     try:
         yield
     finally:
-        if owner:
-            gc.unfreeze()
+        gc.unfreeze()
 
 
 def _delete_rows(db: Any, ids: list[int]) -> None:

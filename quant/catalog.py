@@ -69,8 +69,11 @@ def _quiet() -> Iterator[None]:
 def count_params(name: str) -> int | None:
     """Parameters of open_clip architecture ``name``, built on the ``meta`` device (no memory,
     no download); None for a Hugging Face text tower (its config lives on the hub) or a failure."""
-    import open_clip
     import torch
+
+    from clipfp8.quant.core.open_clip_import import import_open_clip
+
+    open_clip = import_open_clip(hf=False)  # builds timm towers too: timm is bound in if it was left out
 
     cfg = open_clip.get_model_config(name)
     if cfg is None or cfg.get("text_cfg", {}).get("hf_model_name"):

@@ -7,8 +7,17 @@ the one class ``torchvision.ops.misc.FrozenBatchNorm2d``). ``defer_package`` reg
 subpackage as a module whose own ``__init__`` has not run yet: its submodules import normally
 (``import torchvision.ops.misc`` runs ``misc.py`` only), and the first attribute that is not
 there yet (``torchvision.ops.nms``, ``from torchvision.ops import nms``) runs the real
-``__init__`` into the same module object, then answers as a normal import would have. Nothing
-changes for code that uses the package, only when its ``__init__`` runs.
+``__init__`` into the same module object, then answers as a normal import would have, and so
+does ``dir()``. What changes is when the ``__init__`` runs: until then, code that imports one of
+the package's submodules directly sees only what that submodule sets up (e.g.
+``torchvision.models._api.list_models()`` lists the models whose modules were imported).
+
+Like the standard library's ``importlib.util.LazyLoader``, the deferred ``__init__`` runs under
+a lock of its own, which Python's import-deadlock detection does not see: a thread that imports a
+submodule whose top level looks up a not-yet-defined name of the package, while another thread
+runs the package's ``__init__`` (which imports that same submodule), would wait forever. The
+product defers only torchvision's ``models`` and ``ops``, whose ``__init__`` runs on the first
+lookup of one of their names.
 """
 from __future__ import annotations
 
@@ -45,22 +54,37 @@ class DeferredPackage(ModuleType):
     def __getattr__(self, attr: str) -> Any:
         if attr.startswith("_deferred_"):
             raise AttributeError(attr)
-        with self._deferred_lock:
-            if self._deferred_state == "pending":
-                self._run_init()
+        self._ensure_init()
         try:
             return self.__dict__[attr]
         except KeyError:
             raise AttributeError(f"module {self.__name__!r} has no attribute {attr!r}") from None
 
+    def __dir__(self) -> list[str]:
+        self._ensure_init()
+        return sorted(self.__dict__)
+
+    def _ensure_init(self) -> None:
+        with self._deferred_lock:
+            if self._deferred_state == "pending":
+                self._run_init()
+
     def _run_init(self) -> None:
-        """Run the package's ``__init__`` into this module (the caller holds the lock)."""
+        """Run the package's ``__init__`` into this module (the caller holds the lock). On failure
+        the module is put back as it was, and the error is raised as an ``ImportError`` (an
+        ``AttributeError`` escaping ``__getattr__`` would read as a missing name, and
+        ``hasattr`` would hide it)."""
+        before = dict(self.__dict__)
         self.__dict__["_deferred_state"] = "running"
         log.debug("running the deferred __init__ of %s", self.__name__)
         try:
             self.__spec__.loader.exec_module(self)  # type: ignore[union-attr]
-        except BaseException:
-            self.__dict__["_deferred_state"] = "pending"  # the next lookup raises the real error again
+        except BaseException as e:
+            self.__dict__.clear()
+            self.__dict__.update(before)  # pending again: the next lookup raises the real error again
+            if isinstance(e, Exception) and not isinstance(e, ImportError):
+                raise ImportError(f"the deferred __init__ of {self.__name__} failed: {type(e).__name__}: {e}",
+                                  name=self.__name__) from e
             raise
         self.__dict__["_deferred_state"] = "done"
 

@@ -53,6 +53,9 @@ def import_open_clip(hf: bool = True, timm: bool = True) -> ModuleType:
         if oc is None:
             hidden = [pkg for pkg, needed in (("transformers", hf), ("timm", timm))
                       if not needed and pkg not in sys.modules and _installed(pkg)]
+            if "timm" in hidden and hf and "transformers" not in sys.modules and _installed("transformers"):
+                # transformers, imported now, would remember timm as missing (a cached check).
+                hidden.remove("timm")
             for name in DEFERRED_TORCHVISION:
                 defer_package(name)
             for pkg in hidden:

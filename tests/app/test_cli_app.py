@@ -37,10 +37,14 @@ def test_serve_dir_without_index_is_a_one_line_error(tmp_path, capsys):
 
 def _capture_launch(monkeypatch, url: str | None = None, error: Exception | None = None) -> dict:
     """Replace gr.Blocks.launch: record its arguments; like Gradio, set ``local_url`` once
-    "bound" (``url``), or raise ``error``."""
+    "bound" (``url``), or raise ``error``. The start-up heap freeze is counted in
+    ``seen["froze"]`` instead of freezing the test process's heap."""
     import gradio as gr
 
-    seen: dict = {}
+    from clipfp8.app import serving
+
+    seen: dict = {"froze": 0}
+    monkeypatch.setattr(serving, "_freeze_startup_heap", lambda: seen.__setitem__("froze", seen["froze"] + 1))
 
     def fake_launch(self, **kwargs):
         seen.update(kwargs)
@@ -74,6 +78,7 @@ def test_serve_launches_loopback_with_only_the_corpus_allowed(tmp_path, monkeypa
     assert seen["allowed_paths"] == []
     assert set(seen["blocked_paths"]) == {str(corpus.resolve()), str(idx.resolve())}
     assert seen["inbrowser"] is False and seen["show_error"] is False
+    assert seen["froze"] == 1  # `serve` is the server process: its start-up heap is frozen
 
 
 def test_serve_prints_the_url_once_gradio_has_bound_it(tmp_path, monkeypatch, capsys):
@@ -197,7 +202,11 @@ def test_the_context_answers_one_query_per_encoder_before_serving(tmp_path, monk
     seen = _capture_launch(monkeypatch)
     warmed: list[bool] = []
     monkeypatch.setattr(type(ctx), "warm_up", lambda self: warmed.append(True) or {})
-    from clipfp8.app.ui import build_ui, launch
+    from clipfp8.app.serving import launch
+    from clipfp8.app.ui import build_ui
 
     launch(build_ui(ctx), ctx, port=7998, block=False)
     assert warmed == [True] and seen["server_port"] == 7998
+    assert seen["froze"] == 0  # not blocking: the caller's process, whose heap is not ours to freeze
+    launch(build_ui(ctx), ctx, port=7997, block=True)  # the fake server is not running: returns at once
+    assert warmed == [True, True] and seen["froze"] == 1

@@ -52,7 +52,7 @@ def test_a_file_is_decoded_once_while_unchanged_and_again_after_a_change(files: 
 
 
 def test_least_recently_used_thumbnails_go_first_past_the_byte_budget(files: list[str]) -> None:
-    one = 256 * 128 * 3
+    one = 256 * 128 * 4  # Pillow's RGB: 4 bytes a pixel
     cache = ThumbnailCache(max_bytes=2 * one, workers=1)
     cache.get([(files[0], "", 0), (files[1], "", 1)])
     cache.get([(files[0], "", 0)])  # files[0] is now the most recent

@@ -103,11 +103,15 @@ def test_cold_open_clip_search_leaves_out_what_its_model_does_not_use(tmp_path):
     torch.manual_seed(0)  # a config model has random weights: the search process draws the same
     encoder = create_encoder(EncoderSpec(model=ModelSpec(config=tiny_config()), precision="fp32", device="cpu"))
     index_corpus(corpus, idx, [encoder], workers=1)
-    seeded = "import torch; torch.manual_seed(0)\n" + SEARCH_THEN_LIST_MODULES
+    seeded = ("import torch; torch.manual_seed(0)\n" + SEARCH_THEN_LIST_MODULES +
+              "from clipfp8.quant.core.deferred_import import is_deferred\n"
+              "print(json.dumps([is_deferred('torchvision.ops'), is_deferred('torchvision.models')]))\n")
     watch = HEAVY + ("open_clip", "transformers", "timm", "torch._dynamo", "torchvision.models")
     out = subprocess.run([sys.executable, "-c", seeded % (watch,), "search", "--index-dir", str(idx), "--text",
                           "a photo", "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
     # torchvision.models is there only as the deferred module, its __init__ not run (no _dynamo).
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"rc": 0, "modules": ["open_clip", "torchvision.models"]}
-    assert len(out.stdout.strip().splitlines()) == 4  # the three images, then the module list
+    assert json.loads(lines[-2]) == {"rc": 0, "modules": ["open_clip", "torchvision.models"]}
+    assert json.loads(lines[-1]) == [True, True]  # ops and models: __init__ still pending
+    assert len(lines) == 5  # the three images, then the module list and the deferred states

@@ -75,16 +75,25 @@ def test_from_import_runs_it_and_threads_wait_for_one_run(pkg: str) -> None:
     assert got == [42] * 4 and ns["VALUE"] == 42 and _runs(pkg) == 1
 
 
-def test_a_failing_init_raises_its_error_each_time(pkg: str) -> None:
+@pytest.mark.parametrize("error", ["ImportError('broken heavy')", "AttributeError('broken heavy')"])
+def test_a_failing_init_raises_its_error_each_time(pkg: str, error: str) -> None:
     heavy_init = Path(importlib.util.find_spec(pkg).submodule_search_locations[0]) / "heavy" / "__init__.py"  # type: ignore[union-attr]
-    heavy_init.write_text("raise ImportError('broken heavy')\n")
+    heavy_init.write_text(f"PARTIAL = 1\nraise {error}\n")
     assert defer_package(f"{pkg}.heavy")
     importlib.import_module(pkg)
     heavy = sys.modules[f"{pkg}.heavy"]
     for _ in range(2):
+        # An AttributeError inside would read as a missing name (and hasattr would hide it).
         with pytest.raises(ImportError, match="broken heavy"):
-            heavy.VALUE  # noqa: B018
+            hasattr(heavy, "VALUE")
+        assert "PARTIAL" not in heavy.__dict__  # put back as it was, as a failed import leaves nothing
     assert is_deferred(f"{pkg}.heavy")
+
+
+def test_dir_lists_the_names_of_the_run_init(pkg: str) -> None:
+    assert defer_package(f"{pkg}.heavy")
+    importlib.import_module(pkg)
+    assert "VALUE" in dir(sys.modules[f"{pkg}.heavy"]) and _runs(pkg) == 1
 
 
 def test_refuses_what_it_cannot_defer(pkg: str) -> None:

@@ -138,3 +138,12 @@ def test_timm_towers_are_recognised() -> None:
     assert not needs_timm(bundled_config("ViT-L-14"))
     assert needs_timm(bundled_config("ViT-B-16-SigLIP"))  # a timm image tower in open_clip's configs
     assert needs_timm(None)
+
+
+def test_transformers_imported_beside_open_clip_still_sees_timm() -> None:
+    pytest.importorskip("timm")
+    code = ("import json; from clipfp8.quant.core.open_clip_import import import_open_clip\n"
+            "import_open_clip(hf=True, timm=False)\n"
+            "from transformers.utils import is_timm_available\n"
+            "print(json.dumps({'timm': is_timm_available()}))")
+    assert _run(code) == {"timm": True}
