@@ -143,6 +143,7 @@ def test_a_program_that_froze_its_heap_keeps_it_frozen(tmp_path: Path) -> None:
         index_corpus(corpus, tmp_path / "idx", encoders(), config=IndexConfig(batch_size=4, workers=2))
         # Not unfrozen behind the program's back, and nothing more frozen: a server that
         # re-indexes again and again would otherwise keep each pass's leftovers for good.
-        assert gc.get_freeze_count() == before
+        # (Frozen objects may still be freed by reference counting: a few fewer is fine.)
+        assert before - 1000 < gc.get_freeze_count() <= before
     finally:
         gc.unfreeze()
