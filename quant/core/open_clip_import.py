@@ -66,52 +66,43 @@ def import_open_clip(hf: bool = True, timm: bool = True) -> ModuleType:
                 for pkg in hidden:
                     if pkg in sys.modules and sys.modules[pkg] is None:
                         del sys.modules[pkg]
-        if hf:
-            _with_transformers()
-        if timm:
-            _with_timm()
+        for package, needed in (("transformers", hf), ("timm", timm)):
+            if needed:
+                _bind(package)
         return oc
 
 
-def _with_transformers() -> None:
-    """Give ``open_clip.hf_model``, imported without transformers, the transformers names its
-    import would have bound. Patched in place rather than reloaded: a reload would make new
-    classes, and models built through ``open_clip.model`` (which holds the old ones) could then
-    not be pickled by name or checked with ``isinstance``. (CoCa's text generation, which the
-    product never runs, keeps its own no-transformers state.)"""
-    hf_model = sys.modules.get("open_clip.hf_model")
-    if hf_model is None or getattr(hf_model, "transformers", True) is not None or not _installed("transformers"):
+def _bind(package: str) -> None:
+    """Give the open_clip module that was imported without ``package`` the names its import
+    would have bound. Patched in place rather than reloaded: a reload would make new classes,
+    and models built through ``open_clip.model`` (which holds the old ones) could then not be
+    pickled by name or checked with ``isinstance``. (CoCa's text generation, which the product
+    never runs, keeps its own no-transformers state.)"""
+    target, names = _BINDINGS[package]
+    module = sys.modules.get(target)
+    if module is None or getattr(module, package, True) is not None or not _installed(package):
         return
-    log.debug("binding transformers into open_clip.hf_model")
-    transformers = importlib.import_module("transformers")
-    outputs = importlib.import_module("transformers.modeling_outputs")
-    for name in _HF_MODEL_NAMES:
-        setattr(hf_model, name, getattr(transformers, name))
-    for name in _HF_OUTPUT_NAMES:
-        setattr(hf_model, name, getattr(outputs, name))
-    hf_model.transformers = transformers  # type: ignore[attr-defined]  # last: marks the module done
+    log.debug("binding %s into %s", package, target)
+    for name, (source, attr) in names.items():
+        setattr(module, name, getattr(importlib.import_module(source), attr))
+    setattr(module, package, importlib.import_module(package))  # last: marks the module done
 
 
-def _with_timm() -> None:
-    """Give ``open_clip.timm_model``, imported without timm, the names its import would have
-    bound (in place, as ``_with_transformers`` does)."""
-    timm_model = sys.modules.get("open_clip.timm_model")
-    if timm_model is None or getattr(timm_model, "timm", True) is not None or not _installed("timm"):
-        return
-    log.debug("binding timm into open_clip.timm_model")
-    timm = importlib.import_module("timm")
-    layers = importlib.import_module("timm.layers")
-    for name, source in _TIMM_LAYER_NAMES.items():
-        setattr(timm_model, name, getattr(layers, source))
-    timm_model.timm = timm  # type: ignore[attr-defined]  # last: marks the module done
+def _names(source: str, *names: str) -> dict[str, tuple[str, str]]:
+    return {n: (source, n) for n in names}
 
 
-#: What ``open_clip.hf_model`` (open_clip 3.3.0, pinned) imports from transformers at the top.
-_HF_MODEL_NAMES = ("AutoModel", "AutoTokenizer", "AutoConfig", "PretrainedConfig")
-_HF_OUTPUT_NAMES = ("BaseModelOutput", "BaseModelOutputWithPooling", "BaseModelOutputWithPoolingAndCrossAttentions")
-#: What ``open_clip.timm_model`` imports from ``timm.layers`` (its name there -> timm's name).
-_TIMM_LAYER_NAMES = {"RotAttentionPool2d": "RotAttentionPool2d", "AbsAttentionPool2d": "AttentionPool2d",
-                     "Mlp": "Mlp", "to_2tuple": "to_2tuple"}
+#: package -> (the open_clip module that imports it at the top, {name bound there: (module, name)})
+#: as open_clip 3.3.0 (pinned) imports them.
+_BINDINGS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
+    "transformers": ("open_clip.hf_model", {
+        **_names("transformers", "AutoModel", "AutoTokenizer", "AutoConfig", "PretrainedConfig"),
+        **_names("transformers.modeling_outputs", "BaseModelOutput", "BaseModelOutputWithPooling",
+                 "BaseModelOutputWithPoolingAndCrossAttentions")}),
+    "timm": ("open_clip.timm_model", {
+        **_names("timm.layers", "RotAttentionPool2d", "Mlp", "to_2tuple"),
+        "AbsAttentionPool2d": ("timm.layers", "AttentionPool2d")}),
+}
 
 
 def needs_transformers(cfg: dict[str, Any] | None) -> bool:
