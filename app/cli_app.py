@@ -117,8 +117,8 @@ def _tqdm_progress(file: Any = None) -> Callable[[int, int], None]:
             bar.append(tqdm(desc="indexing", unit="img", total=total, file=file))
         bar[0].total = total
         bar[0].update(done - bar[0].n)
-        if done >= total:  # the last update may fall inside the redraw interval: show the end
-            bar[0].refresh()
+        if done >= total:  # closed here, showing the end (the last update may fall inside the
+            bar.pop().close()  # redraw interval): a bar left open is drawn again whenever it is collected
     return cb
 
 

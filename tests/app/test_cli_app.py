@@ -1,6 +1,7 @@
 """The serve/demo subcommands: safe defaults, argument errors, the URL they announce."""
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,10 @@ def test_demo_progress_bar_keeps_tqdms_redraw_interval() -> None:
     assert 1 <= draws < 200
     assert out.getvalue().rsplit("\r", 1)[-1].lstrip().startswith("indexing: 100%")  # the end is shown
     assert "2000/2000" in out.getvalue().rsplit("\r", 1)[-1]
+    # Closed at the end: nothing is drawn again later (e.g. when the bar would be collected).
+    ends = out.getvalue()
+    gc.collect()
+    assert out.getvalue() == ends and ends.endswith("\n")
 
 
 def test_bench_times_a_served_query_with_its_thumbnails(tmp_path, monkeypatch):
