@@ -61,10 +61,12 @@ def ray_encoder_spec(args: argparse.Namespace, precision: str) -> Any:
     return encoder_spec_from_args(args, resolve_precision(precision, device))
 
 
-def index_encoder(store: Any, args: argparse.Namespace, precision: str, text_only: bool = False) -> Any:
+def index_encoder(store: Any, args: argparse.Namespace, precision: str, text_only: bool = False,
+                  image_only: bool = False) -> Any:
     """The index's encoder for ``--precision`` (``auto``: its baseline), rebuilt from the spec the
     index recorded; --model/--pretrained/--checkpoint/--quantized/--batch-size, when given, win
-    (the model must be the index's). ``text_only``: only texts will be encoded (faster start)."""
+    (the model must be the index's). ``text_only`` / ``image_only``: only texts / images will be
+    encoded (faster start)."""
     if precision in FAKE_PRECISIONS and os.environ.get(FAKE_ENV) == "1":
         return _fake_encoder(precision)
     from clipfp8.indexing.specs import SpecOverrides, choose_encoder, spec_for_encoder, warn_cpu_half
@@ -77,7 +79,7 @@ def index_encoder(store: Any, args: argparse.Namespace, precision: str, text_onl
         return _fake_encoder("fake-fp8" if rows[name]["precision"] == "fp8-fake" else "fake")
     given = SpecOverrides(model=model_spec_from_args(args) if model_given(args) else None,
                           quantized=args.quantized, batch_size=args.batch_size, device=args.device,
-                          text_only=text_only)
+                          text_only=text_only, image_only=image_only)
     spec = spec_for_encoder(name, rows[name], store.recorded_spec(name), given)
     warn_cpu_half(spec.precision, spec.device)
     return create_encoder(spec)
@@ -221,7 +223,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     with open_index(args.index_dir) as store:
         timer.mark("open index")
-        encoder = index_encoder(store, args, args.precision, text_only=args.text is not None)
+        encoder = index_encoder(store, args, args.precision, text_only=args.text is not None,
+                                image_only=args.image is not None)
         timer.mark("encoder")
         query: Any = args.text if args.text is not None else Path(args.image)
         hits = search(store, encoder, query, k=args.k, threshold=args.threshold, rerank=args.rerank)

@@ -41,7 +41,7 @@ class SpecOverrides:
     """What the user gave explicitly; None means "not given: use what the index recorded".
 
     ``model``: from --model/--pretrained/--checkpoint/--random-init. ``text_only``: only texts
-    will be encoded (a text query), see ``EncoderSpec.text_only``.
+    will be encoded (a text query), see ``EncoderSpec.text_only``; ``image_only`` likewise.
     """
 
     model: ModelSpec | None = None
@@ -49,6 +49,7 @@ class SpecOverrides:
     batch_size: int | None = None
     device: str = "auto"
     text_only: bool = False
+    image_only: bool = False
 
 
 def choose_encoder(encoders: Mapping[str, Mapping[str, Any]], precision: str, device: str = "auto",
@@ -99,7 +100,8 @@ def spec_for_encoder(name: str, row: Mapping[str, Any], recorded: Mapping[str, A
         quantized = _quantized(name, recorded, given)
     batch = given.batch_size or int((recorded or {}).get("batch_size") or 64)
     return EncoderSpec(model=model, precision=as_precision(precision), device=given.device,
-                       quantized=quantized, batch_size=batch, text_only=given.text_only)
+                       quantized=quantized, batch_size=batch, text_only=given.text_only,
+                       image_only=given.image_only)
 
 
 def _model(name: str, row: Mapping[str, Any], recorded: Mapping[str, Any] | None, given: SpecOverrides) -> ModelSpec:

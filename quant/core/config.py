@@ -97,6 +97,8 @@ class EncoderSpec:
     when available. ``text_only``: the caller will only encode texts (a text query), so a
     precision that can skip the image tower does (the default model's eager precisions load
     neither open_clip nor transformers then; ``quant.core.minilm``); others load the full model.
+    ``image_only``: likewise for images (an image query): the default model's eager precisions
+    build only its image tower, without transformers (``quant.core.image_only``).
     """
 
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -105,8 +107,11 @@ class EncoderSpec:
     quantized: Path | None = None
     batch_size: int = 64
     text_only: bool = False
+    image_only: bool = False
 
     def __post_init__(self) -> None:
+        if self.text_only and self.image_only:
+            raise ValueError("EncoderSpec: text_only and image_only exclude each other")
         if self.precision not in PRECISIONS:
             raise ValueError(f"EncoderSpec.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.batch_size < 1:

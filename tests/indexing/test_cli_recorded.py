@@ -1,8 +1,8 @@
 """The CLI over the real default model: ``index`` records how it built each encoder, and
 ``search``/``verify --repair`` reuse that without --model/--quantized; a cold ``search`` imports
 only what its path needs (no modelopt/onnx/gradio/matplotlib; for a text query on the default
-model, no open_clip/transformers either; for an open_clip model, open_clip without transformers,
-timm or torch._dynamo)."""
+model, no open_clip/transformers either, and for an image query no transformers; for an
+open_clip model, open_clip without transformers, timm or torch._dynamo)."""
 from __future__ import annotations
 
 import json
@@ -85,6 +85,10 @@ def test_cold_search_imports_only_its_path(indexed, tmp_path):
     corpus, idx, _ = indexed
     got = _search_modules(["search", "--index-dir", str(idx), "--text", "a photo", "--device", "cpu"],
                           HEAVY + ("open_clip", "transformers", "torchvision"))
+    assert got == {"rc": 0, "modules": []}
+    image = str(sorted(corpus.rglob("*.png"))[0])  # an image query builds only the image tower
+    got = _search_modules(["search", "--index-dir", str(idx), "--image", image, "--device", "cpu"],
+                          HEAVY + ("transformers", "timm", "torch._dynamo"))
     assert got == {"rc": 0, "modules": []}
     index_corpus(corpus, tmp_path / "fake", encoders(), workers=1)  # the FakeEncoder test hook
     got = _search_modules(["search", "--index-dir", str(tmp_path / "fake"), "--precision", "fake", "--text", "red"],
