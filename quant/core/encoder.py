@@ -242,7 +242,12 @@ def create_torch_encoder(spec: EncoderSpec) -> TorchEncoder:
     """``fp32``/``fp16``/``bf16``: the model's weights cast to that dtype, run eagerly."""
     from clipfp8.quant.core.models import load_model
 
-    loaded = load_model(spec.model, text_only=spec.text_only, image_only=spec.image_only)
+    if spec.text_only:
+        loaded = load_model(spec.model, text_only=True)
+    elif spec.image_only:
+        loaded = load_model(spec.model, image_only=True)
+    else:
+        loaded = load_model(spec.model)
     return torch_encoder_for(loaded, spec, loaded.weights_checksum())
 
 
