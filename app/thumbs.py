@@ -78,16 +78,6 @@ class ThumbnailCache:
                 ids.append(hit_id)
         return out, ids
 
-    def clear(self) -> None:
-        """Drop every cached thumbnail."""
-        with self._lock:
-            self._items.clear()
-            self._bytes = 0
-
-    def close(self) -> None:
-        """Stop the decode threads (a later ``get`` raises ``RuntimeError``)."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
     def __len__(self) -> int:
         return len(self._items)
 

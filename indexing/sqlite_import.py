@@ -13,17 +13,14 @@ import importlib
 import sys
 from types import ModuleType
 
+from clipfp8.quant.core.deferred_import import import_without
+
 
 def import_sqlite_utils() -> ModuleType:
     """``sqlite_utils``, imported (once) without importing pandas."""
     if "sqlite_utils" in sys.modules or "pandas" in sys.modules:
         return importlib.import_module("sqlite_utils")
-    sys.modules["pandas"] = None  # type: ignore[assignment]  # makes `import pandas` raise ImportError
-    try:
-        return importlib.import_module("sqlite_utils")
-    finally:
-        if "pandas" in sys.modules and sys.modules["pandas"] is None:
-            del sys.modules["pandas"]
+    return import_without("sqlite_utils", ["pandas"])
 
 
 __all__ = ["import_sqlite_utils"]

@@ -1,4 +1,5 @@
-"""Packages whose ``__init__`` runs on first use instead of at import.
+"""Packages whose ``__init__`` runs on first use instead of at import; an import with some
+optional packages hidden (``import_without``).
 
 torchvision's package ``__init__`` imports ``torchvision.models`` and ``torchvision.ops``, and
 ``ops.roi_align`` imports ``torch._dynamo``: 1.0-1.1 s of a cold ``clipfp8 search`` on the 2-core
@@ -21,10 +22,12 @@ lookup of one of their names.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import sys
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -112,10 +115,27 @@ def defer_package(name: str) -> bool:
     return False
 
 
+def import_without(module: str, hidden: Iterable[str]) -> ModuleType:
+    """Import ``module`` with the packages ``hidden`` made unimportable for that one import
+    (``sys.modules[name] = None``: ``import name`` raises ``ImportError``), for libraries that
+    import optional packages they fall back without (open_clip: transformers, timm;
+    sqlite-utils: pandas). Each hidden package stays importable afterwards. The caller makes
+    sure nothing else imports meanwhile, and hides only packages not imported yet."""
+    names = [n for n in hidden if n not in sys.modules]
+    for name in names:
+        sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        return importlib.import_module(module)
+    finally:
+        for name in names:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+
+
 def is_deferred(name: str) -> bool:
     """Whether ``name`` is a deferred package whose ``__init__`` has not run yet."""
     mod = sys.modules.get(name)
     return isinstance(mod, DeferredPackage) and mod.__dict__["_deferred_state"] == "pending"
 
 
-__all__ = ["DeferredPackage", "defer_package", "is_deferred"]
+__all__ = ["DeferredPackage", "defer_package", "is_deferred", "import_without"]

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from clipfp8.quant.core.deferred_import import defer_package
+from clipfp8.quant.core.deferred_import import defer_package, import_without
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +58,7 @@ def import_open_clip(hf: bool = True, timm: bool = True) -> ModuleType:
                 hidden.remove("timm")
             for name in DEFERRED_TORCHVISION:
                 defer_package(name)
-            for pkg in hidden:
-                sys.modules[pkg] = None  # type: ignore[assignment]  # makes `import pkg` fail
-            try:
-                return importlib.import_module("open_clip")
-            finally:
-                for pkg in hidden:
-                    if pkg in sys.modules and sys.modules[pkg] is None:
-                        del sys.modules[pkg]
+            return import_without("open_clip", hidden)
         for package, needed in (("transformers", hf), ("timm", timm)):
             if needed:
                 _bind(package)
