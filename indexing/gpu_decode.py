@@ -80,6 +80,7 @@ class _Batch:
         self.decoder, self.items, self.streams, self.budget = decoder, items, streams, budget
         self.done = False
         self.future: Future[_Raw] | None = None
+        self.then: Callable[[], None] | None = None  # run once this batch is finished
         for it in items:
             if it.data is not None:
                 it.out.pending = self
@@ -104,6 +105,10 @@ class _Batch:
             return None
         return self.future.result()
 
+    def owed(self) -> bool:
+        """Some file of this batch still waits for its caller to settle it."""
+        return not self.done and any(it.out.pending is self for it in self.items)
+
     def wait(self) -> None:
         """Block until the decode thread is done with this batch (its bytes are given back)."""
         self._from_thread()
@@ -118,6 +123,8 @@ class _Batch:
         self.decoder._finish_group(self.items, raw, self.streams)
         for it in self.items:
             it.out.pending = None
+        if self.then is not None:
+            self.then()
 
 
 class GpuDecoder:
@@ -373,7 +380,7 @@ class GpuDecoder:
             # At the end the thread finishes the batches handed out (the caller settles them);
             # closed early, it stops: batches it had not started are then decoded when settled.
             pool.shutdown(wait=not ended, cancel_futures=not ended)
-            self._log_stats()
+            self._log_stats_when_settled([b for b in owed if b.owed()] if ended else [])
 
     def _groups(self, reads: Iterator[_Item | None], budget: _Budget,
                 release: Callable[[], None]) -> Iterator[tuple[list[_Item], bool]]:
@@ -399,6 +406,26 @@ class GpuDecoder:
             group, waiting = [], 0
         if group:
             yield group, False
+
+    def _log_stats_when_settled(self, owed: list[_Batch]) -> None:
+        """Log the routes now, or once the caller has settled the last of ``owed`` (a deferred
+        stream ends before its last batches are preprocessed, and only then are they counted)."""
+        left = len(owed)
+        if not left:
+            self._log_stats()
+            return
+        lock = threading.Lock()
+
+        def one_done() -> None:
+            nonlocal left
+            with lock:
+                left -= 1
+                last = left == 0
+            if last:
+                self._log_stats()
+
+        for b in owed:
+            b.then = one_done
 
     def _log_stats(self) -> None:
         with self._lock:

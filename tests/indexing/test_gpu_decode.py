@@ -178,14 +178,20 @@ def odd_and_photos(root: Path) -> tuple[dict[str, str], list[DecodeTask]]:
     return routes, tasks(sorted(p for p in root.rglob("*") if p.is_file()), root)
 
 
-def test_deferred_stream_decodes_when_settled(encoder: Encoder, tmp_path: Path) -> None:
+def test_deferred_stream_decodes_when_settled(encoder: Encoder, tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
     """``imap(defer=True)`` hands files out before decoding them (the pipeline does its per-file
     work while the device still encodes); ``settle`` then gives exactly the eager results, a file
-    the device fails on included (its Pillow answer lands in the same ``Decoded``)."""
+    the device fails on included (its Pillow answer lands in the same ``Decoded``). The routes
+    are logged once the last deferred batch is settled, so they count every file."""
     routes, ts = odd_and_photos(tmp_path / "c")
     _, eager = decoders(encoder, "cpu", max_pixels=MAX_PIXELS)
     _, lazy = decoders(encoder, "cpu", max_pixels=MAX_PIXELS)
-    ref, got = list(eager.imap(ts, 2, 64)), list(lazy.imap(ts, 2, 64, defer=True))
+    ref = list(eager.imap(ts, 2, 64))
+    caplog.set_level(logging.INFO, logger="clipfp8.indexing.gpu_decode")
+    caplog.clear()
+    got = list(lazy.imap(ts, 2, 64, defer=True))
+    assert not [r for r in caplog.records if r.getMessage().startswith("decode routes")]
     owed = [d for d in got if d.pending is not None]
     assert len(owed) == 21 + 1 and all(d.tensors == {} and d.error is None for d in owed)  # 20 photos, ok.jpg, huffman.jpg
     assert lazy.stats["gpu"] == 0
@@ -194,6 +200,8 @@ def test_deferred_stream_decodes_when_settled(encoder: Encoder, tmp_path: Path) 
     assert lazy.stats["gpu"] + lazy.stats["cpu:device_failed"] == 16
     settle(got)
     assert all(d.pending is None for d in got) and lazy.stats == eager.stats
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("decode routes")]
+    assert logged == ["decode routes: " + ", ".join(f"{k} {v}" for k, v in sorted(eager.stats.items()))]
     assert lazy.stats["cpu:device_failed"] == 1 == Counter(routes.values())["cpu:device_failed"]
     same_results(ref, got)
     assert next(d for d in got if d.entry.rel.endswith(b"huffman.jpg")).error.startswith("corrupt")
