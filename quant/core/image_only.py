@@ -19,19 +19,12 @@ from torch import nn
 
 from clipfp8.quant.core.errors import ModelLoadError
 from clipfp8.quant.core.minilm import bert_state, full_default_state
+from clipfp8.quant.core.missing_tower import MissingTower
 from clipfp8.quant.core.open_clip_import import import_open_clip, needs_timm
 from clipfp8.quant.core.protocols import tower_image_size
 from clipfp8.quant.core.weight_init import skip_weight_init
 
 VISUAL_PREFIX = "visual."
-
-
-class _NoTextTower(nn.Module):
-    """Stands in for the text tower an image-only load did not build."""
-
-    def forward(self, *_: Any) -> torch.Tensor:
-        raise ModelLoadError("this encoder was loaded image-only (for an image query); load the full model "
-                             "to embed texts")
 
 
 class ImageOnlyCLIP(nn.Module):
@@ -41,7 +34,8 @@ class ImageOnlyCLIP(nn.Module):
     def __init__(self, visual: nn.Module) -> None:
         super().__init__()
         self.visual = visual
-        self.text = _NoTextTower()
+        self.text = MissingTower("this encoder was loaded image-only (for an image query); load the full model "
+                                 "to embed texts")
 
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         features = self.visual(image)

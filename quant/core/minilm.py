@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipfp8.quant.core.errors import ModelLoadError
+from clipfp8.quant.core.missing_tower import MissingTower
 
 #: Keys of the wheel's BERT checkpoint that the text tower does not use (open_clip builds the
 #: BERT without its pooler; ``position_ids`` is a non-persistent buffer in transformers).
@@ -167,14 +168,6 @@ class MiniLMText(nn.Module):
         return self.proj(pooled)
 
 
-class _NoImageTower(nn.Module):
-    """Stands in for the image tower a text-only model did not build."""
-
-    def forward(self, *args: Any) -> torch.Tensor:
-        raise ModelLoadError("this encoder was loaded text-only (for text queries); load the full model "
-                             "to embed images")
-
-
 class TextOnlyCLIP(nn.Module):
     """The text half of the default CustomTextCLIP: ``encode_text`` as open_clip's; ``encode_image``
     raises ``ModelLoadError`` (``visual`` is a placeholder)."""
@@ -182,8 +175,8 @@ class TextOnlyCLIP(nn.Module):
     def __init__(self, text: MiniLMText, image_size: int) -> None:
         super().__init__()
         self.text = text
-        self.visual = _NoImageTower()
-        self.visual.image_size = image_size  # type: ignore[assignment]  # nn.Module.__setattr__ types attributes as Tensor | Module
+        self.visual = MissingTower("this encoder was loaded text-only (for text queries); load the full model "
+                                   "to embed images", image_size=image_size)
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         features = self.text(text)

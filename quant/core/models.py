@@ -24,6 +24,7 @@ from clipfp8.quant.core.checksum_cache import LoadStamp
 from clipfp8.quant.core.config import DEFAULT_MODEL_NAME, ModelSpec
 from clipfp8.quant.core.errors import ModelLoadError
 from clipfp8.quant.core.image_only import tower_transform
+from clipfp8.quant.core.missing_tower import MissingTower, is_missing
 from clipfp8.quant.core.open_clip_import import import_open_clip_for, import_open_clip_for_config
 from clipfp8.quant.core.resources import default_model_dir
 from clipfp8.quant.core.weight_init import skip_weight_init
@@ -131,21 +132,9 @@ def load_model(spec: ModelSpec | None = None, text_only: bool = False, image_onl
     return loaded
 
 
-class _NoImageTower(nn.Module):
-    """Stands in for an image tower left out of a text-only load: it keeps what the model's
-    preprocessing is derived from, and refuses to run."""
-
-    def __init__(self, image_size: Any, preprocess_cfg: dict[str, Any]) -> None:
-        super().__init__()
-        self.image_size, self.preprocess_cfg = image_size, preprocess_cfg
-
-    def forward(self, *_: Any, **__: Any) -> torch.Tensor:
-        raise ModelLoadError("this model was loaded text-only (for a text query); it has no image tower")
-
-
 def has_image_tower(model: nn.Module) -> bool:
-    """False for a model loaded text-only (``without_image_tower``'s stand-in), True otherwise."""
-    return not isinstance(getattr(model, "visual", None), _NoImageTower)
+    """False for a model loaded text-only (its ``visual`` a ``MissingTower``), True otherwise."""
+    return not is_missing(getattr(model, "visual", None))
 
 
 def without_image_tower(loaded: LoadedModel, checksum: str | None = None) -> LoadedModel:
@@ -156,11 +145,12 @@ def without_image_tower(loaded: LoadedModel, checksum: str | None = None) -> Loa
     nothing is hashed then). The tower's weights, never read when loaded from a safetensors
     file (memory-mapped), are then not read at all."""
     visual = getattr(loaded.model, "visual", None)
-    if visual is None or isinstance(visual, _NoImageTower):
+    if visual is None or is_missing(visual):
         return loaded
     loaded.checksum = checksum or loaded.weights_checksum()
-    loaded.model.visual = _NoImageTower(getattr(visual, "image_size", loaded.image_size),
-                                        dict(getattr(visual, "preprocess_cfg", {})))
+    loaded.model.visual = MissingTower("this model was loaded text-only (for a text query); it has no image tower",
+                                       image_size=getattr(visual, "image_size", loaded.image_size),
+                                       preprocess_cfg=dict(getattr(visual, "preprocess_cfg", {})))
     loaded.preprocess = _text_only_unavailable
     loaded.source = None
     return loaded

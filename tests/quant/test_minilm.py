@@ -13,7 +13,7 @@ import torch
 from clipfp8.quant.core.config import EncoderSpec
 from clipfp8.quant.core.encoder import create_encoder
 from clipfp8.quant.core.errors import ModelLoadError
-from clipfp8.quant.core.models import load_model
+from clipfp8.quant.core.models import has_image_tower, load_model
 
 #: Cleaning, accents, CJK, emoji, HTML entities, mojibake, whitespace runs, truncation, empty.
 TEXTS = ["a red car", "  Ünïcödé  café &amp; naïve  ", "東京の夜景 and emoji 🚗🚕", "x " * 200, "",
@@ -42,6 +42,9 @@ def test_text_only_has_the_full_models_checksum_and_identity(both):
     assert a.identity() == create_encoder(EncoderSpec(precision="fp32", device="cpu")).identity()
     with pytest.raises(ModelLoadError, match="text-only"):
         a.encode_images(torch.zeros(1, 3, *a.image_size))
+    # The same stand-in as every partial load: recognised as one, with no parameters of its own.
+    assert has_image_tower(full.model) and not has_image_tower(text.model)
+    assert not list(text.model.visual.parameters())
 
 
 def test_text_only_search_path_imports_neither_open_clip_nor_transformers():
