@@ -16,7 +16,7 @@ finishes (a run cut short keeps its figures):
 5. cold ``clipfp8 search`` processes over those indexes (no model flags: the recorded specs);
 6. warm text query + search over ``--search-rows`` synthetic vectors through
    ``indexing.query.search`` and through the app's ``app.search.search``;
-7. ``clipfp8 serve``: seconds until the page answers, then its first query (gradio_client).
+7. ``clipfp8 serve``: seconds until the page answers, then its first query as the page sends it.
 
 Precisions: fp16 and fp8 on CUDA, fp32 (the CPU baseline) on the CPU, unless ``--precisions``.
 """

@@ -6,7 +6,8 @@
 * ``time_search`` / ``time_app_search``: warm p50/p99 of a text query + search through
   ``indexing.query.search`` and through the app's pure ``app.search.search``;
 * ``cold_cli``: wall time of fresh ``clipfp8 ...`` processes (``search``);
-* ``time_serve``: ``clipfp8 serve`` until its page answers, then its first query (gradio_client).
+* ``time_serve``: ``clipfp8 serve`` until its page answers, then its first query, sent as its
+  web page sends it (``bench_browser``).
 """
 from __future__ import annotations
 
@@ -190,36 +191,39 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> float | None
 
 def time_serve(index_dir: Path, label: str, extra: Sequence[str] = (), timeout: float = 180.0) -> dict[str, Any]:
     """Start ``clipfp8 serve`` on a free loopback port: seconds until its page answers, then two
-    queries (``/search``, single mode on ``label``) as a browser makes them: the answer through
-    gradio_client (``*_answer_ms``), then the gallery's thumbnails fetched over one keep-alive
-    connection (``*_query_ms``: answer + thumbnails). gradio_client's own downloads are not used:
-    they took ~25 ms a file, against ~2 ms for the same file fetched directly."""
+    queries (``search``, single mode on ``label``) as its web page makes them
+    (``bench_browser.BrowserSession``: the queue protocol, no polling): the answer
+    (``*_answer_ms``), then the gallery's thumbnails fetched over the same keep-alive connections
+    (``*_query_ms``: answer + thumbnails; the target is judged on this one)."""
     try:
         import httpx
-        from gradio_client import Client
+
+        from clipfp8.app.bench_browser import BrowserSession, gallery_urls
     except ImportError:
-        return {"skipped": "gradio_client is not installed"}
+        return {"skipped": "httpx (installed with gradio) is not installed"}
     port = _free_port()
     cmd = cli_command("serve", "--index-dir", str(index_dir), "--host", "127.0.0.1", "--port", str(port), *extra)
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-    out: dict[str, Any] = {"command": "clipfp8 " + " ".join(cmd[3:])}
+    out: dict[str, Any] = {"command": "clipfp8 " + " ".join(cmd[3:]), "client": "browser protocol (sse_v3)"}
     try:
-        ready = _wait_http(f"http://127.0.0.1:{port}/", proc, timeout)
+        base = f"http://127.0.0.1:{port}/"
+        ready = _wait_http(base, proc, timeout)
         if ready is None:
             out["error"] = f"not ready within {timeout:.0f} s (exit code {proc.poll()})"
             return out
         out["ready_s"] = round(ready - t0, 3)
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
-        with httpx.Client(timeout=30) as files:
+        with httpx.Client(timeout=30) as http:
+            page = BrowserSession(http, base)
+            gallery = page.output_types("search").index("gallery")
             for which, query in (("first", QUERY), ("second", QUERY + " at dusk")):
                 t1 = time.perf_counter()
-                answer = client.predict(query, 10, 0.0, label, "Single", None, api_name="/search")
+                answer = page.call("search", [query, 10, 0.0, label, "Single", None])
                 t2 = time.perf_counter()
-                urls = _gallery_urls(answer[0])
+                urls = gallery_urls(answer[gallery])
                 for url in urls:
-                    files.get(url).raise_for_status()
+                    http.get(url).raise_for_status()
                 t3 = time.perf_counter()
                 out[f"{which}_answer_ms"] = round((t2 - t1) * 1e3, 1)
                 out[f"{which}_query_ms"] = round((t3 - t1) * 1e3, 1)
@@ -236,18 +240,6 @@ def time_serve(index_dir: Path, label: str, extra: Sequence[str] = (), timeout: 
         if "error" in out:
             out["tail"] = (text or "").strip().splitlines()[-8:]
     return out
-
-
-def _gallery_urls(gallery: Any) -> list[str]:
-    """The image URLs of a Gallery update as gradio_client returns it (``{"value": [{"image":
-    {"url": ...}}, ...]}``; a bare list in older clients)."""
-    items = gallery.get("value") if isinstance(gallery, dict) else gallery
-    urls = []
-    for item in items or []:
-        image = item.get("image") if isinstance(item, dict) else None
-        if isinstance(image, dict) and image.get("url"):
-            urls.append(str(image["url"]))
-    return urls
 
 
 __all__ = ["synthetic_store", "time_search", "time_app_search", "cold_cli", "run_process", "time_serve",
