@@ -41,8 +41,10 @@ log = logging.getLogger(__name__)
 #: encoder), and, opt-in because each compiles for minutes, fp16-autotune / fp8-autotune (the
 #: sdpa / fp8 models compiled with ``max-autotune-no-cudagraphs``: Inductor tries its Triton
 #: GEMM templates, which can fuse epilogues, against cuBLAS per shape).
-PRECISIONS = ("fp16-eager", "fp16-compiled", "fp16-sdpa", "fp8", "fp8-exact", "fp8-flash")
-OPT_IN_PRECISIONS = ("fp16-autotune", "fp8-autotune", "trt")
+PRECISIONS = ("fp16-eager", "fp16-compiled", "fp16-sdpa", "fp8", "fp8-exact")
+#: Named explicitly only. fp8-flash: its kernel failed its accuracy check on the H200
+#: (2026-12-05, docs/runtime.md), so its speed is no figure of the product's.
+OPT_IN_PRECISIONS = ("fp16-autotune", "fp8-autotune", "trt", "fp8-flash")
 AUTOTUNE_MODE = "max-autotune-no-cudagraphs"
 TOWERS = ("image", "text")
 #: The tower targets of issue 12 (H200, ViT-L/14, FP8 over the best FP16 at batch 256; weights of

@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 
 
 def bench_towers(model: str = "ViT-L-14", towers: str = "image,text",
-                 precisions: str = "fp16-eager,fp16-compiled,fp16-sdpa,fp8,fp8-exact,fp8-flash",
+                 precisions: str = "fp16-eager,fp16-compiled,fp16-sdpa,fp8,fp8-exact",
                  batch_sizes: str = "1,8,32,64,128,256,512,1024", out: Path = Path("artifacts/bench_towers.json"),
                  plot: Path | None = None, cpu_smoke: bool = False, min_time_s: float = 0.6) -> int:
     """Run the encoder-only tower benchmark and write JSON (+ PNG plot); prints the Markdown table."""
@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                             "(random weights; `clipfp8 bench` measures the shipped paths)")
     p.add_argument("--model", default="ViT-L-14", help="open_clip architecture (random weights)")
     p.add_argument("--towers", default="image,text")
-    p.add_argument("--precisions", default="fp16-eager,fp16-compiled,fp16-sdpa,fp8,fp8-exact,fp8-flash",
+    p.add_argument("--precisions", default="fp16-eager,fp16-compiled,fp16-sdpa,fp8,fp8-exact",
                    help="comma list; opt-in: fp16-autotune and fp8-autotune (torch.compile max-autotune, minutes "
                         "of compile each), trt (needs tensorrt)")
     p.add_argument("--batch-sizes", default="1,8,32,64,128,256,512,1024")

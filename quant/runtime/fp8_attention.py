@@ -155,6 +155,10 @@ def use_flash_kernel(model: nn.Module, device: torch.device | str) -> tuple[list
     kernel.
     """
     dev = torch.device(device)
+    if dev.type == "cuda":
+        log.warning("the Triton FP8 flash-attention kernel is experimental: on the H200 (2026-12-05) its output "
+                    "was farther from its reference than the FP8 rounding of P alone accounts for "
+                    "(docs/runtime.md); use the torch path (the default) for results you keep")
     used: list[str] = []
     notes: list[str] = []
     for name, m in model.named_modules():

@@ -47,6 +47,7 @@ def test_config_validation():
     with pytest.raises(ValueError, match="unknown precision 'fp16-turbo'"):
         BenchConfig(precisions=("fp16-turbo",))
     assert BenchConfig(precisions=("fp16-autotune", "fp8-autotune")).precisions == ("fp16-autotune", "fp8-autotune")
+    assert "fp8-flash" not in BenchConfig().precisions  # opt-in: its kernel failed its H200 accuracy check
     assert BenchConfig(cpu_smoke=True).device == "cpu"
 
 
@@ -54,7 +55,9 @@ def test_cpu_smoke_run_writes_json_and_plot(tmp_path):
     from clipfp8.quant.runtime.cli import bench_towers
 
     out, png = tmp_path / "b.json", tmp_path / "b.png"
-    assert bench_towers(cpu_smoke=True, batch_sizes="2", towers="image", out=out, plot=png, min_time_s=0.01) == 0
+    # fp8-flash is opt-in (its kernel failed its H200 accuracy check): named here, so it runs too.
+    assert bench_towers(cpu_smoke=True, batch_sizes="2", towers="image", out=out, plot=png, min_time_s=0.01,
+                        precisions="fp16-eager,fp16-compiled,fp16-sdpa,fp8,fp8-exact,fp8-flash") == 0
     result = json.loads(out.read_text())
     precs = {r["precision"] for r in result["rows"]}
     assert precs == {"fp16-eager", "fp16-compiled", "fp16-sdpa", "fp8", "fp8-exact", "fp8-flash"}
