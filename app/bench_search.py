@@ -7,7 +7,7 @@
   ``indexing.query.search`` and through the app's pure ``app.search.search``;
 * ``cold_cli``: wall time of fresh ``clipfp8 ...`` processes (``search``);
 * ``time_serve``: ``clipfp8 serve`` until its page answers, then its first query, sent as its
-  web page sends it (``bench_browser``).
+  web page sends it (``page_client``).
 """
 from __future__ import annotations
 
@@ -192,13 +192,13 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> float | None
 def time_serve(index_dir: Path, label: str, extra: Sequence[str] = (), timeout: float = 180.0) -> dict[str, Any]:
     """Start ``clipfp8 serve`` on a free loopback port: seconds until its page answers, then two
     queries (``search``, single mode on ``label``) as its web page makes them
-    (``bench_browser.BrowserSession``: the queue protocol, no polling): the answer
+    (``page_client.BrowserSession``: the queue protocol, no polling): the answer
     (``*_answer_ms``), then the gallery's thumbnails fetched over the same keep-alive connections
     (``*_query_ms``: answer + thumbnails; the target is judged on this one)."""
     try:
         import httpx
 
-        from clipfp8.app.bench_browser import BrowserSession, gallery_urls
+        from clipfp8.app.page_client import BrowserSession, gallery_urls
     except ImportError:
         return {"skipped": "httpx (installed with gradio) is not installed"}
     port = _free_port()

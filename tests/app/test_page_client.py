@@ -1,4 +1,4 @@
-"""``app.bench_browser``: a served query sent as the app's web page sends it, against the real
+"""``app.page_client``: a served query sent as the app's web page sends it, against the real
 app served in this process (fake encoders), checked against gradio_client's answer."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
-from clipfp8.app.bench_browser import BrowserSession, ServeProtocolError, gallery_urls
 from clipfp8.app.bench_search import _free_port
+from clipfp8.app.page_client import BrowserSession, ServeProtocolError, gallery_urls
 from tests.app.test_cli_app import _fake_index
 
 ARGS = ["a red square", 10, 0.0, "FP16", "Single", None]
@@ -66,3 +66,4 @@ def test_errors_and_unknown_events_are_named(served: str) -> None:
         with pytest.raises(ServeProtocolError, match="no event named 'nope'"):
             page.call("nope", [])
         assert page.call("search", ARGS)  # the session still answers after an error
+

@@ -1,4 +1,5 @@
-"""A served query timed as the app's web page makes it, for ``clipfp8 bench``'s ``serve`` step.
+"""Events sent to a served app as its web page sends them: ``clipfp8 bench``'s ``serve`` step
+times its queries this way.
 
 Gradio's page speaks its queue protocol (``sse_v3``) directly: it POSTs the event to
 ``{api_prefix}/queue/join``, reads the session's event stream ``{api_prefix}/queue/data`` until
