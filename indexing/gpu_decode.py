@@ -117,14 +117,16 @@ class _Batch:
         if self.done:
             return
         self.done = True
-        raw = self._from_thread()
-        if raw is None:
-            raw = self.raw()
-        self.decoder._finish_group(self.items, raw, self.streams)
-        for it in self.items:
-            it.out.pending = None
-        if self.then is not None:
-            self.then()
+        try:
+            raw = self._from_thread()
+            if raw is None:
+                raw = self.raw()
+            self.decoder._finish_group(self.items, raw, self.streams)
+            for it in self.items:
+                it.out.pending = None
+        finally:  # even when it failed: the routes line must still be written
+            if self.then is not None:
+                self.then()
 
 
 class GpuDecoder:

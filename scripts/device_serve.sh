@@ -16,8 +16,11 @@ python3 - "$WORK/index-fp16" "$OUT/serve_h200.json" "${RUNS:-2}" <<'PY'
 import json, sys
 from pathlib import Path
 from clipfp8.app.bench_search import time_serve
+from clipfp8.app.bench import portable
+work = str(Path(sys.argv[1]).parent)
 runs = [time_serve(Path(sys.argv[1]), "FP16", ["--device", "cuda"]) for _ in range(int(sys.argv[3]))]
 for r in runs:
     print(json.dumps(r))
-Path(sys.argv[2]).write_text(json.dumps({"index": "$WORK/index-fp16", "runs": runs}, indent=1))
+out = portable({"index": sys.argv[1], "runs": runs}, {work: "$WORK"})  # no machine paths in the JSON
+Path(sys.argv[2]).write_text(json.dumps(out, indent=1))
 PY

@@ -64,7 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--towers", default="image,text")
     p.add_argument("--precisions", default="fp16-eager,fp16-compiled,fp16-sdpa,fp8,fp8-exact",
                    help="comma list; opt-in: fp16-autotune and fp8-autotune (torch.compile max-autotune, minutes "
-                        "of compile each), trt (needs tensorrt)")
+                        "of compile each), trt (needs tensorrt), fp8-flash (the experimental Triton FP8 "
+                        "attention kernel, which failed its H200 accuracy tests)")
     p.add_argument("--batch-sizes", default="1,8,32,64,128,256,512,1024")
     p.add_argument("--out", type=Path, default=Path("artifacts/bench_towers.json"))
     p.add_argument("--plot", type=Path, default=None, help="PNG plot path")

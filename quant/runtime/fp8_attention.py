@@ -145,6 +145,14 @@ def _flash_rounders(m: FP8Attention) -> tuple[FakeQuantFP8, FakeQuantFP8, FakeQu
     return parts  # type: ignore[return-value]  # narrowed by the isinstance check above
 
 
+def warn_flash_experimental() -> None:
+    """Logged wherever a model's attention runs the Triton kernel on CUDA (switched here, or
+    rebuilt from a stored engine that names it)."""
+    log.warning("the Triton FP8 flash-attention kernel is experimental: on the H200 (2026-12-05) its output "
+                "was farther from its reference than the FP8 rounding of P alone accounts for "
+                "(docs/runtime.md); use the torch path (the default) for results you keep")
+
+
 def use_flash_kernel(model: nn.Module, device: torch.device | str) -> tuple[list[str], list[str]]:
     """Switch every ``FP8Attention`` of ``model`` (already on ``device``) that can take it to the
     Triton FP8 flash-attention kernel. Returns (module names switched, "name: why not" notes).
@@ -155,10 +163,6 @@ def use_flash_kernel(model: nn.Module, device: torch.device | str) -> tuple[list
     kernel.
     """
     dev = torch.device(device)
-    if dev.type == "cuda":
-        log.warning("the Triton FP8 flash-attention kernel is experimental: on the H200 (2026-12-05) its output "
-                    "was farther from its reference than the FP8 rounding of P alone accounts for "
-                    "(docs/runtime.md); use the torch path (the default) for results you keep")
     used: list[str] = []
     notes: list[str] = []
     for name, m in model.named_modules():
@@ -175,6 +179,8 @@ def use_flash_kernel(model: nn.Module, device: torch.device | str) -> tuple[list
             notes.append(f"{name}: {why}")
     if notes:
         log.info("FP8 flash attention: %d module(s) keep the torch path, e.g. %s", len(notes), notes[0])
+    if used and dev.type == "cuda":
+        warn_flash_experimental()
     return used, notes
 
 
@@ -204,4 +210,5 @@ def qkv_quantizers(module: nn.Module) -> tuple[QKVQuant | None, nn.Module | None
     return qkv, softmax, notes
 
 
-__all__ = ["FP8Attention", "ensure_explicit_attention", "qkv_quantizers", "use_flash_kernel", "KERNELS"]
+__all__ = ["FP8Attention", "ensure_explicit_attention", "qkv_quantizers", "use_flash_kernel", "warn_flash_experimental",
+           "KERNELS"]

@@ -84,7 +84,8 @@ def create_fp8_encoder(spec: EncoderSpec, *, compile: bool = True, exact_softmax
     a stored engine matching this GPU/torch/checkpoint is loaded before the first compile, so
     that compile is a cache hit; a mismatching one raises ``EngineMismatchError``; ``eager``
     does not compile. ``attention_kernel="triton"``: the Triton FP8 flash-attention kernel, P
-    rounded exactly (``build_fp8_model``; a separate engine variant; not yet measured on a GPU).
+    rounded exactly (``build_fp8_model``; a separate engine variant; experimental: it failed its
+    accuracy tests on the H200, docs/runtime.md, and a warning says so).
     Raises ``UnsupportedPrecisionError`` without a CUDA GPU of compute capability >= 8.9.
     """
     if spec.precision != "fp8":

@@ -27,7 +27,7 @@ from torch import nn
 from clipfp8.quant.core.config import ModelSpec
 from clipfp8.quant.core.models import LoadedModel, has_image_tower
 from clipfp8.quant.runtime.convert import ConversionReport, cast_for_runtime
-from clipfp8.quant.runtime.fp8_attention import KERNELS, FP8Attention
+from clipfp8.quant.runtime.fp8_attention import KERNELS, FP8Attention, warn_flash_experimental
 from clipfp8.quant.runtime.fp8_linear import DisabledQuantizer, FakeQuantFP8, FP8Embedding, FP8Linear
 from clipfp8.quant.runtime.runtime_trace import tower_of
 
@@ -158,6 +158,8 @@ def rebuild_runtime(plain: nn.Module, plan: dict[str, Any], state: dict[str, tor
         if new is not None:
             setattr(parent, name, new)
     plain.load_state_dict(state, strict=True)
+    if torch.device(device).type == "cuda" and any(e.get("kernel") == "triton" for e in plan["modules"]):
+        warn_flash_experimental()
     return cast_for_runtime(plain, device, dtype).eval()
 
 

@@ -65,5 +65,6 @@ def test_errors_and_unknown_events_are_named(served: str) -> None:
             page.call("search", ["   ", *ARGS[1:]])
         with pytest.raises(ServeProtocolError, match="no event named 'nope'"):
             page.call("nope", [])
+        with pytest.raises(ServeProtocolError, match="search takes 6 values .* got 5"):
+            page.call("search", ARGS[:-1])
         assert page.call("search", ARGS)  # the session still answers after an error
-
