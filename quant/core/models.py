@@ -290,16 +290,10 @@ def _load_default(spec: ModelSpec) -> LoadedModel:
 def load_safetensors_into(model: nn.Module, path: Path, allowed_missing_prefix: str | None = None) -> None:
     """Load a safetensors state dict into ``model``; every key must match in name and shape,
     except missing keys under ``allowed_missing_prefix``. Raises ``ModelLoadError`` naming ``path``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"checkpoint not found: {path}")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ModelLoadError(f"checkpoint {path} is not a readable safetensors file: {e}") from e
+    state = _read_safetensors(path)
     own = model.state_dict()
     unexpected = sorted(set(state) - set(own))
     missing = sorted(k for k in set(own) - set(state)
