@@ -7,29 +7,37 @@
 # scripts/device_bench.sh.
 #   bash scripts/device_read_ab.sh                 # fp16: read processes 0, 4, 8, twice each
 #   PROCS="0 8" REPS=3 FP8=1 bash scripts/device_read_ab.sh
+#   BENCH_WORK=/tmp/clipfp8-bench-work FP8=1 bash scripts/device_read_ab.sh   # reuse a bench run's
+#     corpus (32,768 JPEGs), checkpoint, engines and quantized dir on a still-warm machine
 set -o pipefail
 OUT=${OUT:-/tmp/clipfp8-read-ab}; W=${WORK:-/tmp/clipfp8-read-ab-work}; mkdir -p "$OUT" "$W"
 # shellcheck source=scripts/device_env.sh
 source scripts/device_env.sh
 N=${N:-16384}; PROCS=${PROCS:-"0 4 8"}; REPS=${REPS:-2}
 CLI="python3 -m clipfp8.app.cli"
-python3 -c "
+CORPUS=$W/corpus; CKPT=$W/ckpt.safetensors; QUANT=$W/quantized
+if [ -n "${BENCH_WORK:-}" ]; then
+  CORPUS=$BENCH_WORK/corpus; CKPT=$BENCH_WORK/ViT-L-14-random.safetensors; QUANT=$BENCH_WORK/quantized
+  echo "reusing $BENCH_WORK: $(find "$CORPUS" -name '*.jpg' | wc -l) JPEGs"
+else
+  python3 -c "
 from pathlib import Path
 from clipfp8.app.bench_corpus import write_jpegs, random_checkpoint
-write_jpegs(Path('$W/corpus'), $N, (500, 375)); random_checkpoint('ViT-L-14', Path('$W/ckpt.safetensors'))
+write_jpegs(Path('$CORPUS'), $N, (500, 375)); random_checkpoint('ViT-L-14', Path('$CKPT'))
 " 2>&1 | grep -v "No pretrained weights" | tail -1
-MODEL=(--model ViT-L-14 --checkpoint "$W/ckpt.safetensors" --device cuda)
-$CLI build-engine --precision fp16 --batch-size 256 "${MODEL[@]}" 2>&1 | tail -1
+fi
+MODEL=(--model ViT-L-14 --checkpoint "$CKPT" --device cuda)
+[ -n "${BENCH_WORK:-}" ] || $CLI build-engine --precision fp16 --batch-size 256 "${MODEL[@]}" 2>&1 | tail -1
 PRECS="fp16"
 if [ "${FP8:-0}" = 1 ]; then
-  $CLI quantize --calib "$W/corpus" --num-samples 256 --calib-batch-size 64 --output "$W/quantized" "${MODEL[@]}" 2>&1 | tail -1
+  [ -d "$QUANT" ] || $CLI quantize --calib "$CORPUS" --num-samples 256 --calib-batch-size 64 --output "$QUANT" "${MODEL[@]}" 2>&1 | tail -1
   PRECS="fp16 fp8"
 fi
 for prec in $PRECS; do
-  extra=(); [ "$prec" = fp8 ] && extra=(--quantized "$W/quantized")
+  extra=(); [ "$prec" = fp8 ] && extra=(--quantized "$QUANT")
   for rep in $(seq "$REPS"); do for p in $PROCS; do
     rm -rf "$W/idx"
-    $CLI index "$W/corpus" --index-dir "$W/idx" --precision "$prec" --batch-size 256 --workers 16 --no-progress \
+    $CLI index "$CORPUS" --index-dir "$W/idx" --precision "$prec" --batch-size 256 --workers 16 --no-progress \
       --read-processes "$p" --summary-json "$OUT/$prec-p$p-r$rep.json" "${MODEL[@]}" "${extra[@]}" > /dev/null 2>&1 || echo "run failed: $prec $p"
     python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], 'read-processes', sys.argv[3], 'img/s', round(d['indexed']/d['total_seconds']), {k: round(v, 2) for k, v in d['stage_seconds'].items() if ':' not in k})" \
       "$OUT/$prec-p$p-r$rep.json" "$prec" "$p"
@@ -37,7 +45,7 @@ for prec in $PRECS; do
 done
 # The device preprocessing of one 256-image batch (500x375 -> 224x224), torch's antialiased kernels
 # vs the matrix products (`gpu_transform.preprocess_groups(matmul=...)`), GPU time per batch.
-python3 - "$W/corpus" <<'PY'
+python3 - "$CORPUS" <<'PY'
 import glob, sys
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg

@@ -4,11 +4,13 @@
 # (`app.bench_search.time_serve`, the bench's own `serve` step), RUNS fresh processes (default 2).
 # For when gradio did not travel with the bench (its wheels and the bench's do not fit in one
 # call's 64 MiB): carry gradio's Python 3.12 wheels in a folder named by GRADIO_WHEELS (ignored by
-# git) in the next call, while the machine is still warm, so the work folder is still there.
+# git) in the next call, while the machine is still warm, so the work folder is still there
+# (GRADIO_WHEELS=".gwA .gwB": gradio's wheels split over two calls' carries).
 set -o pipefail
 OUT=${OUT:-/tmp/clipfp8-serve-out}; WORK=${WORK:-/tmp/clipfp8-bench-work}; mkdir -p "$OUT"
-if [ -n "${GRADIO_WHEELS:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site "$GRADIO_WHEELS"/*.whl || exit 1
+if [ -n "${GRADIO_WHEELS:-}" ]; then  # one folder, or several separated by spaces (parts of calls)
+  wheels=(); for d in $GRADIO_WHEELS; do wheels+=("$d"/*.whl); done
+  python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}" || exit 1
 fi
 # shellcheck source=scripts/device_env.sh
 source scripts/device_env.sh
