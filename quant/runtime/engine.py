@@ -40,6 +40,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from clipfp8.quant.core import checksum_cache
 from clipfp8.quant.core.config import EncoderSpec
 from clipfp8.quant.core.errors import EngineError, EngineMismatchError, UnsupportedPrecisionError
 from clipfp8.quant.core.fileio import atomic_write_bytes, atomic_write_text, cache_root
@@ -261,21 +262,66 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_engine_file(folder: Path, manifest: EngineManifest, name: str, rebuild: str) -> bytes:
-    """The bytes of stored file ``name`` (e.g. ``compile_cache``), checked against its size and
-    sha256; ``EngineError`` naming the file and ``rebuild`` otherwise."""
+#: Prefix of this module's entries in ``checksum_cache``: an engine file's sha256, verified once
+#: per file identity (path, size, mtime, ctime, inode); checkpoints' weight digests share the file.
+_VERIFIED = "engine-file-sha256:"
+
+
+def _stored(folder: Path, manifest: EngineManifest, name: str, rebuild: str) -> tuple[Path, dict[str, Any], str]:
+    """(path, manifest entry, identity key) of stored file ``name``; the key is taken before any
+    read, so a remembered digest describes what is read after it."""
     entry = manifest.files.get(name)
     if entry is None:
         raise EngineError(f"engine {folder}: {MANIFEST} lists no {name!r} file; rebuild it with `{rebuild}`")
     path = Path(folder) / str(entry.get("file", ""))
     try:
+        key = _VERIFIED + checksum_cache.file_key(path)
+    except OSError as e:
+        raise EngineError(f"engine file {path} is unreadable ({e}); rebuild it with `{rebuild}`") from e
+    return path, entry, key
+
+
+def _check(path: Path, entry: dict[str, Any], key: str, data: bytes, rebuild: str) -> None:
+    """Size and sha256 of ``data`` (``path``'s bytes) against the manifest; the sha256 is
+    skipped for a file verified before under the same identity, and remembered after."""
+    if len(data) != entry.get("bytes"):
+        raise EngineError(f"engine file {path} is corrupt (size differs from {MANIFEST}); rebuild it with `{rebuild}`")
+    if checksum_cache.lookup(key) == entry.get("sha256"):
+        return
+    if _sha256(data) != entry.get("sha256"):
+        raise EngineError(f"engine file {path} is corrupt (size or sha256 differs from {MANIFEST}); "
+                          f"rebuild it with `{rebuild}`")
+    checksum_cache.remember(key, str(entry["sha256"]))
+
+
+def read_engine_file(folder: Path, manifest: EngineManifest, name: str, rebuild: str) -> bytes:
+    """The bytes of stored file ``name`` (e.g. ``compile_cache``), checked against its size and
+    sha256 (hashed once per file identity: ``_check``); ``EngineError`` naming the file and
+    ``rebuild`` otherwise."""
+    path, entry, key = _stored(folder, manifest, name, rebuild)
+    try:
         data = path.read_bytes()
     except OSError as e:
         raise EngineError(f"engine file {path} is unreadable ({e}); rebuild it with `{rebuild}`") from e
-    if len(data) != entry.get("bytes") or _sha256(data) != entry.get("sha256"):
-        raise EngineError(f"engine file {path} is corrupt (size or sha256 differs from {MANIFEST}); "
-                          f"rebuild it with `{rebuild}`")
+    _check(path, entry, key, data, rebuild)
     return data
+
+
+def verified_engine_file(folder: Path, manifest: EngineManifest, name: str, rebuild: str) -> Path:
+    """The path of stored file ``name`` once it is known to match its size and sha256, for a
+    caller that memory-maps it and reads only part of it (a text query reads the text tower's
+    tensors of the FP8 runtime state, not the image tower's). A file verified before under the
+    same identity (path, size, mtime, ctime, inode: ``checksum_cache``) is not read here at all;
+    the first use reads and hashes it whole. ``EngineError`` naming the file and ``rebuild``."""
+    path, entry, key = _stored(folder, manifest, name, rebuild)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise EngineError(f"engine file {path} is unreadable ({e}); rebuild it with `{rebuild}`") from e
+    if size == entry.get("bytes") and checksum_cache.lookup(key) == entry.get("sha256"):
+        return path
+    read_engine_file(folder, manifest, name, rebuild)
+    return path
 
 
 def write_engine(root: Path, key: EngineKey, files: dict[str, bytes], *, build_seconds: float = 0.0,
@@ -369,6 +415,6 @@ def prepare_engine(spec: EncoderSpec, *, checksum: str, model_id: str, variant: 
 
 __all__ = ["prepare_engine", "configure_compile_cache", "EngineKey", "EngineManifest", "EngineStatus",
            "MachineInfo", "CompileCache", "TorchCompileCache",
-           "load_engine", "find_engine", "write_engine", "read_engine_file", "engine_root", "engine_policy",
+           "load_engine", "find_engine", "write_engine", "read_engine_file", "verified_engine_file", "engine_root", "engine_policy",
            "rebuild_command", "default_cache_root", "ENGINE_PRECISIONS", "MATCH_FIELDS", "MANIFEST",
            "ENGINE_ENV", "ENGINE_DIR_ENV", "POLICIES"]

@@ -107,6 +107,40 @@ def test_corrupt_or_missing_artifact_is_a_clear_error(tmp_path):
         eng.read_engine_file(folder, manifest, "compile_cache", REBUILD)
 
 
+def test_a_verified_engine_file_is_not_hashed_again_until_it_changes(tmp_path, monkeypatch):
+    """The sha256 of a stored file is checked once per file identity (path, size, mtime, ctime,
+    inode); ``verified_engine_file`` then does not read the file at all (the FP8 state is
+    memory-mapped by its caller), and a file changed since is checked again and refused."""
+    import os
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    folder = eng.write_engine(tmp_path / "e", _key(), {"compile_cache": b"graphs", "fp8_runtime_safetensors": b"state"})
+    manifest = EngineManifest.read(folder)
+    hashed: list[bytes] = []
+    real = eng._sha256
+    monkeypatch.setattr(eng, "_sha256", lambda data: hashed.append(data) or real(data))
+    for _ in range(2):
+        assert eng.read_engine_file(folder, manifest, "compile_cache", REBUILD) == b"graphs"
+    assert hashed == [b"graphs"]
+    path = eng.verified_engine_file(folder, manifest, "fp8_runtime_safetensors", REBUILD)
+    assert path.read_bytes() == b"state" and hashed == [b"graphs", b"state"]
+    with monkeypatch.context() as m:  # verified before: neither read nor hashed
+        m.setattr(eng, "read_engine_file", lambda *a: pytest.fail("read a verified file again"))
+        assert eng.verified_engine_file(folder, manifest, "fp8_runtime_safetensors", REBUILD) == path
+    st = path.stat()
+    path.write_bytes(b"stAte")  # changed in place, same size, a later mtime
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    with pytest.raises(EngineError, match="corrupt") as e:
+        eng.verified_engine_file(folder, manifest, "fp8_runtime_safetensors", REBUILD)
+    assert str(path) in str(e.value) and REBUILD in str(e.value)
+    path.write_bytes(b"longer state")
+    with pytest.raises(EngineError, match="corrupt"):
+        eng.verified_engine_file(folder, manifest, "fp8_runtime_safetensors", REBUILD)
+    path.unlink()
+    with pytest.raises(EngineError, match="unreadable"):
+        eng.verified_engine_file(folder, manifest, "fp8_runtime_safetensors", REBUILD)
+
+
 def test_rewrite_is_atomic_and_removes_the_old_artifact(tmp_path, monkeypatch):
     folder = eng.write_engine(tmp_path, _key(), {"compile_cache": b"old graphs"})
 

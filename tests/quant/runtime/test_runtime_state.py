@@ -176,8 +176,19 @@ def test_text_only_fp8_encoder_builds_no_image_tower(tmp_path, tiny_loaded, monk
         from clipfp8.quant.core.models import LoadedModel
 
         monkeypatch.setattr(LoadedModel, "weights_checksum", lambda self: pytest.fail("hashed the model"))
+    mapped: list[str] = []
+    real_map = rs.map_state
+
+    def spy(path, keep=None):  # type: ignore[no-untyped-def]
+        state = real_map(path, keep)
+        mapped.extend(state)
+        return state
+
+    monkeypatch.setattr(rs, "map_state", spy)
     enc = fp8_encoder.create_fp8_encoder(dataclasses.replace(spec, text_only=True), engine="auto")
     assert enc.identity() == full.identity() and enc.identity().checksum == stored
+    if with_engine:  # the engine's state file is mapped and only the text tower's tensors taken
+        assert mapped and not [k for k in mapped if k.startswith("visual.")]
     assert [n for n, m in full.model.named_modules() if isinstance(m, FP8Linear) and n.startswith("visual")]
     assert not list(enc.model.visual.parameters()) and not list(enc.model.visual.buffers())
     assert not [n for n, m in enc.model.named_modules() if isinstance(m, FP8Linear) and n.startswith("visual")]
