@@ -246,6 +246,9 @@ class _Run:
                 self.summary.warmup_seconds = time.perf_counter() - warm
         for rel, reason, row in self.plan.scan_errors:
             self.ops.append(self._error(FileEntry(rel, 0, 0), row, reason))
+        # The commit interval counts from the first file, not from before the scan and the
+        # encoders' warm-up (seconds for a compiled GPU tower): no work could be lost before.
+        self.last_commit = time.monotonic()
         with _gc_frozen():
             self._process(self.plan.tasks)
             self._commit(final=True)

@@ -16,7 +16,7 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -67,12 +67,20 @@ def _temp_name(path: Path) -> Path:
 
 def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
     """Replace ``path`` by ``data`` atomically (the parent directory must exist)."""
+    atomic_write_from(path, lambda write: write(data))
+
+
+def atomic_write_from(path: str | Path, produce: Callable[[Callable[[bytes | memoryview], None]], None]) -> None:
+    """``atomic_write_bytes`` for content handed over in pieces: ``produce(write)`` calls
+    ``write(piece)`` in order, so no whole copy of the content is built in memory (a FAISS index
+    streamed by ``faiss.write_index``). An exception of ``produce`` propagates and leaves
+    ``path`` as it was."""
     path = Path(path)
     tmp = _temp_name(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            _write_all(fd, memoryview(data).cast("B"))
+            produce(lambda piece: _write_all(fd, memoryview(piece).cast("B")))
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -159,5 +167,5 @@ def portable_path(path: str | Path, base: str | Path) -> str:
     return str(p)
 
 
-__all__ = ["cache_root", "atomic_write_bytes", "atomic_write_text", "atomic_path", "replace_dir", "fsync_dir", "fsync_file",
+__all__ = ["cache_root", "atomic_write_bytes", "atomic_write_from", "atomic_write_text", "atomic_path", "replace_dir", "fsync_dir", "fsync_file",
            "fsync_tree", "portable_path"]

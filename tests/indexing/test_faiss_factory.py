@@ -119,6 +119,17 @@ def test_ivfpq_rerank_reaches_recall_plain_codes_do_not(ivfpq: tuple[VectorIndex
     assert _recall(plain, truth) < _recall(reranked, truth) - 0.1
 
 
+def test_saved_auto_ivf_file_is_to_bytes_streamed(ivfpq: tuple[VectorIndex, np.ndarray, np.ndarray],
+                                                 tmp_path: Path) -> None:
+    """An ``auto`` IVF's FAISS file (magic + index, its exact copy in files beside it) is streamed
+    by ``save`` through ``faiss.write_index``: byte for byte ``to_bytes()``, and it loads back."""
+    vec, x, _ = ivfpq
+    written = vec.save(tmp_path / "v.faiss")
+    assert (tmp_path / "v.faiss").read_bytes() == vec.to_bytes() and len(written) > 1
+    back = VectorIndex.load(tmp_path / "v.faiss", vec.factory, 64)
+    assert back.kind == "ivf" and back.exact_copy is not None and back.ntotal == len(x)
+
+
 def test_exact_copy_is_float16_of_the_vectors_and_bytes_per_vector_fit(ivfpq: tuple[VectorIndex, np.ndarray, np.ndarray]) -> None:
     vec, x, _ = ivfpq
     ids = np.array([1, 777, 20_000])

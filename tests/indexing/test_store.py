@@ -69,6 +69,33 @@ def test_enospc_during_commit_leaves_the_previous_commit_intact(tmp_path: Path,
     assert s.indexed == 6 and len(index_state(idx)["rows"]) == 12
 
 
+class _SlowWarmUp(FakeEncoder):
+    """A fake whose warm-up takes ``seconds`` (as a compiled GPU tower's does)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def warm_up_images(self, batch_size: int) -> bool:
+        import time
+
+        time.sleep(self.seconds)
+        return True
+
+
+def test_commit_interval_counts_from_the_first_file_not_from_the_warm_up(tmp_path: Path) -> None:
+    """With a 2.5 s commit interval, a run whose files take well under 2.5 s commits once, at the
+    end, however long the encoders' warm-up took before the first file (it was counted)."""
+    corpus = tmp_path / "c"
+    make_corpus(corpus, 24)
+    idx = tmp_path / "idx"
+    s = index_corpus(corpus, idx, [_SlowWarmUp(3.0)],
+                     config=IndexConfig(batch_size=4, workers=2, commit_every=8, commit_interval_s=2.5))
+    assert s.indexed == 24 and s.warmup_seconds >= 3.0
+    with open_index(idx) as store:
+        assert dbm.generation(store.db) == 1  # one commit point: the final one
+
+
 def test_mismatched_encoder_is_refused(corpus: Path, tmp_path: Path) -> None:
     idx = tmp_path / "idx"
     index_corpus(corpus, idx, [FakeEncoder()], workers=1)

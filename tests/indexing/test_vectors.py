@@ -39,6 +39,19 @@ def test_ids_and_exact_copy_survive_a_round_trip(factory: str, kind: str, has_co
     np.testing.assert_allclose(back.reconstruct(ids[:5]), vectors[:5])
 
 
+@pytest.mark.parametrize("factory", ["Flat", "HNSW8", "IVF2,Flat"])
+def test_saved_file_is_to_bytes_whether_streamed_or_not(factory: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``save`` streams the layouts without a length field through ``faiss.write_index`` (Flat;
+    an exact copy on disk) and writes the others from ``to_bytes``: the same file either way."""
+    vec, ids, _ = _filled(factory, 40)
+    vec.maybe_train(train_min=20)
+    written = vec.save(tmp_path / "v.faiss")
+    assert (tmp_path / "v.faiss") in written
+    assert (tmp_path / "v.faiss").read_bytes() == vec.to_bytes()
+    back = VectorIndex.load(tmp_path / "v.faiss", factory, DIM)
+    np.testing.assert_array_equal(np.sort(back.ids()), ids)
+
+
 def test_ivf_trains_once_enough_vectors_exist_and_keeps_every_id() -> None:
     vec, ids, vectors = _filled("IVF2,Flat", 2 * 39)
     assert vec.kind == "flat" and vec.copy_ids() is None

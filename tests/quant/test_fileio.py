@@ -43,6 +43,20 @@ def test_atomic_write_failure_keeps_the_old_file(tmp_path: Path, monkeypatch: py
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["a.bin"]
 
 
+def test_atomic_write_from_joins_the_pieces_and_a_failing_producer_keeps_the_old_file(tmp_path: Path) -> None:
+    target = tmp_path / "a.bin"
+    fileio.atomic_write_from(target, lambda write: [write(p) for p in (b"ab", memoryview(b"cd"), bytearray(b"e"))])
+    assert target.read_bytes() == b"abcde"
+
+    def broken(write) -> None:  # type: ignore[no-untyped-def]
+        write(b"half")
+        raise RuntimeError("the producer failed")
+
+    with pytest.raises(RuntimeError, match="producer"):
+        fileio.atomic_write_from(target, broken)
+    assert target.read_bytes() == b"abcde" and [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+
+
 def test_atomic_path_keeps_the_suffix_and_renames_only_on_success(tmp_path: Path) -> None:
     target = tmp_path / "plot.png"
     target.write_bytes(b"old")
