@@ -246,9 +246,6 @@ class _Run:
                 self.summary.warmup_seconds = time.perf_counter() - warm
         for rel, reason, row in self.plan.scan_errors:
             self.ops.append(self._error(FileEntry(rel, 0, 0), row, reason))
-        # The commit interval counts from the first file, not from before the scan and the
-        # encoders' warm-up (seconds for a compiled GPU tower): no work could be lost before.
-        self.last_commit = time.monotonic()
         with _gc_frozen():
             self._process(self.plan.tasks)
             self._commit(final=True)
@@ -283,6 +280,11 @@ class _Run:
                 d = next(results, None)
             if d is None:
                 break
+            if not done:
+                # The commit interval counts from the first file, not from before the scan, the
+                # encoders' warm-up (seconds for a compiled GPU tower) or, on Ray, the actors'
+                # start-up inside the first result: no work could be lost before it.
+                self.last_commit = time.monotonic()
             task = tasks[done]
             done += 1
             self.seconds["decode"] += d.seconds

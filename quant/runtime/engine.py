@@ -267,43 +267,58 @@ def _sha256(data: bytes) -> str:
 _VERIFIED = "engine-file-sha256:"
 
 
-def _stored(folder: Path, manifest: EngineManifest, name: str, rebuild: str) -> tuple[Path, dict[str, Any], str]:
-    """(path, manifest entry, identity key) of stored file ``name``; the key is taken before any
-    read, so a remembered digest describes what is read after it."""
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """A stored file as its manifest entry describes it, and its identity key (taken before any
+    read of it, so a digest remembered under the key describes what was read after)."""
+
+    path: Path
+    size: int
+    sha256: str
+    key: str
+
+
+def _stored(folder: Path, manifest: EngineManifest, name: str, rebuild: str) -> _Stored:
     entry = manifest.files.get(name)
     if entry is None:
         raise EngineError(f"engine {folder}: {MANIFEST} lists no {name!r} file; rebuild it with `{rebuild}`")
     path = Path(folder) / str(entry.get("file", ""))
+    size, digest = entry.get("bytes"), entry.get("sha256")
+    if not isinstance(size, int) or not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+        raise EngineError(f"engine {folder}: {MANIFEST} gives no valid size and sha256 for {path.name}; "
+                          f"rebuild it with `{rebuild}`")
     try:
         key = _VERIFIED + checksum_cache.file_key(path)
     except OSError as e:
         raise EngineError(f"engine file {path} is unreadable ({e}); rebuild it with `{rebuild}`") from e
-    return path, entry, key
+    return _Stored(path, size, digest, key)
 
 
-def _check(path: Path, entry: dict[str, Any], key: str, data: bytes, rebuild: str) -> None:
-    """Size and sha256 of ``data`` (``path``'s bytes) against the manifest; the sha256 is
+def _check(f: _Stored, data: bytes, rebuild: str) -> None:
+    """Size and sha256 of ``data`` (the bytes of ``f.path``) against the manifest; the sha256 is
     skipped for a file verified before under the same identity, and remembered after."""
-    if len(data) != entry.get("bytes"):
-        raise EngineError(f"engine file {path} is corrupt (size differs from {MANIFEST}); rebuild it with `{rebuild}`")
-    if checksum_cache.lookup(key) == entry.get("sha256"):
+    if len(data) != f.size:
+        raise EngineError(f"engine file {f.path} is corrupt (size differs from {MANIFEST}); rebuild it with `{rebuild}`")
+    if checksum_cache.lookup(f.key) == f.sha256:
         return
-    if _sha256(data) != entry.get("sha256"):
-        raise EngineError(f"engine file {path} is corrupt (size or sha256 differs from {MANIFEST}); "
-                          f"rebuild it with `{rebuild}`")
-    checksum_cache.remember(key, str(entry["sha256"]))
+    if _sha256(data) != f.sha256:
+        raise EngineError(f"engine file {f.path} is corrupt (sha256 differs from {MANIFEST}); rebuild it with `{rebuild}`")
+    checksum_cache.remember(f.key, f.sha256)
 
 
 def read_engine_file(folder: Path, manifest: EngineManifest, name: str, rebuild: str) -> bytes:
     """The bytes of stored file ``name`` (e.g. ``compile_cache``), checked against its size and
     sha256 (hashed once per file identity: ``_check``); ``EngineError`` naming the file and
     ``rebuild`` otherwise."""
-    path, entry, key = _stored(folder, manifest, name, rebuild)
+    f = _stored(folder, manifest, name, rebuild)
     try:
-        data = path.read_bytes()
+        data = f.path.read_bytes()
     except OSError as e:
-        raise EngineError(f"engine file {path} is unreadable ({e}); rebuild it with `{rebuild}`") from e
-    _check(path, entry, key, data, rebuild)
+        raise EngineError(f"engine file {f.path} is unreadable ({e}); rebuild it with `{rebuild}`") from e
+    _check(f, data, rebuild)
     return data
 
 
@@ -312,16 +327,18 @@ def verified_engine_file(folder: Path, manifest: EngineManifest, name: str, rebu
     caller that memory-maps it and reads only part of it (a text query reads the text tower's
     tensors of the FP8 runtime state, not the image tower's). A file verified before under the
     same identity (path, size, mtime, ctime, inode: ``checksum_cache``) is not read here at all;
-    the first use reads and hashes it whole. ``EngineError`` naming the file and ``rebuild``."""
-    path, entry, key = _stored(folder, manifest, name, rebuild)
+    the first use reads and hashes it whole. Such a caller checks again once it has read what it
+    needs (the file may have been changed in place meanwhile). ``EngineError`` naming the file
+    and ``rebuild``."""
+    f = _stored(folder, manifest, name, rebuild)
     try:
-        size = path.stat().st_size
+        size = f.path.stat().st_size
     except OSError as e:
-        raise EngineError(f"engine file {path} is unreadable ({e}); rebuild it with `{rebuild}`") from e
-    if size == entry.get("bytes") and checksum_cache.lookup(key) == entry.get("sha256"):
-        return path
+        raise EngineError(f"engine file {f.path} is unreadable ({e}); rebuild it with `{rebuild}`") from e
+    if size == f.size and checksum_cache.lookup(f.key) == f.sha256:
+        return f.path
     read_engine_file(folder, manifest, name, rebuild)
-    return path
+    return f.path
 
 
 def write_engine(root: Path, key: EngineKey, files: dict[str, bytes], *, build_seconds: float = 0.0,

@@ -201,14 +201,16 @@ def _plan(data: bytes) -> dict[str, Any]:
 
 def map_state(path: Path, keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """The tensors of the safetensors file ``path`` whose names ``keep`` accepts (all without
-    it), memory-mapped: only what the caller then uses is read from disk (a text query's text
-    tower: about a third of ViT-L/14's FP8 state). ``ValueError`` on unreadable content."""
+    it), memory-mapped (copy on write: writing to them never reaches the file): only what the
+    caller then uses is read from disk (a text query's text tower: about a third of ViT-L/14's
+    FP8 state). ``ValueError`` on content that is not safetensors; ``OSError`` when the file
+    cannot be opened."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}
-    except (SafetensorError, OSError) as e:
+    except SafetensorError as e:
         raise ValueError(f"unreadable FP8 runtime state ({type(e).__name__}: {e})") from e
 
 
@@ -239,15 +241,25 @@ def load_from_engine(spec: Any, folder: Path, rebuild: str, device: str,
     text_only = bool(getattr(spec, "text_only", False))
     loaded = plain_model(spec.model, text_only_checksum=manifest.key.checksum if text_only else None)
     try:
+        state = map_state(state_path, keep=None if has_image_tower(loaded.model) else _not_image)
+    except OSError as e:  # e.g. replaced by a concurrent rebuild since it was verified
+        raise EngineError(f"engine file {state_path} is unreadable ({e}); rebuild it with `{rebuild}`") from e
+    except ValueError as e:
+        raise EngineError(f"engine file {state_path}: {e}; rebuild it with `{rebuild}`") from e
+    if torch.device(device).type != "cuda":  # the model would keep reading the mapped file
+        state = {k: v.clone() for k, v in state.items()}
+    try:
         plan = _plan(plan_bytes)
-        if has_image_tower(loaded.model):
-            state = map_state(state_path)
-        else:
-            plan, state = text_tower_only(plan, map_state(state_path, keep=_not_image))
+        if not has_image_tower(loaded.model):
+            plan, state = text_tower_only(plan, state)
         model = rebuild_runtime(loaded.model, plan, state, device, dtype)
     except (KeyError, RuntimeError, ValueError) as e:
         raise EngineError(f"engine {folder}: its FP8 runtime state does not fit {spec.model.model_id()} "
                           f"({type(e).__name__}: {e}); rebuild it with `{rebuild}`") from e
+    del state  # on CUDA the model holds copies now: nothing reads the mapped file any more
+    # Checked again once read: a file changed in place since its first check gets a new identity,
+    # so it is read and hashed again here and refused unless it still matches the manifest.
+    verified_engine_file(folder, manifest, STATE_FILE, rebuild)
     loaded.model = model
     log.info("FP8 runtime model loaded from engine %s (ModelOpt not needed)", folder)
     return loaded, model, report_from_plan(plan)

@@ -141,6 +141,25 @@ def test_a_verified_engine_file_is_not_hashed_again_until_it_changes(tmp_path, m
         eng.verified_engine_file(folder, manifest, "fp8_runtime_safetensors", REBUILD)
 
 
+def test_manifest_entry_without_a_valid_sha256_is_refused(tmp_path, monkeypatch):
+    """A manifest entry whose sha256 is missing or malformed verifies nothing: refused, naming
+    the rebuild command (a cache lookup that finds nothing must not match a missing digest)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    folder = eng.write_engine(tmp_path / "e", _key(), {"compile_cache": b"graphs"})
+    manifest = EngineManifest.read(folder)
+    for bad in (None, "abc", 123):
+        entry = dict(manifest.files["compile_cache"])
+        if bad is None:
+            del entry["sha256"]
+        else:
+            entry["sha256"] = bad
+        broken = dataclasses.replace(manifest, files={"compile_cache": entry})
+        for read in (eng.read_engine_file, eng.verified_engine_file):
+            with pytest.raises(EngineError, match="no valid size and sha256") as e:
+                read(folder, broken, "compile_cache", REBUILD)
+            assert REBUILD in str(e.value)
+
+
 def test_rewrite_is_atomic_and_removes_the_old_artifact(tmp_path, monkeypatch):
     folder = eng.write_engine(tmp_path, _key(), {"compile_cache": b"old graphs"})
 

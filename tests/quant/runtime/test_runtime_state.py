@@ -88,6 +88,47 @@ def test_load_from_engine_and_corrupt_plan(tmp_path, tiny_fake_quant):
         rs.load_from_engine(spec, folder, "REBUILD", "cpu", torch.float32)
 
 
+def test_state_file_changed_or_gone_while_loading_is_refused(tmp_path, tiny_fake_quant, monkeypatch):
+    """The state file is memory-mapped after its check: changed in place while the model is
+    rebuilt from it, the load is refused once everything is read (the file is checked again);
+    gone before it is mapped, the error names the file as unreadable."""
+    import os
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    model, report = _converted(tiny_fake_quant, False)
+    files = rs.encode_plan(*rs.export_runtime(model, rs.plain_model(TINY).model, report))
+    key = EngineKey("c0ffee", TINY.model_id(), "fp8", "NVIDIA H200", (9, 0), "2.11.0", "3.6.0")
+    spec = EncoderSpec(model=TINY, precision="fp8", device="cpu", quantized=tmp_path / "q")
+    folder = write_engine(tmp_path / "e", key, {"compile_cache": b"x", **files})
+    assert rs.load_from_engine(spec, folder, "REBUILD", "cpu", torch.float32) is not None  # verified, remembered
+    state_file = next(folder.glob("fp8_runtime-*.safetensors"))
+    real = rs.rebuild_runtime
+
+    def rewrite_meanwhile(*a, **k):  # type: ignore[no-untyped-def]
+        out = real(*a, **k)
+        st = state_file.stat()
+        data = bytearray(state_file.read_bytes())
+        data[-1] ^= 0xFF  # same size, other bytes, a later mtime
+        state_file.write_bytes(bytes(data))
+        os.utime(state_file, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        return out
+
+    monkeypatch.setattr(rs, "rebuild_runtime", rewrite_meanwhile)
+    with pytest.raises(EngineError, match="corrupt") as e:
+        rs.load_from_engine(spec, folder, "REBUILD", "cpu", torch.float32)
+    assert str(state_file) in str(e.value) and "REBUILD" in str(e.value)
+    monkeypatch.setattr(rs, "rebuild_runtime", real)
+    folder = write_engine(tmp_path / "f", key, {"compile_cache": b"x", **files})
+
+    def gone(path, keep=None):  # type: ignore[no-untyped-def]
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr(rs, "map_state", gone)
+    with pytest.raises(EngineError, match="unreadable") as e:
+        rs.load_from_engine(spec, folder, "REBUILD", "cpu", torch.float32)
+    assert "fp8_runtime-" in str(e.value) and "REBUILD" in str(e.value)
+
+
 def test_rebuild_covers_wrapped_conv_plain_projections_and_identities(tiny_loaded):
     """conv1 quantized (-> FakeQuant + Conv2d), attention out_proj and Q rounding excluded (->
     a plain Linear and an Identity inside FP8Attention)."""
