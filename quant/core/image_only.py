@@ -57,10 +57,11 @@ def tower_transform(open_clip: Any, model: nn.Module) -> tuple[Callable[[Any], t
 
 
 def load_image_only(model_cfg: dict[str, Any], clip_state: dict[str, torch.Tensor], minilm_folder: Path
-                    ) -> tuple[ImageOnlyCLIP, Callable[[Any], torch.Tensor], tuple[int, int], dict[str, torch.Tensor]]:
+                    ) -> tuple[ImageOnlyCLIP, Callable[[Any], torch.Tensor], tuple[int, int],
+                               Callable[[], dict[str, torch.Tensor]]]:
     """-> (the image-only model in eval mode, fp32 on the CPU; its preprocess; its image size;
-    the FULL model's state dict, for its checksum). ``clip_state`` is the shipped
-    ``model.safetensors``."""
+    a function giving the FULL model's state dict, for its checksum when it is not remembered:
+    only then is the wheel's BERT read). ``clip_state`` is the shipped ``model.safetensors``."""
     open_clip = import_open_clip(hf=False, timm=needs_timm(model_cfg))
     from open_clip.model import _build_vision_tower
 
@@ -75,7 +76,7 @@ def load_image_only(model_cfg: dict[str, Any], clip_state: dict[str, torch.Tenso
     visual.load_state_dict(own)
     model = ImageOnlyCLIP(visual).eval()
     preprocess, size = tower_transform(open_clip, model)
-    return model, preprocess, size, full_default_state(clip_state, bert_state(minilm_folder))
+    return model, preprocess, size, lambda: full_default_state(clip_state, bert_state(minilm_folder))
 
 
 __all__ = ["ImageOnlyCLIP", "load_image_only", "tower_transform"]

