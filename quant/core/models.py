@@ -239,7 +239,8 @@ def _text_only_unavailable(_: Any) -> torch.Tensor:
 
 
 #: Part of the key under which a partial load remembers the default model's digest: bump it
-#: when ``minilm.full_default_state`` (what the digest is computed over) changes.
+#: when ``minilm.full_default_state`` (what the digest is computed over) or ``state_checksum``
+#: (how) changes, so a digest remembered by an older version is not reused.
 _DEFAULT_DIGEST_FORMAT = 1
 
 
