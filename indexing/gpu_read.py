@@ -7,8 +7,8 @@ sends every file the header check refuses (and every non-JPEG) through the CPU d
 (``ImageDecoder``), whose rules and error reasons then apply unchanged.
 
 Where the reading runs: ``read_processes`` = 0 (the default), on up to ``max_readers`` threads of
-this process; > 0, in that many reader processes (forkserver), ``read_many`` over chunks of
-files, only the CPU fallbacks staying on threads here. Reader threads spend ~0.3 ms of Python per
+this process; > 0, in that many reader processes (forkserver); either way ``read_many`` over
+chunks of JPEGs, only the CPU fallbacks going to the threads one by one. Reader threads spend ~0.3 ms of Python per
 file holding the GIL that the thread issuing the device work needs as well (on the H200, eight
 reader threads indexed slower than four: docs/benchmarks.md); processes take that off this
 process at the price of sending each file's bytes through a pipe.
@@ -176,20 +176,23 @@ class DeviceReads:
 
 
 class _Chunks:
-    """Where ``DeviceReads`` sends its files: each to a reader thread (no ``procs``), or JPEGs in
-    chunks of ``READ_CHUNK`` to the reader processes, non-JPEGs and the files the header check
-    refuses to the threads (the CPU path)."""
+    """Where ``DeviceReads`` sends its files: JPEGs in chunks of up to ``READ_CHUNK`` (one
+    ``read_many`` task each) to the reader processes, or without them to the reader threads;
+    non-JPEGs and the files the header check refuses to the threads one by one (the CPU path).
+    Chunks on threads too: a task per file cost the process a ``Future``, a queue hop and a
+    callback each, all holding the GIL that the thread feeding the GPU needs."""
 
     def __init__(self, reads: DeviceReads, procs: ProcessPoolExecutor | None, threads: ThreadPoolExecutor,
                  lookahead: int = 4 * READ_CHUNK) -> None:
         self.reads, self.procs, self.threads = reads, procs, threads
         self.waiting: list[tuple[DecodeTask, int, Future[Item]]] = []
-        self.broken = False
-        # Small enough that the lookahead holds a chunk for every process and one more each.
-        self.chunk = max(1, min(READ_CHUNK, lookahead // (2 * max(1, reads.read_processes))))
+        self.broken = False  # the reader processes failed: every later file goes to a thread alone
+        # Small enough that the lookahead holds a chunk for every reader and one more each.
+        readers = reads.read_processes if procs is not None else threads._max_workers
+        self.chunk = max(1, min(READ_CHUNK, lookahead // (2 * max(1, readers))))
 
     def add(self, task: DecodeTask, held: int) -> Future[Item]:
-        if self.procs is None or self.broken or not _is_jpeg(task):
+        if self.broken or not _is_jpeg(task):
             return self.threads.submit(self.reads.item, task, held)
         slot: Future[Item] = Future()
         self.waiting.append((task, held, slot))
@@ -200,16 +203,24 @@ class _Chunks:
     def flush(self, oldest: Future[Item] | None, ending: bool) -> None:
         """Send the waiting files when a chunk is full, at the end, or when the caller's next
         file (``oldest``) is among them -- it would otherwise wait for a file never sent."""
-        if not self.waiting or self.procs is None:
+        if not self.waiting:
             return
         if not (ending or oldest is self.waiting[0][2]):
             return
         batch, self.waiting = self.waiting, []
-        try:
-            fut = self.procs.submit(read_many, [self.reads._job(t, ship_skips=False) for t, _, _ in batch])
-        except Exception as e:  # broken or shut down, or a process could not start (e.g. EMFILE)
-            self._on_threads(batch, e)
-            return
+        if self.procs is None:  # threads: skip sets go by reference, nothing is pickled
+            try:
+                fut = self.threads.submit(read_many, [self.reads._job(t) for t, _, _ in batch])
+            except RuntimeError as e:  # the stream is closing: nobody waits for these slots
+                for _, _, slot in batch:
+                    _settle(slot, exc=e)
+                return
+        else:
+            try:
+                fut = self.procs.submit(read_many, [self.reads._job(t, ship_skips=False) for t, _, _ in batch])
+            except Exception as e:  # broken or shut down, or a process could not start (e.g. EMFILE)
+                self._on_threads(batch, e)
+                return
         fut.add_done_callback(lambda f: self._done(batch, f))
 
     def _done(self, batch: list[tuple[DecodeTask, int, Future[Item]]], fut: Future[list[ReadResult]]) -> None:

@@ -338,6 +338,32 @@ def test_reader_processes_that_cannot_start_leave_the_reading_to_threads(encoder
     _same_items(got, [gpu.reads.item(t, 0) for t in ts])
 
 
+def test_reader_threads_read_jpegs_in_chunks_with_the_per_file_results(encoder: Encoder, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without reader processes the threads take JPEGs in chunks (one ``read_many`` task each, not
+    one task per file); every file's item equals the one-file path's, a non-JPEG goes to the CPU
+    path alone, and the caller's next file is sent even when its chunk is not full."""
+    from clipfp8.indexing import gpu_read
+
+    paths = write_photos(tmp_path / "c", 11)
+    (tmp_path / "c" / "note.png").write_bytes((tmp_path / "c" / "photo000.jpg").read_bytes())
+    ts = tasks([*paths, tmp_path / "c" / "note.png"], tmp_path / "c")
+    _, gpu = decoders(encoder, "cpu")
+    want = [gpu.reads.item(t, 0) for t in ts]
+    sizes: list[int] = []
+    real = gpu_read.read_many
+    monkeypatch.setattr(gpu_read, "read_many", lambda jobs: sizes.append(len(jobs)) or real(jobs))
+    with ThreadPoolExecutor(2) as threads:
+        chunks = _Chunks(gpu.reads, None, threads, lookahead=32)  # 32 // (2 * 2 threads): chunks of 8
+        slots = [chunks.add(t, 0) for t in ts]
+        assert sizes == [8] or sizes == []  # the first 8 JPEGs went as one task; 3 wait
+        chunks.flush(slots[8], ending=False)  # the caller waits for the 9th: its chunk is sent
+        got = [s.result(timeout=30) for s in slots]
+    assert sizes == [8, 3]
+    assert got[-1].out.error == want[-1].out.error and got[-1].data is None  # the PNG: the CPU path
+    _same_items(got[:-1], want[:-1])
+
+
 def test_large_skip_sets_stay_in_this_process(encoder: Encoder, tmp_path: Path) -> None:
     """A moved folder gives every new file all vanished hashes: they are checked here, not pickled
     into every chunk; the file is still recognised as content already embedded."""
