@@ -143,13 +143,15 @@ class DeviceReads:
         ``max_bytes_in_flight`` bytes (``budget``) in flight. Yields None when the byte budget is
         spent and nothing is being read: the caller must then decode what it holds."""
         threads = max(1, min(workers, self.max_readers))
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gpu-read") as ex:
+        ex = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gpu-read")
+        procs = None
+        try:
             procs = ProcessPoolExecutor(self.read_processes, mp_context=_mp_context()) if self.read_processes else None
-            try:
-                yield from self._stream(tasks, lookahead, budget, _Chunks(self, procs, ex, lookahead))
-            finally:  # closed early: chunks not started are dropped (their slots were cancelled)
-                if procs is not None:
-                    procs.shutdown(wait=True, cancel_futures=True)
+            yield from self._stream(tasks, lookahead, budget, _Chunks(self, procs, ex, lookahead))
+        finally:  # closed early: chunks and files not started are dropped (their slots were cancelled)
+            if procs is not None:
+                procs.shutdown(wait=True, cancel_futures=True)
+            ex.shutdown(wait=True, cancel_futures=True)
 
     def _stream(self, tasks: Iterable[DecodeTask], lookahead: int, budget: Budget,
                 chunks: _Chunks) -> Generator[Item | None, None, None]:
@@ -224,8 +226,10 @@ class _Chunks:
         fut.add_done_callback(lambda f: self._done(batch, f))
 
     def _done(self, batch: list[tuple[DecodeTask, int, Future[Item]]], fut: Future[list[ReadResult]]) -> None:
-        """The chunk's results (the process pool's result thread): items for the device at once,
-        refused files to the CPU path on the reader threads."""
+        """The chunk's results (on the reader thread that read it, or the process pool's result
+        thread): items for the device at once; refused files to the CPU path, right here on a
+        reader thread (a task queued behind the other chunks could keep the caller waiting for
+        its next file), else on the reader threads."""
         if fut.cancelled():  # the stream closed early: nobody waits for these
             for _, _, slot in batch:
                 _settle(slot, exc=RuntimeError("read cancelled"))
@@ -238,7 +242,9 @@ class _Chunks:
         for (task, held, slot), res in zip(batch, results, strict=True):
             try:
                 item, refused = self.reads._convert(task, held, res)
-                if refused:
+                if refused and self.procs is None:
+                    _settle(slot, self.reads.fallback(item))
+                elif refused:
                     _chain(self.threads.submit(self.reads.fallback, item), slot)
                 else:
                     _settle(slot, item)
@@ -246,9 +252,13 @@ class _Chunks:
                 _settle(slot, exc=e)
 
     def _on_threads(self, batch: list[tuple[DecodeTask, int, Future[Item]]], why: BaseException) -> None:
-        if not self.broken:
-            log.warning("reader processes failed (%r); reading on threads from here", why)
-        self.broken = True
+        """Read ``batch`` on the threads one file each; after a reader-process failure, every
+        later file too (a failed thread chunk, which ``read_many`` does not let happen for a
+        bad file, costs only its own batch)."""
+        if self.procs is not None:
+            if not self.broken:
+                log.warning("reader processes failed (%r); reading on threads from here", why)
+            self.broken = True
         for task, held, slot in batch:
             try:
                 _chain(self.threads.submit(self.reads.item, task, held), slot)

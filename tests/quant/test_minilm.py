@@ -35,8 +35,15 @@ def test_text_only_tokens_and_embeddings_equal_the_full_model(both):
 
 
 def test_text_only_has_the_full_models_checksum_and_identity(both):
+    from clipfp8.quant.core import models as m
+    from clipfp8.quant.core.minilm import bert_state, full_default_state
+
     full, text = both
     assert text.weights_checksum() == full.weights_checksum()
+    # What a partial load hashes when its digest is not remembered: the full model's state.
+    _, weights = m._default_files()
+    rebuilt = full_default_state(m._read_safetensors(weights), bert_state(m.minilm_path()))
+    assert m.state_checksum(rebuilt) == full.weights_checksum()
     assert (text.image_size, text.embed_dim) == (full.image_size, full.embed_dim)
     a = create_encoder(EncoderSpec(precision="fp32", device="cpu", text_only=True))
     assert a.identity() == create_encoder(EncoderSpec(precision="fp32", device="cpu")).identity()
@@ -89,3 +96,18 @@ def test_partial_loads_remember_the_whole_models_digest_per_file_identity(tmp_pa
     st = weights.stat()
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # a new stamp, same bytes
     assert load_model(image_only=True).weights_checksum() == whole and len(hashed) == 2
+
+
+def test_a_file_replaced_during_a_partial_load_is_hashed_and_not_remembered(monkeypatch, both):
+    """The two files' identity is taken before they are read and again after: when it changed
+    (a file replaced meanwhile), the digest is computed from what was read and not remembered
+    under either identity."""
+    from clipfp8.quant.core import checksum_cache
+    from clipfp8.quant.core import models as m
+
+    whole = both[0].weights_checksum()
+    keys = iter(["before", "after", "after"])
+    monkeypatch.setattr(m, "_default_digest_key", lambda weights, folder: next(keys))
+    monkeypatch.setattr(checksum_cache, "lookup", lambda key: pytest.fail("used a remembered digest"))
+    monkeypatch.setattr(checksum_cache, "remember", lambda key, digest: pytest.fail("remembered a digest"))
+    assert load_model(text_only=True).weights_checksum() == whole
