@@ -385,7 +385,7 @@ def test_reader_threads_read_jpegs_in_chunks_with_the_per_file_results(encoder: 
         assert sizes == [8] or sizes == []  # the first 8 JPEGs went as one task; 3 wait
         chunks.flush(slots[8], ending=False)  # the caller waits for the 9th: its chunk is sent
         got = [s.result(timeout=30) for s in slots]
-    assert sizes == [8, 3]
+    assert sorted(sizes) == [3, 8]  # two tasks (the threads may start them in either order)
     assert got[-1].out.error == want[-1].out.error and got[-1].data is None  # the PNG: the CPU path
     _same_items(got[:-1], want[:-1])
 
