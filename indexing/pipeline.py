@@ -200,7 +200,8 @@ class _Run:
     def __init__(self, store: IndexStore, encoders: list[Encoder], cfg: IndexConfig, root: Path,
                  progress: Progress | None, decoder: Decoder) -> None:
         self.store, self.encoders, self.cfg, self.root = store, encoders, cfg, root
-        self._root_prefix: bytes | None = None
+        root_b, sep = os.fsencode(str(root)), os.fsencode(os.sep)
+        self._root_prefix = root_b if root_b.endswith(sep) else root_b + sep  # for ``_abs``
         self.decoder = decoder
         self.progress = progress
         self.summary = IndexSummary()
@@ -264,12 +265,9 @@ class _Run:
         return s
 
     def _abs(self, entry: FileEntry) -> Path:
-        # The root's bytes once, joined by concatenation: ``os.path.join`` per file was the
-        # largest single cost of the GPU-feeding thread's per-file Python (scan paths are
+        # Joined by concatenation to the root's bytes made once: ``os.path.join`` per file was
+        # the largest single cost of the GPU-feeding thread's per-file Python (scan paths are
         # relative, so the join would only ever concatenate).
-        if self._root_prefix is None:
-            root, sep = os.fsencode(str(self.root)), os.fsencode(os.sep)
-            self._root_prefix = root if root.endswith(sep) else root + sep
         if os.path.isabs(entry.rel):  # never from a scan; kept exact for any caller
             return Path(os.fsdecode(entry.rel))
         return Path(os.fsdecode(self._root_prefix + entry.rel))

@@ -265,8 +265,6 @@ def _sha256(data: bytes) -> str:
 #: Prefix of this module's entries in ``checksum_cache``: an engine file's sha256, verified once
 #: per file identity (path, size, mtime, ctime, inode); checkpoints' weight digests share the file.
 _VERIFIED = "engine-file-sha256:"
-
-
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -281,6 +279,10 @@ class _Stored:
     key: str
 
 
+def _unreadable(path: Path, e: OSError, rebuild: str) -> EngineError:
+    return EngineError(f"engine file {path} is unreadable ({e}); rebuild it with `{rebuild}`")
+
+
 def _stored(folder: Path, manifest: EngineManifest, name: str, rebuild: str) -> _Stored:
     entry = manifest.files.get(name)
     if entry is None:
@@ -293,51 +295,46 @@ def _stored(folder: Path, manifest: EngineManifest, name: str, rebuild: str) -> 
     try:
         key = _VERIFIED + checksum_cache.file_key(path)
     except OSError as e:
-        raise EngineError(f"engine file {path} is unreadable ({e}); rebuild it with `{rebuild}`") from e
+        raise _unreadable(path, e, rebuild) from e
     return _Stored(path, size, digest, key)
 
 
-def _check(f: _Stored, data: bytes, rebuild: str) -> None:
-    """Size and sha256 of ``data`` (the bytes of ``f.path``) against the manifest; the sha256 is
+def _read_checked(f: _Stored, rebuild: str) -> bytes:
+    """The bytes of ``f.path``, checked against the manifest's size and sha256; the sha256 is
     skipped for a file verified before under the same identity, and remembered after."""
+    try:
+        data = f.path.read_bytes()
+    except OSError as e:
+        raise _unreadable(f.path, e, rebuild) from e
     if len(data) != f.size:
         raise EngineError(f"engine file {f.path} is corrupt (size differs from {MANIFEST}); rebuild it with `{rebuild}`")
     if checksum_cache.lookup(f.key) == f.sha256:
-        return
+        return data
     if _sha256(data) != f.sha256:
         raise EngineError(f"engine file {f.path} is corrupt (sha256 differs from {MANIFEST}); rebuild it with `{rebuild}`")
     checksum_cache.remember(f.key, f.sha256)
+    return data
 
 
 def read_engine_file(folder: Path, manifest: EngineManifest, name: str, rebuild: str) -> bytes:
     """The bytes of stored file ``name`` (e.g. ``compile_cache``), checked against its size and
-    sha256 (hashed once per file identity: ``_check``); ``EngineError`` naming the file and
-    ``rebuild`` otherwise."""
-    f = _stored(folder, manifest, name, rebuild)
-    try:
-        data = f.path.read_bytes()
-    except OSError as e:
-        raise EngineError(f"engine file {f.path} is unreadable ({e}); rebuild it with `{rebuild}`") from e
-    _check(f, data, rebuild)
-    return data
+    sha256 (hashed once per file identity: ``_read_checked``); ``EngineError`` naming the file
+    and ``rebuild`` otherwise."""
+    return _read_checked(_stored(folder, manifest, name, rebuild), rebuild)
 
 
 def verified_engine_file(folder: Path, manifest: EngineManifest, name: str, rebuild: str) -> Path:
     """The path of stored file ``name`` once it is known to match its size and sha256, for a
     caller that memory-maps it and reads only part of it (a text query reads the text tower's
     tensors of the FP8 runtime state, not the image tower's). A file verified before under the
-    same identity (path, size, mtime, ctime, inode: ``checksum_cache``) is not read here at all;
-    the first use reads and hashes it whole. Such a caller checks again once it has read what it
-    needs (the file may have been changed in place meanwhile). ``EngineError`` naming the file
-    and ``rebuild``."""
+    same identity (path, size, mtime, ctime, inode: ``checksum_cache``; the size is part of it,
+    so a remembered digest also vouches for the size) is not read here at all; the first use
+    reads and hashes it whole. Such a caller checks again once it has read what it needs (the
+    file may have been changed in place meanwhile). ``EngineError`` naming the file and
+    ``rebuild``."""
     f = _stored(folder, manifest, name, rebuild)
-    try:
-        size = f.path.stat().st_size
-    except OSError as e:
-        raise EngineError(f"engine file {f.path} is unreadable ({e}); rebuild it with `{rebuild}`") from e
-    if size == f.size and checksum_cache.lookup(f.key) == f.sha256:
-        return f.path
-    read_engine_file(folder, manifest, name, rebuild)
+    if checksum_cache.lookup(f.key) != f.sha256:
+        _read_checked(f, rebuild)
     return f.path
 
 

@@ -240,8 +240,9 @@ def load_from_engine(spec: Any, folder: Path, rebuild: str, device: str,
     # moved to the device.
     text_only = bool(getattr(spec, "text_only", False))
     loaded = plain_model(spec.model, text_only_checksum=manifest.key.checksum if text_only else None)
+    image = has_image_tower(loaded.model)
     try:
-        state = map_state(state_path, keep=None if has_image_tower(loaded.model) else _not_image)
+        state = map_state(state_path, keep=None if image else _not_image)
     except OSError as e:  # e.g. replaced by a concurrent rebuild since it was verified
         raise EngineError(f"engine file {state_path} is unreadable ({e}); rebuild it with `{rebuild}`") from e
     except ValueError as e:
@@ -250,7 +251,7 @@ def load_from_engine(spec: Any, folder: Path, rebuild: str, device: str,
         state = {k: v.clone() for k, v in state.items()}
     try:
         plan = _plan(plan_bytes)
-        if not has_image_tower(loaded.model):
+        if not image:
             plan, state = text_tower_only(plan, state)
         model = rebuild_runtime(loaded.model, plan, state, device, dtype)
     except (KeyError, RuntimeError, ValueError) as e:
